@@ -1,0 +1,35 @@
+"""Domain errors. The CLI turns every `SweeperError` into one clear message and an exit code."""
+
+from __future__ import annotations
+
+
+class SweeperError(Exception):
+    """A problem the user can fix; the message says what and how."""
+
+    exit_code = 1
+
+
+class DataError(SweeperError):
+    """A dataset is missing, corrupt, or cannot be downloaded."""
+
+
+class ConfigError(SweeperError):
+    """A trial or model configuration is invalid."""
+
+    exit_code = 2
+
+
+class SpecError(SweeperError):
+    """A sweep spec is invalid; `problems` lists every problem with its path in the file."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source}: {len(self.problems)} problem(s) in the sweep spec:\n{lines}")
+
+
+class TrainingDiverged(SweeperError):
+    """The loss became NaN or infinite; the message names the epoch and the quantity."""

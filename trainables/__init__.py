@@ -1,0 +1,1 @@
+"""Ray Tune trainables and the VAE library they wrap."""

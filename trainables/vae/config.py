@@ -1,0 +1,138 @@
+"""The one frozen configuration of a training run, built once from a trial's dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sweeper.errors import ConfigError
+
+OPTIMIZERS = ("adam", "adam_normgrad")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Defaults follow the paper's reference code (REF)."""
+
+    dataset: str = "static_mnist"
+    model: str = "vae"                 # "vae" (1 level) or "hvae" (2 levels)
+    prior: str = "vamp"                # a name in trainables.vae.priors.PRIORS
+    K: int = 500                       # pseudo-inputs / mixture components (vamp, vamp_data, mog)
+    latent_dim: int = 40               # REF: 40 on both levels
+    hidden_dim: int = 300              # REF: GatedDense(., 300)
+    lr: float = 5e-4                   # REF: Adam 5e-4
+    batch_size: int = 100              # REF: 100
+    max_epochs: int = 1000             # SEED: 1000, REF: 2000
+    warmup: int = 100                  # KL warm-up epochs: beta = min(1, epoch / warmup)
+    early_stopping: int = 50           # patience in epochs after warm-up; 0 turns it off
+    optimizer: str = "adam"            # "adam" or REF's "adam_normgrad" (unit-norm gradients)
+    fixed_pseudo_inputs: bool = False  # vamp_data only: keep the K training images fixed
+    seed: int = 0
+    test_samples: int = 5000           # S of the importance-sampled test log-likelihood
+    train_subset: int | None = None    # use only the first N training images (quick runs)
+    val_subset: int | None = None      # ... validation images
+    test_subset: int | None = None     # ... test images
+    image_every: int = 10              # log the pseudo-input grid every N epochs (0: never)
+    device: str = "auto"               # "auto", "cpu", "cuda", "cuda:1", ...
+    data_root: str | None = None       # absolute path, resolved by the driver
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, where: str = "trial") -> "TrainConfig":
+        """Build and validate a config; unknown keys and bad values raise `ConfigError`."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        problems: list[str] = []
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(fields)}"
+                problems.append(f"{where}.{key}: unknown key{hint}")
+                continue
+            try:
+                kwargs[key] = _coerce(value, fields[key].type)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{where}.{key}: {exc}")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        config = cls(**kwargs)
+        config.check(where=where)
+        return config
+
+    def check(self, *, where: str = "trial") -> None:
+        """Raise `ConfigError` listing every out-of-range value."""
+        problems = [f"{where}.{p}" for p in self.problems()]
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid value as 'field: message' (empty when the config is valid)."""
+        # Registries are imported here: they import this module.
+        from trainables.vae.data import DATASETS
+        from trainables.vae.model import MODELS
+        from trainables.vae.priors import PRIORS
+
+        out: list[str] = []
+        for name, registry in (("dataset", DATASETS), ("model", MODELS), ("prior", PRIORS)):
+            value = getattr(self, name)
+            if value not in registry:
+                close = difflib.get_close_matches(value, registry, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                out.append(f"{name}: unknown {name} {value!r}; {hint}choose one of {sorted(registry)}")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"optimizer: unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+        for name in ("K", "latent_dim", "hidden_dim", "batch_size", "max_epochs", "test_samples"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "early_stopping", "image_every", "seed"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("train_subset", "val_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                out.append(f"{name}: must be >= 1 or null, got {value}")
+        if not self.lr > 0:
+            out.append(f"lr: must be > 0, got {self.lr}")
+        if self.fixed_pseudo_inputs and self.prior != "vamp_data":
+            out.append("fixed_pseudo_inputs: only applies to prior 'vamp_data'; remove it or set prior: vamp_data")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: str) -> Any:
+    """Coerce YAML/JSON scalars to the field's type; reject what cannot be meant."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise TypeError("must not be null")
+    base = annotation.replace(" | None", "")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"expected true/false, got {value!r}")
+    if base == "int":
+        if isinstance(value, bool):
+            raise TypeError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if hasattr(value, "__index__"):  # numpy integers from a searcher
+            return int(value)
+        raise TypeError(f"expected an integer, got {value!r}")
+    if base == "float":
+        if isinstance(value, bool):
+            raise TypeError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"expected a number, got {value!r}") from None
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise TypeError(f"expected a string, got {value!r}")
+    return value

@@ -1,0 +1,106 @@
+"""Evaluation: importance-sampled log-likelihood, test ELBO, active units, image grids.
+
+The log-likelihood is batched over many images x many samples per forward pass and chunked to
+a memory budget: the encoder runs once per image, the prior's components once per call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainables.vae.model import LatentVariableModel
+
+# Default activation memory per forward pass of the importance sampler.
+DEFAULT_MEMORY_MB = {"cpu": 256, "cuda": 4096}
+
+
+def _rows_per_pass(model: LatentVariableModel, device: torch.device, memory_mb: int | None) -> int:
+    """How many (image, sample) rows fit in one forward pass."""
+    budget = (memory_mb or DEFAULT_MEMORY_MB.get(device.type, 1024)) * 2**20
+    K = getattr(model.prior, "K", 0)
+    # float32 activations per row: gated layers (2H in, H out, x2), the D-wide decoder output and
+    # its log-probability terms, the [row, K] prior matrix and its logsumexp, the latents.
+    floats_per_row = 8 * model.hidden_dim + 4 * model.input_dim + 3 * K + 8 * model.latent_dim
+    if model.name == "hvae":
+        floats_per_row += 12 * model.hidden_dim
+    return max(1, budget // (4 * floats_per_row))
+
+
+@torch.no_grad()
+def log_likelihood(model: LatentVariableModel, x: Tensor, samples: int = 5000, *,
+                   memory_mb: int | None = None) -> Tensor:
+    """Importance-sampled log p(x) in nats, [N]: logsumexp_s log w_s - log S, z_s ~ q(z|x)."""
+    was_training = model.training
+    model.eval()
+    rows = _rows_per_pass(model, x.device, memory_mb)
+    images_per_pass = max(1, rows // samples)
+    samples_per_pass = min(samples, rows)
+    out = torch.empty(x.shape[0], device=x.device, dtype=x.dtype)
+    try:
+        with model.prior.cached():
+            for i in range(0, x.shape[0], images_per_pass):
+                xb = x[i:i + images_per_pass]                          # [b, D]
+                parts = []
+                for s in range(0, samples, samples_per_pass):
+                    n = min(samples_per_pass, samples - s)
+                    log_w = model.importance_log_weights(xb, n)       # [b, n]
+                    parts.append(torch.logsumexp(log_w, dim=1))
+                out[i:i + xb.shape[0]] = torch.logsumexp(torch.stack(parts, 1), 1) - math.log(samples)
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def elbo(model: LatentVariableModel, x: Tensor, *, batch_size: int = 1000) -> dict[str, Tensor]:
+    """Per-example ELBO, reconstruction term and KL at beta = 1: dict of [N]."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {"elbo": [], "rec": [], "kl": []}
+    try:
+        with model.prior.cached():
+            for i in range(0, x.shape[0], batch_size):
+                terms = model.elbo(x[i:i + batch_size])
+                for key in parts:
+                    parts[key].append(terms[key])
+    finally:
+        model.train(was_training)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+@torch.no_grad()
+def active_units(model: LatentVariableModel, x: Tensor, *, threshold: float = 0.01,
+                 batch_size: int = 1000) -> dict[str, int]:
+    """Latent units u with Cov_x(E_q[u|x]) > threshold, per latent layer (Burda et al.)."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [model.latent_means(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    counts = {}
+    for name in chunks[0]:
+        means = torch.cat([c[name] for c in chunks]).double()   # [N, Z]
+        counts[name] = int((means.var(dim=0, unbiased=False) > threshold).sum())
+    return counts
+
+
+def image_grid(images: Tensor | np.ndarray, image_shape: tuple[int, ...], ncol: int | None = None,
+               pad: int = 1) -> np.ndarray:
+    """[N, D] images in [0, 1] -> one uint8 grayscale grid [rows*(H+pad)+pad, ncol*(W+pad)+pad]."""
+    arr = images.detach().float().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    h, w = image_shape[-2], image_shape[-1]
+    n = arr.shape[0]
+    ncol = ncol or max(1, int(math.ceil(math.sqrt(n))))
+    nrow = int(math.ceil(n / ncol))
+    pixels = np.clip(np.rint(arr.reshape(n, h, w) * 255.0), 0, 255).astype(np.uint8)
+    # Pad every cell on its top/left, tile them, then close the grid on the bottom/right.
+    cells = np.zeros((nrow * ncol, h + pad, w + pad), dtype=np.uint8)
+    cells[:n, pad:, pad:] = pixels
+    grid = cells.reshape(nrow, ncol, h + pad, w + pad).transpose(0, 2, 1, 3)
+    grid = grid.reshape(nrow * (h + pad), ncol * (w + pad))
+    return np.pad(grid, ((0, pad), (0, pad)))

@@ -1,0 +1,202 @@
+"""Priors p(z) over the top latent: a registry of small modules with `log_prob` and `sample`.
+
+The model only calls `prior.log_prob(z) -> [...]` and `prior.sample(n) -> [n, Z]`. A new prior is
+one decorated class (and its test). Mixture priors share one matmul form of the [N, K]
+component log-densities, so no [N, K, Z] tensor is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PRIORS: dict[str, type["Prior"]] = {}
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+Encoder = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def register_prior(name: str) -> Callable[[type["Prior"]], type["Prior"]]:
+    def add(cls: type["Prior"]) -> type["Prior"]:
+        PRIORS[name] = cls
+        cls.name = name
+        return cls
+
+    return add
+
+
+@dataclass(frozen=True)
+class PriorContext:
+    """What a prior may need from the model and the data; each prior takes what it uses."""
+
+    latent_dim: int
+    input_dim: int
+    K: int = 500
+    encoder: Encoder | None = None              # q(z|x) -> (mean, logvar), for VampPriors
+    pseudo_init: tuple[float, float] = (0.05, 0.01)  # N(mean, std) init of the pseudo-inputs
+    init_data: Tensor | None = None             # training images [N, D] for vamp_data
+    fixed_pseudo_inputs: bool = False
+
+
+def log_normal_diag(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """log N(z; mean, diag(exp(logvar))) with its full constant, summed over the last dim."""
+    return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar)).sum(-1)
+
+
+def log_standard_normal(z: Tensor) -> Tensor:
+    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
+def mixture_log_prob(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
+    """log (1/K) sum_k N(z; mean_k, diag(exp(logvar_k))) for z [..., Z], components [K, Z].
+
+    The quadratic form sum_d (z_d - m_kd)^2 / v_kd is expanded into three matmuls, so the
+    [N, K] component densities cost O(N K Z) flops but only O(N K) memory.
+    """
+    K, Z = mean.shape
+    flat = z.reshape(-1, Z)                                    # [N, Z]
+    precision = torch.exp(-logvar)                             # [K, Z]
+    const = Z * LOG_2PI + logvar.sum(1) + (mean.pow(2) * precision).sum(1)  # [K]
+    quad = flat.pow(2) @ precision.T - 2.0 * (flat @ (mean * precision).T)  # [N, K]
+    log_comp = -0.5 * (quad + const)                           # [N, K]
+    log_p = torch.logsumexp(log_comp, dim=1) - math.log(K)     # [N]
+    return log_p.reshape(z.shape[:-1])
+
+
+class Prior(nn.Module):
+    """p(z): `log_prob(z [..., Z]) -> [...]` with full normalising constants, `sample(n) -> [n, Z]`."""
+
+    name = "prior"
+
+    def __init__(self, ctx: PriorContext):
+        super().__init__()
+        self.latent_dim = ctx.latent_dim
+
+    def log_prob(self, z: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def cached(self) -> Iterator[None]:
+        """Within this block parameters are fixed (evaluation): priors may precompute."""
+        yield
+
+
+@register_prior("standard")
+class StandardNormal(Prior):
+    """N(0, I)."""
+
+    def __init__(self, ctx: PriorContext):
+        super().__init__(ctx)
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return log_standard_normal(z)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        return torch.randn(n, self.latent_dim, device=self._device_anchor.device)
+
+
+class MixturePrior(Prior):
+    """Uniform mixture of K diagonal Gaussians; subclasses say where the components come from."""
+
+    def __init__(self, ctx: PriorContext):
+        super().__init__(ctx)
+        self.K = ctx.K
+        self._cache: tuple[Tensor, Tensor] | None = None
+
+    def components(self) -> tuple[Tensor, Tensor]:
+        """(mean, logvar), each [K, Z]."""
+        if self._cache is not None:
+            return self._cache
+        return self._components()
+
+    def _components(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        mean, logvar = self.components()
+        return mixture_log_prob(z, mean, logvar)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        mean, logvar = self.components()
+        k = torch.randint(0, self.K, (n,), device=mean.device)  # uniform over components
+        return mean[k] + torch.exp(0.5 * logvar[k]) * torch.randn_like(mean[k])
+
+    @contextlib.contextmanager
+    def cached(self) -> Iterator[None]:
+        # Evaluation calls log_prob thousands of times with the same pseudo-inputs: encode once.
+        with torch.no_grad():
+            self._cache = tuple(t.detach() for t in self._components())  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            self._cache = None
+
+
+@register_prior("mog")
+class MixtureOfGaussians(MixturePrior):
+    """K learned means and log-variances, uniform weights."""
+
+    def __init__(self, ctx: PriorContext):
+        super().__init__(ctx)
+        self.means = nn.Parameter(torch.randn(ctx.K, ctx.latent_dim))
+        self.logvars = nn.Parameter(torch.zeros(ctx.K, ctx.latent_dim))
+
+    def _components(self) -> tuple[Tensor, Tensor]:
+        # Same clamp as q's log-variance: a component cannot collapse onto a point.
+        return self.means, F.hardtanh(self.logvars, -6.0, 2.0)
+
+
+@register_prior("vamp")
+class VampPrior(MixturePrior):
+    """p(z) = 1/K sum_k q(z | u_k): the aggregated posterior of K learned pseudo-inputs."""
+
+    def __init__(self, ctx: PriorContext):
+        super().__init__(ctx)
+        if ctx.encoder is None:
+            raise ValueError("VampPrior needs the model's encoder q(z|x) in PriorContext.encoder")
+        # A plain attribute, not a submodule: the encoder's weights belong to the model.
+        self._encoder = ctx.encoder
+        self.pseudo_params = nn.Parameter(self._initial_pseudo_inputs(ctx))  # [K, D]
+        if ctx.fixed_pseudo_inputs:
+            self.pseudo_params.requires_grad_(False)
+
+    def _initial_pseudo_inputs(self, ctx: PriorContext) -> Tensor:
+        mean, std = ctx.pseudo_init
+        return mean + std * torch.randn(ctx.K, ctx.input_dim)
+
+    @property
+    def pseudo_inputs(self) -> Tensor:
+        """u_k in [0, 1]^D, [K, D] (REF: Hardtanh(0, 1) over a free matrix)."""
+        return F.hardtanh(self.pseudo_params, 0.0, 1.0)
+
+    def _components(self) -> tuple[Tensor, Tensor]:
+        return self._encoder(self.pseudo_inputs)
+
+
+@register_prior("vamp_data")
+class VampPriorData(VampPrior):
+    """VampPrior whose pseudo-inputs start as K random training images (+ N(0, 0.01) noise)."""
+
+    def _initial_pseudo_inputs(self, ctx: PriorContext) -> Tensor:
+        if ctx.init_data is None:
+            raise ValueError("vamp_data needs training images in PriorContext.init_data")
+        data = ctx.init_data
+        n = data.shape[0]
+        # Without replacement when there are enough images (REF takes K distinct images).
+        idx = torch.randperm(n)[: ctx.K] if ctx.K <= n else torch.randint(0, n, (ctx.K,))
+        images = data[idx.to(data.device)].detach().float().cpu()
+        return images + 0.01 * torch.randn_like(images)
