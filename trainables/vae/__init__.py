@@ -1,0 +1,1 @@
+"""The VAE library behind the trainables: datasets, models, priors, likelihoods, training, evaluation."""
