@@ -25,12 +25,24 @@ def exact_log_p_x(model, x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_f + torch.log(weights), dim=1)
 
 
+def widen_proposals(model, logvar: float = 1.0) -> None:
+    """Make every q a broad Gaussian: the estimator stays unbiased for any q, and a q wider than
+    the posterior keeps the importance weights bounded, so 0.05 nats is a fair tolerance."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("_head") and name.startswith("q_"):
+                Z = module.linear.out_features // 2
+                module.linear.weight[Z:].zero_()
+                module.linear.bias[Z:].fill_(logvar)
+
+
 @pytest.mark.parametrize("prior,likelihood", [("standard", "bernoulli"), ("vamp", "bernoulli"),
                                               ("mog", "logistic256")])
 def test_importance_sampled_ll_equals_numerical_integration_for_1d_latent(prior, likelihood):
     torch.manual_seed(0)
     model = build_model("vae", prior, input_shape=(1, 2, 3), likelihood=likelihood, latent_dim=1,
                         hidden_dim=8, K=3, pseudo_init=(0.5, 0.3)).double()
+    widen_proposals(model)
     if likelihood == "bernoulli":
         x = torch.bernoulli(torch.full((6, 6), 0.4, dtype=torch.float64))
     else:
@@ -57,6 +69,7 @@ def test_hvae_importance_sampled_ll_equals_2d_numerical_integration():
     """Two 1-D latents: log p(x) = log int int p(x|z1,z2) p(z1|z2) p(z2) dz1 dz2 on a grid."""
     torch.manual_seed(0)
     model = build_model("hvae", "standard", input_shape=(1, 2, 2), latent_dim=1, hidden_dim=8).double()
+    widen_proposals(model)
     x = torch.bernoulli(torch.full((4, 4), 0.5, dtype=torch.float64))
     g = torch.linspace(-9.0, 9.0, 1201, dtype=torch.float64)
     dz = float(g[1] - g[0])
@@ -77,10 +90,11 @@ def test_hvae_importance_sampled_ll_equals_2d_numerical_integration():
 def test_ll_chunking_does_not_change_the_estimate():
     torch.manual_seed(0)
     model = build_model("vae", "vamp", input_shape=(1, 2, 3), latent_dim=1, hidden_dim=8, K=3).double()
+    widen_proposals(model)
     x = torch.bernoulli(torch.full((9, 6), 0.4, dtype=torch.float64))
     torch.manual_seed(1)
-    one_pass = log_likelihood(model, x, samples=4000)
-    many_passes = log_likelihood(model, x, samples=4000, memory_mb=1)   # ~20 rows a pass
+    one_pass = log_likelihood(model, x, samples=20000)
+    many_passes = log_likelihood(model, x, samples=20000, memory_mb=1)   # ~20 rows a pass
     assert torch.allclose(one_pass, many_passes, atol=0.03)
     assert torch.allclose(many_passes, exact_log_p_x(model, x), atol=0.05)
 
@@ -89,8 +103,8 @@ def test_active_units_counts_dimensions_with_varying_posterior_means():
     torch.manual_seed(0)
     model = build_model("vae", "standard", input_shape=(1, 4, 4), latent_dim=6, hidden_dim=16)
     with torch.no_grad():
-        model.q_z_head.mean.weight[3:].zero_()   # units 3..5 ignore the input: inactive
-        model.q_z_head.mean.bias[3:].fill_(0.7)
+        model.q_z_head.linear.weight[3:6].zero_()   # mean units 3..5 ignore the input: inactive
+        model.q_z_head.linear.bias[3:6].fill_(0.7)
     x = torch.bernoulli(torch.full((500, 16), 0.5))
     assert active_units(model, x) == {"z": 3}
 

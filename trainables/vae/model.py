@@ -46,16 +46,19 @@ def gated_mlp(in_dim: int, hidden_dim: int) -> nn.Sequential:
 
 
 class GaussianHead(nn.Module):
-    """Mean and log-variance of a diagonal Gaussian; REF clamps the log-variance to [-6, 2]."""
+    """Mean and log-variance of a diagonal Gaussian; REF clamps the log-variance to [-6, 2].
+
+    REF's two Linear heads share one Linear of width 2*Z (same init and math, one matmul).
+    """
 
     def __init__(self, hidden_dim: int, latent_dim: int):
         super().__init__()
-        self.mean = nn.Linear(hidden_dim, latent_dim)
-        self.logvar = nn.Linear(hidden_dim, latent_dim)
+        self.linear = nn.Linear(hidden_dim, 2 * latent_dim)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.linear(h).chunk(2, dim=-1)
         # The clamp keeps q's variance from collapsing or exploding early in training.
-        return self.mean(h), F.hardtanh(self.logvar(h), -6.0, 2.0)
+        return mean, F.hardtanh(logvar, -6.0, 2.0)
 
 
 def he_init(module: nn.Module) -> None:

@@ -1,0 +1,249 @@
+"""Training: epochs over tensors resident on the device, KL warm-up, early stopping, NaN guard.
+
+`Trainer` owns one run: `step()` trains one epoch and validates (the Ray Tune trainable calls it
+once per Tune iteration), `finish()` restores the best weights, `state_dict()` checkpoints
+everything needed to continue exactly (model, optimizer, RNGs, early-stopping state).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from sweeper.errors import ConfigError
+from trainables.vae.config import TrainConfig
+from trainables.vae.data import Splits, load_dataset
+from trainables.vae.model import LatentVariableModel, build_model
+
+STOP_COMPLETED = "completed"
+STOP_EARLY = "early_stopping"
+STOP_NAN = "nan"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available here; use device: cpu or auto")
+    return device
+
+
+def kl_weight(epoch: int, warmup: int) -> float:
+    """beta = min(1, epoch / warmup) for epoch = 1, 2, ... (REF's linear KL warm-up)."""
+    return 1.0 if warmup == 0 else min(1.0, epoch / warmup)
+
+
+def _normalize_gradients(params: list[torch.nn.Parameter]) -> None:
+    """REF's AdamNormGrad: each parameter's gradient is scaled to unit L2 norm before Adam."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        torch._foreach_add_(norms, 1e-7)
+        torch._foreach_div_(grads, norms)
+
+
+class Trainer:
+    """One training run of one configuration on one device."""
+
+    def __init__(self, config: TrainConfig, splits: Splits | None = None,
+                 device: torch.device | str | None = None):
+        self.config = config
+        self.device = torch.device(device) if device is not None else resolve_device(config.device)
+        splits = splits if splits is not None else load_dataset(config.dataset, config.data_root)
+        self.info = splits.info
+
+        def subset(x: Tensor, n: int | None) -> Tensor:
+            return (x if n is None else x[:n]).to(self.device, torch.float32).contiguous()
+
+        # All data lives on the device: an epoch is index arithmetic, no loader, no copies.
+        self.x_train = subset(splits.train, config.train_subset)   # [N, D]
+        self.x_val = subset(splits.val, config.val_subset)
+        self.x_test = subset(splits.test, config.test_subset)
+        self.dynamic = self.info.binarization == "dynamic"
+
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
+        self.model: LatentVariableModel = build_model(
+            model=config.model, prior=config.prior, input_shape=self.info.image_shape,
+            likelihood=self.info.likelihood, latent_dim=config.latent_dim,
+            hidden_dim=config.hidden_dim, K=config.K, pseudo_init=self.info.pseudo_init,
+            init_data=self.x_train.cpu() if config.prior == "vamp_data" else None,
+            fixed_pseudo_inputs=config.fixed_pseudo_inputs,
+        ).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=config.lr,
+                                          **({"fused": True} if self.device.type == "cuda" else {"foreach": True}))
+        self.epoch = 0
+        self.best_val_loss = math.inf
+        self.best_epoch: int | None = None
+        self.best_state: dict[str, Tensor] | None = None
+        self.bad_epochs = 0
+        self.stop_reason: str | None = None
+        self.stop_detail = ""
+
+    # -- one epoch -------------------------------------------------------------------------
+    def _train_epoch(self, beta: float) -> dict[str, float]:
+        self.model.train()
+        n = self.x_train.shape[0]
+        B = self.config.batch_size
+        perm = torch.randperm(n, device=self.device, generator=self.generator)
+        totals = torch.zeros(3, device=self.device)   # sums of elbo, rec, kl (kept on device)
+        for start in range(0, n, B):
+            x = self.x_train[perm[start:start + B]]                       # [B, D]
+            if self.dynamic:
+                x = torch.bernoulli(x, generator=self.generator)
+            terms = self.model.elbo(x, beta)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if self.config.optimizer == "adam_normgrad":
+                _normalize_gradients(self.params)
+            self.optimizer.step()
+            totals += torch.stack([terms["elbo"].detach().sum(), terms["rec"].detach().sum(),
+                                   terms["kl"].detach().sum()])
+        elbo_sum, rec_sum, kl_sum = (totals / n).tolist()
+        return {"train_elbo": elbo_sum, "train_rec": rec_sum, "train_kl": kl_sum,
+                "train_loss": -(rec_sum - beta * kl_sum)}
+
+    @torch.no_grad()
+    def evaluate_elbo(self, x: Tensor) -> dict[str, float]:
+        """Mean ELBO terms at beta = 1 (the validation loss of early stopping)."""
+        from trainables.vae.evaluate import elbo
+
+        terms = elbo(self.model, x)
+        out = {k: float(v.mean()) for k, v in terms.items()}
+        out["loss"] = -out["elbo"]
+        return out
+
+    def step(self) -> dict[str, Any]:
+        """Train one epoch, validate, update early stopping. Sets `stop_reason` when done."""
+        if self.stop_reason is not None:
+            raise RuntimeError(f"training already stopped ({self.stop_reason})")
+        self.epoch += 1
+        beta = kl_weight(self.epoch, self.config.warmup)
+        t0 = time.perf_counter()
+        metrics: dict[str, Any] = {"epoch": self.epoch, "beta": beta}
+        metrics.update(self._train_epoch(beta))
+        val = self.evaluate_elbo(self.x_val)
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+
+        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
+        if bad:
+            self.stop_reason = STOP_NAN
+            self.stop_detail = (f"{' and '.join(bad)} became {metrics[bad[0]]} at epoch {self.epoch} "
+                                f"(lr={self.config.lr}); lower the learning rate")
+        else:
+            self._early_stopping(metrics["val_loss"], beta)
+        if self.stop_reason is None and self.epoch >= self.config.max_epochs:
+            self.stop_reason = STOP_COMPLETED
+        metrics["stop_reason"] = self.stop_reason
+        return metrics
+
+    def _early_stopping(self, val_loss: float, beta: float) -> None:
+        # REF: only epochs at full KL weight count, so warm-up epochs never look "best".
+        if beta < 1.0:
+            return
+        if val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            self.best_epoch = self.epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+            if self.config.early_stopping and self.bad_epochs >= self.config.early_stopping:
+                self.stop_reason = STOP_EARLY
+                self.stop_detail = (f"no better validation loss for {self.bad_epochs} epochs; "
+                                    f"best {self.best_val_loss:.3f} at epoch {self.best_epoch}")
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def finish(self) -> None:
+        """Restore the weights of the best validation epoch (if any epoch ran at beta = 1)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "best_val_loss": self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "bad_epochs": self.bad_epochs,
+            "stop_reason": self.stop_reason,
+            "stop_detail": self.stop_detail,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "generator": self.generator.get_state(),
+            },
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = state["epoch"]
+        self.best_val_loss = state["best_val_loss"]
+        self.best_epoch = state["best_epoch"]
+        self.best_state = ({k: v.to(self.device) for k, v in state["best_state"].items()}
+                           if state["best_state"] is not None else None)
+        self.bad_epochs = state["bad_epochs"]
+        self.stop_reason = state["stop_reason"]
+        self.stop_detail = state.get("stop_detail", "")
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.generator.set_state(state["rng"]["generator"].cpu() if self.device.type == "cpu"
+                                 else state["rng"]["generator"])
+
+
+def train(config: TrainConfig, splits: Splits | None = None, device: torch.device | str | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Trainer:
+    """Train until max epochs, early stopping or NaN; restore the best weights; return the trainer."""
+    trainer = Trainer(config, splits, device)
+    while not trainer.done:
+        metrics = trainer.step()
+        if on_epoch is not None:
+            on_epoch(metrics)
+    trainer.finish()
+    return trainer
+
+
+def final_evaluation(trainer: Trainer, samples: int | None = None) -> dict[str, Any]:
+    """Test log-likelihood (nats; bits/dim for gray data), test ELBO, active units, per-image LL."""
+    from trainables.vae.evaluate import active_units, log_likelihood
+    from trainables.vae.likelihoods import bits_per_dim
+
+    S = samples or trainer.config.test_samples
+    t0 = time.perf_counter()
+    ll = log_likelihood(trainer.model, trainer.x_test, S)          # [N]
+    seconds = time.perf_counter() - t0
+    test = trainer.evaluate_elbo(trainer.x_test)
+    units = active_units(trainer.model, trainer.x_test)
+    out: dict[str, Any] = {
+        "test_ll": float(ll.mean()),
+        "test_elbo": test["elbo"],
+        "test_rec": test["rec"],
+        "test_kl": test["kl"],
+        "active_units": sum(units.values()),
+        **{f"active_units_{k}": v for k, v in units.items()},
+        "test_ll_seconds": seconds,
+        "test_samples": S,
+        "per_image_ll": ll.cpu(),
+    }
+    if trainer.info.likelihood == "logistic256":
+        out["test_bits_per_dim"] = float(bits_per_dim(ll.mean(), trainer.model.input_dim))
+    return out
