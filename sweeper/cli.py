@@ -83,5 +83,82 @@ def data_verify(root: Path | None) -> None:
         raise DataError("corrupt file(s):\n  - " + "\n  - ".join(corrupt))
 
 
+
+# --- sweeper train --------------------------------------------------------------------------------
+@main.command()
+@click.option("--dataset", required=True, help="A dataset name (see `sweeper data list`).")
+@click.option("--prior", default="vamp", show_default=True, help="standard, vamp, vamp_data or mog.")
+@click.option("--model", default="vae", show_default=True, type=click.Choice(["vae", "hvae"]))
+@click.option("--epochs", "max_epochs", type=int, default=None, help="Maximum epochs (default 1000).")
+@click.option("--K", "K", type=int, default=None, help="Pseudo-inputs / components (default 500).")
+@click.option("--lr", type=float, default=None, help="Adam learning rate (default 5e-4).")
+@click.option("--warmup", type=int, default=None, help="KL warm-up epochs (default 100).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--train-subset", type=int, default=None, help="Use only the first N training images.")
+@click.option("--test-subset", type=int, default=None, help="Evaluate on the first N test images.")
+@click.option("--test-samples", type=int, default=None, help="Importance samples S of the test LL (default 5000).")
+@click.option("--seed", type=int, default=None)
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Data folder.")
+def train(root: str | None, **options) -> None:
+    """Train one model without a sweep; print per-epoch losses and the final test log-likelihood."""
+    from trainables.vae.config import TrainConfig
+    from trainables.vae.train import run_training
+
+    values = {k: v for k, v in options.items() if v is not None}
+    if root is not None:
+        values["data_root"] = str(Path(root).expanduser().resolve())
+    run_training(TrainConfig.from_dict(values, where="option"), echo=click.echo)
+
+
+# --- sweeps ---------------------------------------------------------------------------------------
+_spec_argument = click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="Override a spec value, e.g. --set trial.max_epochs=3 (repeatable).")
+
+
+@main.command()
+@_spec_argument
+@_set_option
+def validate(spec: Path, overrides: tuple[str, ...]) -> None:
+    """Check a sweep spec and list every problem; nothing is started."""
+    from sweeper.run import validate as validate_spec
+
+    checked = validate_spec(spec, overrides)
+    click.echo(f"{spec}: ok ({checked.total_trials} trial(s), search {checked.search.algorithm}, "
+               f"scheduler {checked.scheduler.type})")
+
+
+@main.command()
+@_spec_argument
+@_set_option
+@click.option("--num-samples", type=int, default=None, help="Override num_samples.")
+@click.option("--max-concurrent", type=int, default=None, help="Override max_concurrent.")
+@click.option("--address", default=None, help="An existing Ray cluster (`auto` or HOST:PORT); default: a local one.")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db); http://HOST:PORT for a server.")
+@click.option("--storage-path", default=None,
+              help="Tune storage: a folder (default ./sweeps) or a URI such as s3://bucket/sweeps.")
+@click.option("--resume", is_flag=True, help="Continue the newest interrupted sweep of this spec's name.")
+def run(spec: Path, overrides: tuple[str, ...], **options) -> None:
+    """Run a sweep: Ray Tune trials, Optuna search, ASHA stopping, every trial in MLflow."""
+    from sweeper.run import run_sweep
+
+    outcome = run_sweep(spec, overrides, **options, echo=click.echo)
+    click.echo(f"\nMLflow: experiment {outcome.experiment_id}, parent run {outcome.parent_run_id} "
+               f"({outcome.tracking_uri}); browse with `sweeper ui`")
+    if outcome.errors:
+        click.echo(f"{len(outcome.errors)} trial(s) ended with an error; see their runs' stop_detail", err=True)
+
+
+@main.command()
+@click.option("--tracking-uri", default=None, help="Default: sqlite:///<cwd>/mlflow.db, as `sweeper run`.")
+@click.option("--port", type=int, default=5000, show_default=True)
+def ui(tracking_uri: str | None, port: int) -> None:
+    """Open the MLflow UI on 127.0.0.1 against the sweeps' tracking store."""
+    from sweeper.tracking import launch_ui
+
+    launch_ui(tracking_uri, port, echo=click.echo)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

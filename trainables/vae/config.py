@@ -51,7 +51,7 @@ class TrainConfig:
                 problems.append(f"{where}.{key}: unknown key{hint}")
                 continue
             try:
-                kwargs[key] = _coerce(value, fields[key].type)
+                kwargs[key] = coerce_value(value, fields[key].type)
             except (TypeError, ValueError) as exc:
                 problems.append(f"{where}.{key}: {exc}")
         if problems:
@@ -102,7 +102,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, annotation: str) -> Any:
+def coerce_value(value: Any, annotation: str) -> Any:
     """Coerce YAML/JSON scalars to the field's type; reject what cannot be meant."""
     optional = "None" in annotation
     if value is None:

@@ -247,3 +247,27 @@ def final_evaluation(trainer: Trainer, samples: int | None = None) -> dict[str, 
     if trainer.info.likelihood == "logistic256":
         out["test_bits_per_dim"] = float(bits_per_dim(ll.mean(), trainer.model.input_dim))
     return out
+
+
+def run_training(config: TrainConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """`sweeper train`: one run without a sweep, with a line per epoch and the final test LL."""
+    trainer = Trainer(config)
+    echo(f"{config.dataset} / {config.model} / {config.prior}: {trainer.x_train.shape[0]} training images "
+         f"on {trainer.device}")
+    while not trainer.done:
+        m = trainer.step()
+        echo(f"epoch {m['epoch']:4d}  beta {m['beta']:.2f}  train loss {m['train_loss']:9.3f}  "
+             f"val loss {m['val_loss']:9.3f}  ({m['epoch_seconds']:.1f} s)")
+    echo(f"stopped: {trainer.stop_reason}" + (f" ({trainer.stop_detail})" if trainer.stop_detail else ""))
+    if trainer.stop_reason == STOP_NAN:
+        from sweeper.errors import TrainingDiverged
+
+        raise TrainingDiverged(trainer.stop_detail)
+    trainer.finish()
+    final = final_evaluation(trainer)
+    line = (f"test log-likelihood {final['test_ll']:.2f} nats (S={final['test_samples']}, "
+            f"{trainer.x_test.shape[0]} images)")
+    if "test_bits_per_dim" in final:
+        line += f" = {final['test_bits_per_dim']:.4f} bits/dim"
+    echo(line + f"; test ELBO {final['test_elbo']:.2f}; active units {final['active_units']}")
+    return final

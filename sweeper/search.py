@@ -1,0 +1,392 @@
+"""From a `SweepSpec` to Ray Tune objects: what to try next (search) and when to stop (scheduler).
+
+- `make_search_alg`: Optuna (TPE or random sampler) behind a `ConcurrencyLimiter`, its study kept
+  in `<study_dir>/optuna.db` (sqlite, fixed study name = the spec's name) so `optuna-dashboard`
+  can open it and a resumed sweep continues it; or Ray's `BasicVariantGenerator` for grids.
+- `PruningAwareOptunaSearch`: tells Optuna that a trial the scheduler (ASHA) stopped was PRUNED,
+  not COMPLETE with its last low-epoch value (which misleads TPE).
+- `make_scheduler`: ASHA on epochs (`ResumableASHAScheduler`, whose rungs survive a resume through
+  `SchedulerStateCallback`) or FIFO.
+- `param_space`: the fixed trial keys, plus Ray Tune domains for the `random` algorithm.
+
+Metric and mode belong in `TuneConfig(metric=spec.metric.name, mode=spec.metric.mode)`, never on
+the scheduler (Ray raises if both set them). The Optuna searcher gets them too: with a
+define-by-run space Ray does not pass TuneConfig's metric on to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import optuna
+from optuna.trial import TrialState
+from ray import tune
+from ray.air.constants import TRAINING_ITERATION
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.sample import Domain, Sampler
+from ray.tune.search.variant_generator import RecursiveDependencyError
+
+from sweeper.errors import SweeperError
+from sweeper.spec import Parameter, SweepSpec
+
+logger = logging.getLogger(__name__)
+
+STUDY_FILE = "optuna.db"
+
+# `stop_reason` values of the trainable's last result (trainables/vae/train.py).
+COMPLETED_REASONS = frozenset({"completed", "early_stopping"})
+FAILED_REASONS = frozenset({"nan", "error"})
+
+
+# --------------------------------------------------------------------------------------------
+# Optuna
+
+
+def study_storage_url(study_dir: str | Path) -> str:
+    """`sqlite:////abs/path/optuna.db`: absolute, because Ray moves working directories."""
+    return f"sqlite:///{Path(study_dir).expanduser().resolve() / STUDY_FILE}"
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    # A generous sqlite timeout: optuna-dashboard may read the file while the driver writes.
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
+
+
+def _suggest(trial: optuna.Trial, p: Parameter) -> Any:
+    if p.distribution == "uniform":
+        return trial.suggest_float(p.name, p.min, p.max)
+    if p.distribution == "log_uniform":
+        return trial.suggest_float(p.name, p.min, p.max, log=True)
+    if p.distribution == "int_uniform":
+        return trial.suggest_int(p.name, int(p.min), int(p.max))
+    if p.distribution == "int_log_uniform":
+        return trial.suggest_int(p.name, int(p.min), int(p.max), log=True)
+    if p.distribution == "choice":
+        return trial.suggest_categorical(p.name, list(p.values))
+    raise ValueError(f"parameters.{p.name}: Optuna cannot sample distribution {p.distribution!r}")
+
+
+class DefineByRunSpace:
+    """The spec's parameters as an Optuna define-by-run function: a parameter whose `when`
+    condition fails is never suggested, so it is absent from the trial (its default applies)
+    and from the study. A class, not a closure, so the searcher pickles for `Tuner.restore`."""
+
+    def __init__(self, parameters: Sequence[Parameter], base: Mapping[str, Any]):
+        self.parameters = tuple(parameters)
+        self.base = dict(base)  # every trial key's effective value, for the conditions
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        config = dict(self.base)
+        for p in self.parameters:
+            if p.applies(config):
+                config[p.name] = _suggest(trial, p)
+        return None  # Ray collects the suggest_* values itself
+
+
+def define_by_run_space(spec: SweepSpec) -> DefineByRunSpace:
+    return DefineByRunSpace(spec.parameters, spec.base_config())
+
+
+def trial_end_state(result: Mapping[str, Any] | None, error: bool, metric: str,
+                    max_t: int | None = None) -> TrialState:
+    """How a finished Ray trial should count in the Optuna study.
+
+    Ray marks the last result `done: True` on every STOP decision, the scheduler's included, so
+    `done` cannot tell them apart. The trainable's `stop_reason` can: it is set (completed,
+    early_stopping, nan) only when the trial ends by itself, and stays empty in a result that
+    ASHA then stopped on.
+    - errored (retries exhausted), stop_reason nan/error, or a non-finite metric: FAIL
+    - stop_reason completed/early_stopping, or its epoch budget reached (max_epochs, or the
+      scheduler's max_t): COMPLETE
+    - anything else (stopped by the scheduler; removed before it ever reported): PRUNED
+    """
+    if error:
+        return TrialState.FAIL
+    if not result:
+        return TrialState.PRUNED
+    reason = result.get("stop_reason")
+    if reason in FAILED_REASONS:
+        return TrialState.FAIL
+    finished = reason in COMPLETED_REASONS
+    budgets = [b for b in (result.get("config/max_epochs"), max_t) if b is not None]
+    if not finished and budgets and result.get(TRAINING_ITERATION, 0) >= min(budgets):
+        finished = True  # ASHA's max_t stop: the trial survived every rung, it ran its budget
+    if not finished:
+        return TrialState.PRUNED
+    value = result.get(metric)
+    if value is None or not math.isfinite(float(value)):
+        return TrialState.FAIL
+    return TrialState.COMPLETE
+
+
+class PruningAwareOptunaSearch(OptunaSearch):
+    """`OptunaSearch` that keeps the study honest about how trials ended (see `trial_end_state`):
+    a trial stopped by the scheduler is PRUNED with its per-epoch values (including the one the
+    scheduler judged), so TPE ranks it by how far it got instead of as a finished run.
+
+    The study lives in an RDB storage given by URL; `save`/`restore` keep the sampler and the
+    Ray trial -> Optuna trial map, and reload the trials from the database on restore.
+    """
+
+    def __init__(self, space: DefineByRunSpace, *, metric: str, mode: str, storage_url: str,
+                 study_name: str, sampler: optuna.samplers.BaseSampler | None = None,
+                 max_t: int | None = None):
+        self._storage_url = storage_url
+        self._max_t = max_t  # the scheduler's epoch budget: reaching it is not being pruned
+        self._last_step: dict[str, int] = {}  # last epoch reported per Ray trial
+        super().__init__(space, metric=metric, mode=mode, sampler=sampler,
+                         study_name=study_name, storage=_storage(storage_url))
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        self._report(trial_id, ot_trial, result)
+
+    def _report(self, trial_id: str, ot_trial: optuna.Trial, result: Mapping[str, Any]) -> None:
+        value, step = result.get(self.metric), result.get(TRAINING_ITERATION)
+        if value is None or step is None or not math.isfinite(float(value)):
+            return  # a NaN epoch ends the trial as FAIL; keep it out of the curves
+        if step <= self._last_step.get(trial_id, -1):
+            return  # a restored trial replays epochs already in the study
+        try:
+            ot_trial.report(float(value), int(step))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # finished in the study before the driver died; its state stands
+        self._last_step[trial_id] = int(step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        state = trial_end_state(result, error, self.metric, self._max_t)
+        if result and state is not TrialState.FAIL:
+            # The result the scheduler stopped on never reached on_trial_result: record it.
+            self._report(trial_id, ot_trial, result)
+        value = float(result[self.metric]) if state is TrialState.COMPLETE else None
+        try:
+            self._ot_study.tell(ot_trial, value, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # told before the driver died (resume)
+        self._completed_trials.add(trial_id)
+
+    def save(self, checkpoint_path: str) -> None:
+        state = self.__dict__.copy()
+        # The study and its trials live in the database; keep only how to find them.
+        state.pop("_ot_study", None)
+        state.pop("_storage", None)
+        state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        trial_ids: dict[str, int] = state.pop("_ot_trials")
+        self.__dict__.update(state)
+        self._storage = _storage(self._storage_url)
+        # NopPruner as in OptunaSearch: the scheduler prunes, Optuna's pruner is never asked.
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                           sampler=self._sampler or optuna.samplers.TPESampler(),
+                                           pruner=optuna.pruners.NopPruner())
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, oid)
+                           for tid, oid in trial_ids.items()}
+        # The database is the truth: the checkpoint may predate the last reports and tells.
+        frozen = {t._trial_id: t for t in self._ot_study.get_trials(deepcopy=False)}
+        for tid, oid in trial_ids.items():
+            trial = frozen.get(oid)
+            if trial is None:
+                continue
+            if trial.intermediate_values:
+                self._last_step[tid] = max(trial.intermediate_values)
+            if trial.state.is_finished():
+                self._completed_trials.add(tid)
+
+
+def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    seed = spec.search.seed
+    if spec.search.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # Optuna 5's TPE defaults are multivariate with a constant liar, which suits parallel trials.
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_search_alg(spec: SweepSpec, study_dir: str | Path) -> Searcher | SearchAlgorithm:
+    """The search algorithm for `TuneConfig(search_alg=...)`, limited to `spec.max_concurrent`
+    trials at once (so do not also pass `max_concurrent_trials`)."""
+    if spec.search.algorithm == "random":
+        return BasicVariantGenerator(max_concurrent=spec.max_concurrent,
+                                     random_state=spec.search.seed)
+    Path(study_dir).mkdir(parents=True, exist_ok=True)
+    searcher = PruningAwareOptunaSearch(
+        define_by_run_space(spec), metric=spec.metric.name, mode=spec.metric.mode,
+        storage_url=study_storage_url(study_dir), study_name=spec.name, sampler=make_sampler(spec),
+        max_t=spec.scheduler.max_t,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Tune search space (algorithm `random`)
+
+
+class _ConditionalSampler(Sampler):
+    def sample(self, domain: "ConditionalDomain", config: Any = None, size: int = 1,
+               random_state: Any = None) -> Any:
+        # `config` is Ray's guarded view of the experiment spec: {"config": {...}}.
+        trial = dict.get(config, "config", config) if isinstance(config, dict) else {}
+        values = {}
+        for key in domain.when:
+            value = dict.get(trial, key, domain.base.get(key))
+            if isinstance(value, Domain):
+                raise RecursiveDependencyError(f"{key} is not resolved yet")  # Ray retries later
+            values[key] = value
+        if all(values[k] in allowed for k, allowed in domain.when.items()):
+            return domain.inner.sample(config, size=size, random_state=random_state)
+        return domain.default
+
+
+class ConditionalDomain(Domain):
+    """A Ray Tune domain sampled from `inner` when the condition holds, else the trial config's
+    default. Like `tune.sample_from`, it sees the other resolved keys; unlike it, it samples with
+    Ray's seeded random state, so `search.seed` reproduces the sweep."""
+
+    default_sampler_cls = _ConditionalSampler
+
+    def __init__(self, inner: Domain, when: Mapping[str, Sequence[Any]], default: Any,
+                 base: Mapping[str, Any]):
+        self.inner = inner
+        self.when = {k: tuple(v) for k, v in when.items()}
+        self.default = default
+        self.base = dict(base)
+
+    def is_function(self) -> bool:
+        return True  # resolved after the plain domains, with access to their values
+
+    def is_valid(self, value: Any) -> bool:
+        return value == self.default or self.inner.is_valid(value)
+
+    @property
+    def domain_str(self) -> str:
+        cond = " and ".join(f"{k} in {list(v)}" for k, v in self.when.items())
+        return f"{self.inner.domain_str} if {cond} else {self.default!r}"
+
+
+def _tune_domain(p: Parameter) -> Any:
+    # Ray's integer uppers are exclusive; the spec's are inclusive.
+    if p.distribution == "uniform":
+        return tune.uniform(p.min, p.max)
+    if p.distribution == "log_uniform":
+        return tune.loguniform(p.min, p.max)
+    if p.distribution == "int_uniform":
+        return tune.randint(int(p.min), int(p.max) + 1)
+    if p.distribution == "int_log_uniform":
+        return tune.lograndint(int(p.min), int(p.max) + 1)  # not qlograndint: see PITFALLS
+    if p.distribution == "choice":
+        return tune.choice(list(p.values))
+    if p.distribution == "grid":
+        return tune.grid_search(list(p.values))
+    raise ValueError(f"parameters.{p.name}: unknown distribution {p.distribution!r}")
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """`Tuner(param_space=...)`: the fixed trial keys; for `random` also the searched ones as
+    Ray Tune domains (a conditional one yields the trial default when its condition fails)."""
+    space: dict[str, Any] = dict(spec.trial)
+    if spec.search.algorithm != "random":
+        return space  # Optuna suggests the rest; Ray merges them into the trial's config
+    base = spec.base_config()
+    for p in spec.parameters:
+        domain = _tune_domain(p)
+        if p.when:
+            domain = ConditionalDomain(domain, p.when, base[p.name], base)
+        space[p.name] = domain
+    return space
+
+
+# --------------------------------------------------------------------------------------------
+# Schedulers
+
+
+class ResumableASHAScheduler(AsyncHyperBandScheduler):
+    """ASHA whose rung state (the recorded metric of every trial at every milestone) can be saved
+    and restored: `Tuner.restore` restores the searcher but starts the scheduler empty, which
+    would let a resumed sweep promote trials the original run would have stopped.
+
+    Only the rungs are persisted, not metric/mode (TuneConfig sets those on each run).
+    """
+
+    STATE_FORMAT = 1
+
+    def _layout(self) -> dict[str, Any]:
+        return {"time_attr": self._time_attr, "max_t": self._max_t,
+                "reduction_factor": self._reduction_factor,
+                "milestones": [[m for m, _ in b._rungs] for b in self._brackets]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": self.STATE_FORMAT, "layout": self._layout(),
+                "rungs": [[(m, dict(recorded)) for m, recorded in b._rungs] for b in self._brackets],
+                "num_stopped": self._num_stopped}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("format") != self.STATE_FORMAT:
+            raise SweeperError(f"ASHA state format {state.get('format')!r} is not "
+                               f"{self.STATE_FORMAT}; start the sweep afresh")
+        if state["layout"] != self._layout():
+            raise SweeperError(
+                f"the saved ASHA rungs {state['layout']} do not match this scheduler "
+                f"{self._layout()}: the spec's scheduler or max_epochs changed since the sweep "
+                "started; resume with the original spec")
+        # Bracket objects stay (trials map to them); only their recorded values are replaced.
+        for bracket, rungs in zip(self._brackets, state["rungs"]):
+            bracket._rungs = [(m, dict(recorded)) for m, recorded in rungs]
+        self._num_stopped = state["num_stopped"]
+
+    def save(self, checkpoint_path: str) -> None:
+        """Write the rung state to `checkpoint_path` atomically (a crash leaves the old file)."""
+        path = Path(checkpoint_path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(self.state_dict(), f)
+        os.replace(tmp, path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.load_state_dict(pickle.load(f))
+
+
+class SchedulerStateCallback(tune.Callback):
+    """Checkpoints the scheduler's rungs with the experiment state and restores them on
+    `Tuner.restore`: Ray saves callback state at the same moment as the trial states and
+    the searcher, so the three stay consistent. Pass it in `RunConfig(callbacks=[...])`."""
+
+    def __init__(self, scheduler: TrialScheduler):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict | None:
+        if isinstance(self.scheduler, ResumableASHAScheduler):
+            return {"scheduler": self.scheduler.state_dict()}
+        return None
+
+    def set_state(self, state: dict) -> None:
+        if isinstance(self.scheduler, ResumableASHAScheduler) and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def make_scheduler(spec: SweepSpec) -> TrialScheduler:
+    """ASHA on epochs (`training_iteration`) or FIFO. No metric/mode here: see TuneConfig."""
+    s = spec.scheduler
+    if s.type == "asha":
+        return ResumableASHAScheduler(time_attr=TRAINING_ITERATION, max_t=s.max_t,
+                                      grace_period=s.grace_period,
+                                      reduction_factor=s.reduction_factor)
+    return FIFOScheduler()

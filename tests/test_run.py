@@ -1,0 +1,199 @@
+"""Sweeps end to end: real Ray (local, 2 CPUs, capped object store), real MLflow sqlite, real Optuna."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from sweeper.cli import main
+from sweeper.run import run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def data_env(shared_datasets, monkeypatch):
+    monkeypatch.setenv("SWEEPER_DATA_DIR", str(shared_datasets))
+    return shared_datasets
+
+
+def children(uri: str, experiment: str) -> tuple[list, list]:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("sweeper.role") == "sweep"]
+    return parents, [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
+
+
+def test_quickstart_sweep_end_to_end(tmp_path, data_env):
+    outcome = run_sweep(QUICKSTART, ["trial.max_epochs=4", "num_samples=5"], workdir=tmp_path, echo=lambda s: None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert outcome.tracking_uri == uri
+    client = mlflow.MlflowClient(uri)
+    parents, runs = children(uri, "vampprior-quickstart")
+    assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
+    assert parents[0].info.status == "FINISHED"
+    assert "best_test_ll" in parents[0].data.metrics
+    assert {a.path for a in client.list_artifacts(outcome.parent_run_id)} >= {"spec", "summary.csv", "summary.md"}
+    assert len(runs) == 5
+    reasons = []
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.params["dataset"] == "static_mnist" and "lr" in run.data.params
+        epochs = int(run.data.metrics["epoch"])
+        history = client.get_metric_history(run.info.run_id, "val_elbo")
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1))
+        assert math.isfinite(run.data.metrics["test_ll"]) and run.data.metrics["test_ll"] < 0
+        assert run.data.metrics["test_ll"] >= run.data.metrics["test_elbo"] - 1.0   # IS >= ELBO (noise)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"reconstructions.png", "samples.png", "test_ll_histogram.png", "per_image_ll.csv"} <= artifacts
+        if run.data.params["prior"] == "vamp":
+            steps = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+            assert any("pseudo_inputs+step+1+" in p for p in steps)     # the step slider has epoch 1
+        reasons.append(run.data.tags["stop_reason"])
+    assert "asha" in reasons and set(reasons) <= {"asha", "completed"}
+    # ASHA-stopped trials are PRUNED in the Optuna study kept in the sweep's folder.
+    study_db = next((tmp_path / "sweeps").glob("quickstart-*/optuna.db"))
+    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{study_db}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 5
+    assert states.count(optuna.trial.TrialState.PRUNED) == reasons.count("asha")
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert all(t.intermediate_values for t in pruned)
+
+
+def test_a_nan_trial_ends_with_its_reason_and_the_sweep_finishes(tmp_path, data_env):
+    spec = yaml.safe_load(QUICKSTART.read_text())
+    spec.update(name="nan_check", experiment="nan-check", num_samples=1, max_concurrent=2,
+                search={"algorithm": "random", "seed": 0}, scheduler={"type": "fifo"})
+    spec["trial"].update(max_epochs=2, prior="standard")
+    spec["parameters"] = {"lr": {"distribution": "grid", "values": [1.0e8, 1.0e-3]}}
+    path = tmp_path / "nan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    outcome = run_sweep(path, workdir=tmp_path, echo=lambda s: None)
+    _, runs = children(outcome.tracking_uri, "nan-check")
+    by_lr = {float(r.data.params["lr"]): r for r in runs}
+    assert set(by_lr) == {1.0e8, 1.0e-3}
+    bad, good = by_lr[1.0e8], by_lr[1.0e-3]
+    assert bad.data.tags["stop_reason"] == "nan" and bad.info.status == "FAILED"
+    assert "learning rate" in bad.data.tags["stop_detail"]
+    assert good.data.tags["stop_reason"] == "completed" and math.isfinite(good.data.metrics["test_ll"])
+    assert outcome.summary is not None and len(outcome.summary) == 2
+
+
+def test_sigkill_of_the_driver_then_resume_finishes_without_duplicates(tmp_path, data_env):
+    """A real `sweeper run` process (and its local Ray) is SIGKILLed mid-sweep, then resumed."""
+    args = [sys.executable, "-m", "sweeper.cli", "run", str(QUICKSTART), "--set", "trial.max_epochs=8",
+            "--set", "scheduler.grace_period=4", "--num-samples", "4"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:   # wait until two trials have reported a few epochs
+            time.sleep(2)
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            try:
+                _, runs = children(uri, "vampprior-quickstart")
+            except Exception:
+                continue
+            if sum(r.data.metrics.get("epoch", 0) >= 2 for r in runs) >= 2:
+                break
+        else:
+            pytest.fail("the sweep did not get going within 4 minutes")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)   # the driver and the Ray it started, as in a crash
+        proc.wait()
+    _, before = children(uri, "vampprior-quickstart")
+    assert any(r.info.status == "RUNNING" for r in before)
+
+    result = subprocess.run(args + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600, start_new_session=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "closed" in result.stdout and "KILLED" in result.stdout
+    parents, runs = children(uri, "vampprior-quickstart")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trial_ids = [r.data.tags["sweeper.trial_id"] for r in runs]
+    assert len(trial_ids) == 4 and len(set(trial_ids)) == 4           # no run lost, none duplicated
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(math.isfinite(r.data.metrics["test_ll"]) for r in runs)
+    client = mlflow.MlflowClient(uri)
+    for run in runs:   # a resumed trial continued its epochs in the same run
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_elbo")]
+        assert set(steps) == set(range(1, int(run.data.metrics["epoch"]) + 1))
+    study_db = next((tmp_path / "sweeps").glob("quickstart-*/optuna.db"))
+    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{study_db}")
+    assert len(study.trials) == 4 and all(t.state.is_finished() for t in study.trials)
+
+
+BAD_SPECS = {
+    "unknown key": ({"trail": {}}, "trail: unknown key"),
+    "wrong type": ({"num_samples": "many"}, "num_samples"),
+    "min >= max": ({"parameters": {"lr": {"distribution": "log_uniform", "min": 1.0e-2, "max": 1.0e-3}}},
+                   "parameters.lr"),
+    "unknown dataset": ({"trial": {"dataset": "mnits"}}, "mnist"),
+    "unknown prior": ({"parameters": {"prior": {"distribution": "choice", "values": ["vamp", "gauss"]}}},
+                      "gauss"),
+    "unknown model": ({"trial": {"model": "vae3"}}, "vae3"),
+    "bad distribution": ({"parameters": {"lr": {"distribution": "lognormal", "min": 1, "max": 2}}},
+                         "lognormal"),
+    "bad metric mode": ({"metric": {"name": "val_elbo", "mode": "up"}}, "metric.mode"),
+    "bad scheduler": ({"scheduler": {"type": "asha", "grace_period": 50, "reduction_factor": 2}}, "grace_period"),
+    "negative resources": ({"resources": {"cpu": -1, "gpu": 0}}, "resources.cpu"),
+    "unknown parameter": ({"parameters": {"learning_rate": {"distribution": "log_uniform", "min": 1.0e-4,
+                                                             "max": 1.0e-3}}}, "learning_rate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_invalid_specs_are_rejected_with_their_path_and_nothing_is_launched(case, tmp_path, monkeypatch):
+    change, expected = BAD_SPECS[case]
+    spec = yaml.safe_load(QUICKSTART.read_text())
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict) and key != "parameters":
+            spec[key] = {**spec[key], **value}
+        elif key == "parameters":
+            spec["parameters"] = {**spec["parameters"], **value}
+        else:
+            spec[key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    assert str(path) in result.output and expected in result.output
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweeps").exists()
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_a_trial_that_can_never_get_its_gpu_is_rejected_before_any_trial_starts(tmp_path, data_env, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(QUICKSTART), "--set", "resources.gpu=1"])
+    assert result.exit_code == 2, result.output
+    assert "resources.gpu" in result.output and "--set resources.gpu=0" in result.output
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_validate_command(tmp_path):
+    result = CliRunner().invoke(main, ["validate", str(QUICKSTART)])
+    assert result.exit_code == 0 and "ok" in result.output

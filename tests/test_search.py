@@ -1,0 +1,317 @@
+"""Search and scheduling: the define-by-run space, how Optuna learns how trials ended, and ASHA's
+rungs surviving a resume. The calls Ray makes are simulated; no Ray cluster is started."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import ray.cloudpickle
+from optuna.trial import TrialState
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchGenerator
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.variant_generator import generate_variants
+from ray.tune.utils.util import flatten_dict
+
+from sweeper.errors import SweeperError
+from sweeper.search import (
+    PruningAwareOptunaSearch,
+    ResumableASHAScheduler,
+    SchedulerStateCallback,
+    define_by_run_space,
+    make_scheduler,
+    make_search_alg,
+    param_space,
+    study_storage_url,
+    trial_end_state,
+)
+from sweeper.spec import parse_spec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+MAX_EPOCHS = 10
+
+
+def make_spec(**changes):
+    data = {
+        "name": "study",
+        "trial": {"dataset": "static_mnist", "model": "vae", "max_epochs": MAX_EPOCHS},
+        "parameters": {
+            "prior": {"distribution": "choice", "values": ["standard", "vamp", "mog"]},
+            "K": {"distribution": "int_log_uniform", "min": 10, "max": 1000,
+                  "when": {"prior": ["vamp", "mog"]}},
+            "lr": {"distribution": "log_uniform", "min": 1.0e-4, "max": 3.0e-3},
+            "hidden_dim": {"distribution": "int_uniform", "min": 100, "max": 300},
+            "warmup": {"distribution": "choice", "values": [0, 5]},
+        },
+        "search": {"algorithm": "optuna", "seed": 0},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "num_samples": 8,
+        "max_concurrent": 4,
+    }
+    data.update(changes)
+    return parse_spec(data)
+
+
+def epoch_result(epoch: int, value: float, stop_reason: str | None = None, done: bool = False) -> dict:
+    """A flattened result as Ray hands it to the searcher (config included, `done` as Ray sets it)."""
+    return flatten_dict({"training_iteration": epoch, "val_elbo": value, "stop_reason": stop_reason,
+                         "done": done, "config": {"max_epochs": MAX_EPOCHS}})
+
+
+def check_sample(config: dict) -> None:
+    assert config["prior"] in ("standard", "vamp", "mog")
+    assert 1e-4 <= config["lr"] < 3e-3
+    assert 100 <= config["hidden_dim"] <= 300 and isinstance(config["hidden_dim"], int)
+    assert config["warmup"] in (0, 5)
+    if config["prior"] == "standard":
+        assert "K" not in config
+    else:
+        assert 10 <= config["K"] <= 1000 and isinstance(config["K"], int)
+
+
+def test_define_by_run_space_respects_bounds_and_conditions() -> None:
+    space = define_by_run_space(make_spec())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    priors = set()
+    for _ in range(60):
+        trial = study.ask()
+        assert space(trial) is None
+        check_sample(trial.params)
+        priors.add(trial.params["prior"])
+        study.tell(trial, 0.0)
+    assert priors == {"standard", "vamp", "mog"}
+
+
+def test_condition_on_a_fixed_trial_key() -> None:
+    spec = make_spec(trial={"dataset": "static_mnist", "prior": "standard", "max_epochs": MAX_EPOCHS},
+                     parameters={"K": {"distribution": "int_uniform", "min": 2, "max": 4,
+                                       "when": {"prior": ["vamp"]}},
+                                 "lr": {"distribution": "uniform", "min": 0.001, "max": 0.002}})
+    trial = optuna.create_study().ask()
+    define_by_run_space(spec)(trial)
+    assert set(trial.params) == {"lr"}
+
+
+@pytest.fixture
+def searcher(tmp_path: Path) -> ConcurrencyLimiter:
+    return make_search_alg(make_spec(), tmp_path)
+
+
+def study_trials(tmp_path: Path) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name="study", storage=study_storage_url(tmp_path))
+    return study.get_trials(deepcopy=False)
+
+
+def run_trial(search, trial_id: str, values: list[float], end: dict | None, error: bool = False) -> dict:
+    """What Ray does: suggest, one on_trial_result per epoch, then on_trial_complete."""
+    config = search.suggest(trial_id)
+    check_sample(config)
+    for epoch, value in enumerate(values, start=1):
+        search.on_trial_result(trial_id, epoch_result(epoch, value))
+    search.on_trial_complete(trial_id, result=end, error=error)
+    return config
+
+
+def test_search_alg_shape(tmp_path: Path) -> None:
+    search = make_search_alg(make_spec(), tmp_path)
+    assert isinstance(search, ConcurrencyLimiter) and search.max_concurrent == 4
+    assert isinstance(search.searcher, PruningAwareOptunaSearch)
+    assert (tmp_path / "optuna.db").is_file()
+    assert study_storage_url(tmp_path) == f"sqlite:///{tmp_path.resolve()}/optuna.db"
+    for i in range(4):
+        assert search.suggest(f"t{i}") is not None
+    assert search.suggest("t4") is None  # the concurrency limit
+    random = make_search_alg(make_spec(search={"algorithm": "random", "seed": 3}), tmp_path)
+    assert isinstance(random, BasicVariantGenerator)
+
+
+def test_trials_end_in_the_right_optuna_state(tmp_path: Path, searcher) -> None:
+    # Stopped by ASHA after 4 epochs: Ray marks the last result done=True but the trainable set
+    # no stop_reason; the last value never went through on_trial_result.
+    run_trial(searcher, "asha", [-200, -180, -170], epoch_result(4, -165, None, done=True))
+    run_trial(searcher, "completed", [-200 + e for e in range(1, MAX_EPOCHS)],
+              epoch_result(MAX_EPOCHS, -150, "completed", done=True))
+    run_trial(searcher, "early", [-190, -185], epoch_result(3, -186, "early_stopping", done=True))
+    run_trial(searcher, "nan", [-200], epoch_result(2, math.nan, "nan", done=True))
+    run_trial(searcher, "error", [-200, -190], None, error=True)
+    trials = study_trials(tmp_path)
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.COMPLETE, TrialState.COMPLETE,
+                                         TrialState.FAIL, TrialState.FAIL]
+    asha, completed, early, nan, error = trials
+    assert asha.intermediate_values == {1: -200, 2: -180, 3: -170, 4: -165}
+    assert completed.value == -150 and len(completed.intermediate_values) == MAX_EPOCHS
+    assert early.value == -186
+    assert nan.value is None and nan.intermediate_values == {1: -200}  # no NaN in the curves
+    assert error.value is None and error.intermediate_values == {1: -200, 2: -190}
+
+
+def test_stock_optuna_search_had_the_weakness(tmp_path: Path) -> None:
+    """Why the subclass exists: Ray's OptunaSearch calls the ASHA-stopped trial COMPLETE."""
+    stock = OptunaSearch(define_by_run_space(make_spec()), metric="val_elbo", mode="max",
+                         study_name="stock", storage=optuna.storages.RDBStorage(study_storage_url(tmp_path)))
+    run_trial(stock, "asha", [-200, -180], epoch_result(3, -170, None, done=True))
+    (trial,) = optuna.load_study(study_name="stock", storage=study_storage_url(tmp_path)).trials
+    assert trial.state is TrialState.COMPLETE and trial.value == -170
+
+
+@pytest.mark.parametrize("result,error,state", [
+    (epoch_result(3, -1.0, None, done=True), False, TrialState.PRUNED),
+    (epoch_result(3, -1.0, "asha", done=True), False, TrialState.PRUNED),
+    (epoch_result(MAX_EPOCHS, -1.0, None, done=True), False, TrialState.COMPLETE),  # ASHA's max_t
+    (epoch_result(MAX_EPOCHS, -1.0, "completed", done=True), False, TrialState.COMPLETE),
+    (epoch_result(4, -1.0, "early_stopping", done=True), False, TrialState.COMPLETE),
+    (epoch_result(4, math.inf, "early_stopping", done=True), False, TrialState.FAIL),
+    (epoch_result(4, math.nan, "nan", done=True), False, TrialState.FAIL),
+    (epoch_result(4, -1.0, None), True, TrialState.FAIL),
+    (None, False, TrialState.PRUNED),  # removed before it ever reported
+], ids=["asha", "asha-reason", "max-t", "completed", "early", "inf", "nan", "error", "no-result"])
+def test_trial_end_state(result, error, state) -> None:
+    assert trial_end_state(result, error, "val_elbo") is state
+
+
+def test_reaching_an_explicit_max_t_is_complete() -> None:
+    result = epoch_result(6, -1.0, None, done=True)
+    assert trial_end_state(result, False, "val_elbo", max_t=6) is TrialState.COMPLETE
+    assert trial_end_state(result, False, "val_elbo", max_t=8) is TrialState.PRUNED
+
+
+def test_searcher_state_survives_a_resume(tmp_path: Path) -> None:
+    """Tuner.restore: the SearchGenerator saves limiter + searcher to the experiment folder and a
+    fresh driver restores them into newly built objects."""
+    first = SearchGenerator(make_search_alg(make_spec(), tmp_path))
+    config = first.searcher.suggest("t1")
+    first.searcher.on_trial_result("t1", epoch_result(1, -200))
+    first.searcher.on_trial_result("t1", epoch_result(2, -190))
+    run_trial(first.searcher, "t0", [-300], epoch_result(2, -290, None, done=True))
+    checkpoint = tmp_path / "experiment"
+    checkpoint.mkdir()
+    first.save_to_dir(str(checkpoint), session_str="s1")
+    # Ray also pickles the searcher into tuner.pkl when the Tuner is built.
+    ray.cloudpickle.loads(ray.cloudpickle.dumps(first))
+
+    second = SearchGenerator(make_search_alg(make_spec(), tmp_path))
+    assert second.has_checkpoint(str(checkpoint))
+    second.restore_from_dir(str(checkpoint))
+    limiter = second.searcher
+    assert limiter.live_trials == {"t1"}
+    # The restored trial replays epoch 2 from its checkpoint, then goes on.
+    for epoch, value in ((2, -191), (3, -180)):
+        limiter.on_trial_result("t1", epoch_result(epoch, value))
+    limiter.on_trial_complete("t1", epoch_result(MAX_EPOCHS, -150, "completed", done=True))
+    assert limiter.suggest("t2") is not None
+    t1, t0, t2 = study_trials(tmp_path)  # in the order they were suggested
+    assert t0.state is TrialState.PRUNED
+    assert t1.state is TrialState.COMPLETE and t1.value == -150 and t1.params == {
+        k: v for k, v in config.items()}
+    assert t1.intermediate_values == {1: -200, 2: -190, 3: -180, MAX_EPOCHS: -150}
+    assert t2.state is TrialState.RUNNING and t2.number == 2
+
+
+def test_trial_finished_in_the_study_before_a_crash_is_left_alone(tmp_path: Path) -> None:
+    first = make_search_alg(make_spec(), tmp_path)
+    first.suggest("t1")
+    first.on_trial_result("t1", epoch_result(1, -200))
+    path = tmp_path / "searcher.pkl"
+    first.save(str(path))  # checkpoint taken while t1 runs ...
+    first.on_trial_complete("t1", epoch_result(2, -190, "early_stopping", done=True))  # ... then told
+    second = make_search_alg(make_spec(), tmp_path)
+    second.restore(str(path))
+    second.searcher.on_trial_result("t1", epoch_result(2, -190))  # no UpdateFinishedTrialError
+    second.on_trial_complete("t1", epoch_result(2, -190, "early_stopping", done=True))
+    (t1,) = study_trials(tmp_path)
+    assert t1.state is TrialState.COMPLETE and t1.value == -190
+
+
+def test_param_space_for_optuna_is_the_fixed_keys() -> None:
+    spec = make_spec()
+    assert param_space(spec) == spec.trial
+
+
+def test_param_space_for_random_search() -> None:
+    spec = make_spec(search={"algorithm": "random", "seed": 7},
+                     parameters={**make_spec().to_dict()["parameters"],
+                                 "seed": {"distribution": "grid", "values": [0, 1, 2]}})
+    space = param_space(spec)
+    assert space["dataset"] == "static_mnist"
+    configs = [s["config"] for _, s in generate_variants({"config": space}, random_state=7)]
+    assert len(configs) == 3 and sorted(c["seed"] for c in configs) == [0, 1, 2]
+    many = [s["config"] for _ in range(40)
+            for _, s in generate_variants({"config": space}, random_state=None)]
+    for config in many:
+        if config["prior"] == "standard":
+            assert config["K"] == 500  # condition false: the trial config's default
+            config = {k: v for k, v in config.items() if k != "K"}
+        check_sample(config)
+    assert {c["prior"] for c in many} == {"standard", "vamp", "mog"}
+    assert {c["K"] for c in many if c["prior"] != "standard"} - {500}
+    again = [s["config"] for _, s in generate_variants({"config": space}, random_state=7)]
+    assert again == configs  # search.seed reproduces the sweep
+
+
+def test_make_scheduler() -> None:
+    assert isinstance(make_scheduler(make_spec(scheduler={"type": "fifo"})), FIFOScheduler)
+    asha = make_scheduler(make_spec())
+    assert isinstance(asha, ResumableASHAScheduler)
+    assert [m for m, _ in asha._brackets[0]._rungs] == [8, 4, 2, 1]
+    assert asha._metric is None and asha._mode is None  # TuneConfig sets them
+
+
+def fed_asha(results: list[tuple[str, int, float]]) -> tuple[ResumableASHAScheduler, dict]:
+    asha = make_scheduler(make_spec())
+    asha.set_search_properties("val_elbo", "max")
+    trials: dict[str, SimpleNamespace] = {}
+    for trial_id, epoch, value in results:
+        if trial_id not in trials:
+            trials[trial_id] = SimpleNamespace(trial_id=trial_id)
+            asha.on_trial_add(None, trials[trial_id])
+        asha.on_trial_result(None, trials[trial_id],
+                             {"training_iteration": epoch, "val_elbo": value})
+    return asha, trials
+
+
+def test_asha_rungs_round_trip(tmp_path: Path) -> None:
+    history = [(f"t{i}", e, -100.0 * (i + 1) + e) for e in (1, 2, 3, 4) for i in range(5)]
+    original, trials = fed_asha(history)
+    path = tmp_path / "asha.pkl"
+    original.save(str(path))
+
+    restored = make_scheduler(make_spec())
+    restored.set_search_properties("val_elbo", "max")
+    restored.restore(str(path))
+    assert [b._rungs for b in restored._brackets] == [b._rungs for b in original._brackets]
+    assert any(recorded for _, recorded in restored._brackets[0]._rungs)
+    # Same decisions on new results: a weak newcomer is stopped at the first rung, a strong one not.
+    for name, value in (("weak", -1000.0), ("strong", 0.0)):
+        decisions = []
+        for asha in (original, restored):
+            trial = SimpleNamespace(trial_id=name)
+            asha.on_trial_add(None, trial)
+            decisions.append(asha.on_trial_result(None, trial, {"training_iteration": 1,
+                                                                "val_elbo": value}))
+        assert decisions[0] == decisions[1]
+        assert decisions[0] == (TrialScheduler.STOP if name == "weak" else TrialScheduler.CONTINUE)
+    # A fresh scheduler (what Tuner.restore gives) would have let the weak trial go on.
+    fresh = make_scheduler(make_spec())
+    fresh.set_search_properties("val_elbo", "max")
+    fresh.on_trial_add(None, SimpleNamespace(trial_id="weak"))
+    assert fresh.on_trial_result(None, SimpleNamespace(trial_id="weak"),
+                                 {"training_iteration": 1, "val_elbo": -1000.0}) == TrialScheduler.CONTINUE
+
+
+def test_scheduler_state_callback_and_layout_check() -> None:
+    original, _ = fed_asha([("a", 1, -10.0), ("b", 1, -20.0), ("a", 2, -5.0)])
+    state = pickle.loads(pickle.dumps(SchedulerStateCallback(original).get_state()))
+    restored = make_scheduler(make_spec())
+    SchedulerStateCallback(restored).set_state(state)
+    assert restored.state_dict() == original.state_dict()
+    assert SchedulerStateCallback(FIFOScheduler()).get_state() is None
+    other = make_scheduler(make_spec(scheduler={"type": "asha", "grace_period": 2,
+                                                "reduction_factor": 2}))
+    with pytest.raises(SweeperError, match="scheduler or max_epochs changed"):
+        other.load_state_dict(state["scheduler"])

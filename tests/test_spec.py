@@ -1,0 +1,301 @@
+"""Sweep specs: the shipped specs validate; invalid ones are rejected with every problem's path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeper.errors import SpecError
+from sweeper.spec import REPORTED_METRICS, SweepSpec, load_spec, parse_spec
+
+SPECS = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+
+VALID = {
+    "name": "t",
+    "trial": {"dataset": "static_mnist", "model": "vae", "prior": "vamp", "max_epochs": 30},
+    "parameters": {
+        "K": {"distribution": "int_log_uniform", "min": 10, "max": 1000},
+        "lr": {"distribution": "log_uniform", "min": 1.0e-4, "max": 3.0e-3},
+    },
+    "search": {"algorithm": "optuna", "sampler": "tpe", "seed": 0},
+    "scheduler": {"type": "asha", "grace_period": 10, "reduction_factor": 3},
+    "num_samples": 4,
+    "max_concurrent": 2,
+    "resources": {"cpu": 1, "gpu": 0},
+}
+
+
+def problems_of(data, **kwargs) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, "spec.yaml", **kwargs)
+    assert info.value.exit_code == 2
+    assert "spec.yaml" in str(info.value)
+    return info.value.problems
+
+
+def edit(path: str, value) -> dict:
+    """VALID with one dotted path set (value DELETE removes the key)."""
+    data = copy.deepcopy(VALID)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return data
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_shipped_specs_validate(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.name == path.stem
+    assert spec.source == str(path)
+    # The round trip through plain data gives the same spec (the driver logs to_dict()).
+    assert parse_spec(yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=False)), str(path)) == spec
+    # Key order does not matter, not even for conditions on parameters declared below.
+    assert parse_spec(yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=True)), str(path))
+
+
+def test_shipped_specs_are_what_the_issue_asks() -> None:
+    by_name = {p.stem: load_spec(p) for p in SPECS}
+    assert {"pseudo_inputs", "priors", "quickstart"} <= set(by_name)
+    pi = by_name["pseudo_inputs"]
+    assert (pi.parameter("K").distribution, pi.parameter("K").min, pi.parameter("K").max) == \
+        ("int_log_uniform", 10, 1000)
+    assert pi.scheduler.max_t == 1000 and pi.num_samples == 64 and pi.max_concurrent == 8
+    priors = by_name["priors"]
+    assert priors.search.algorithm == "random" and priors.scheduler.type == "fifo"
+    from trainables.vae.data import DATASETS
+    from trainables.vae.priors import PRIORS
+
+    assert set(priors.parameter("dataset").values) == set(DATASETS)
+    assert set(priors.parameter("prior").values) == set(PRIORS)
+    assert priors.total_trials == len(DATASETS) * len(PRIORS) * len(priors.parameter("seed").values)
+    quick = by_name["quickstart"]
+    assert quick.resources.gpu == 0 and quick.trial["train_subset"] <= 5000
+
+
+def test_defaults() -> None:
+    spec = parse_spec({"name": "d", "trial": {"dataset": "static_mnist"}})
+    assert (spec.metric.name, spec.metric.mode) == ("val_elbo", "max")
+    assert (spec.search.algorithm, spec.search.sampler, spec.search.seed) == ("optuna", "tpe", 0)
+    assert spec.scheduler.type == "fifo"
+    assert (spec.num_samples, spec.max_concurrent, spec.max_failures) == (1, 1, 1)
+    assert (spec.resources.cpu, spec.resources.gpu) == (1, 0)
+    assert spec.experiment == "d" and spec.parameters == ()
+    assert set(REPORTED_METRICS) == {"val_elbo", "val_loss", "train_elbo", "train_loss"}
+
+
+def test_asha_max_t_defaults_to_max_epochs() -> None:
+    spec = parse_spec(VALID)
+    assert spec.scheduler.max_t == 30
+    spec = parse_spec(edit("parameters.max_epochs", {"distribution": "choice", "values": [20, 40]})
+                      | {"trial": {"dataset": "static_mnist"}})
+    assert spec.scheduler.max_t == 40
+
+
+INVALID = [
+    # (id, data, expected path, expected substring of the message)
+    ("unknown-top-key", edit("schedular", {}), "schedular", "did you mean 'scheduler'?"),
+    ("unknown-nested-key", edit("scheduler.grace", 3), "scheduler.grace", "did you mean 'grace_period'?"),
+    ("unknown-param-key", edit("parameters.K.mn", 3), "parameters.K.mn", "did you mean 'min'?"),
+    ("unknown-trial-key", edit("trial.batchsize", 50), "trial.batchsize", "did you mean 'batch_size'?"),
+    ("wrong-type-count", edit("num_samples", "many"), "num_samples", "expected an integer, got 'many'"),
+    ("wrong-type-trial", edit("trial.max_epochs", "ten"), "trial.max_epochs", "expected an integer"),
+    ("wrong-type-bound", edit("parameters.lr.min", "small"), "parameters.lr.min", "expected a number"),
+    ("missing-name", edit("name", DELETE), "name", "missing required key"),
+    ("missing-trial", edit("trial", DELETE), "trial", "missing required key"),
+    ("missing-dataset", edit("trial.dataset", DELETE), "trial.dataset", "missing required key"),
+    ("missing-distribution", edit("parameters.K", {"min": 1, "max": 2}),
+     "parameters.K.distribution", "missing required key"),
+    ("min-ge-max", edit("parameters.K", {"distribution": "int_log_uniform", "min": 1000, "max": 10}),
+     "parameters.K.min", "1000 must be < max (10)"),
+    ("log-nonpositive", edit("parameters.lr.min", 0.0), "parameters.lr.min", "must be > 0 for log_uniform"),
+    ("int-fractional", edit("parameters.K.max", 99.5), "parameters.K.max", "is not an integer"),
+    ("float-dist-on-int", edit("parameters.K.distribution", "log_uniform"),
+     "parameters.K.distribution", "K is an integer"),
+    ("unknown-distribution", edit("parameters.lr.distribution", "loguniform"),
+     "parameters.lr.distribution", "did you mean 'log_uniform'?"),
+    ("choice-empty", edit("parameters.K", {"distribution": "choice", "values": []}),
+     "parameters.K.values", "non-empty list"),
+    ("grid-not-list", edit("parameters.K", {"distribution": "grid", "values": 10}),
+     "parameters.K.values", "non-empty list"),
+    ("unknown-dataset", edit("trial.dataset", "mnist"), "trial.dataset", "unknown dataset 'mnist'"),
+    ("unknown-prior", edit("trial.prior", "vampp"), "trial.prior", "did you mean 'vamp'?"),
+    ("unknown-model", edit("trial.model", "hvaee"), "trial.model", "did you mean 'hvae'?"),
+    ("unknown-prior-in-choice",
+     edit("trial.prior", DELETE) | {"parameters": {**VALID["parameters"], "prior": {
+         "distribution": "choice", "values": ["vamp", "vampp"]}}},
+     "parameters.prior.values", "unknown prior 'vampp'"),
+    ("out-of-range-bound", edit("parameters.K.min", 0), "parameters.K.min", "must be > 0"),
+    ("param-not-trial-key", edit("parameters.lrr", {"distribution": "uniform", "min": 0, "max": 1}),
+     "parameters.lrr", "did you mean 'lr'?"),
+    ("fixed-and-searched", edit("trial.K", 500), "parameters.K", "also fixed in trial"),
+    ("bad-mode", edit("metric", {"name": "val_elbo", "mode": "maximize"}), "metric.mode", "'max'"),
+    ("wrong-direction", edit("metric", {"name": "val_loss", "mode": "max"}), "metric.mode", "use mode: min"),
+    ("unreported-metric", edit("metric", {"name": "val_acc"}), "metric.name", "not reported by"),
+    ("grace-gt-max-t", edit("trial.max_epochs", 5), "scheduler.grace_period", "must be <= max_t (5"),
+    ("reduction-factor", edit("scheduler.reduction_factor", 1), "scheduler.reduction_factor", "must be > 1"),
+    ("asha-key-on-fifo", edit("scheduler.type", "fifo"), "scheduler.grace_period", "only used by type asha"),
+    ("num-samples-zero", edit("num_samples", 0), "num_samples", "must be >= 1"),
+    ("max-concurrent-zero", edit("max_concurrent", 0), "max_concurrent", "must be >= 1"),
+    ("negative-resource", edit("resources.cpu", -1), "resources.cpu", "must be >= 0"),
+    ("gpu-fraction-gt-1", edit("resources.gpu", 1.5), "resources.gpu", "use 1 or 2"),
+    ("no-resources", edit("resources", {"cpu": 0, "gpu": 0}), "resources", "set resources.cpu: 1"),
+    ("grid-with-optuna", edit("parameters.K", {"distribution": "grid", "values": [10, 100]}),
+     "parameters.K.distribution", "grid needs search.algorithm: random"),
+    ("sampler-with-random", edit("search", {"algorithm": "random", "sampler": "tpe"}),
+     "search.sampler", "only used by algorithm optuna"),
+    ("condition-unknown-key", edit("parameters.K.when", {"priorr": ["vamp"]}),
+     "parameters.K.when.priorr", "did you mean 'prior'?"),
+    ("condition-on-continuous", edit("parameters.K.when", {"lr": [1e-3]}),
+     "parameters.K.when.lr", "conditions can only test choice/grid parameters"),
+    ("condition-cycle", edit("parameters", {
+        "prior": {"distribution": "choice", "values": ["vamp", "mog"], "when": {"K": [10]}},
+        "K": {"distribution": "choice", "values": [10, 20], "when": {"prior": ["vamp"]}}})
+     | {"trial": {"dataset": "static_mnist", "max_epochs": 30}},
+     "parameters.prior.when", "circular conditions"),
+    ("condition-bad-value", edit("parameters.K.when", {"prior": ["vamp", "mogg"]}),
+     "parameters.K.when.prior[1]", "unknown prior 'mogg'"),
+    ("condition-not-list", edit("parameters.K.when", {"prior": "vamp"}),
+     "parameters.K.when.prior", "list of allowed values"),
+    ("bad-name", edit("name", "my sweep"), "name", "folder name"),
+    ("cuda-without-gpu", edit("trial.device", "cuda"), "trial.device", "resources.gpu is 0"),
+]
+
+
+@pytest.mark.parametrize("data,path,message", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_spec_is_rejected(data, path, message) -> None:
+    problems = problems_of(data)
+    matching = [p for p in problems if p.startswith(f"{path}: ")]
+    assert matching, f"no problem at {path!r} in {problems}"
+    assert any(message in p for p in matching), f"{message!r} not in {matching}"
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = edit("schedular", {})
+    data["num_samples"] = 0
+    data["trial"]["prior"] = "vampp"
+    data["parameters"]["K"]["min"] = 5000
+    data["parameters"]["lr"]["distribution"] = "loguniform"
+    data["resources"]["gpu"] = -1
+    problems = problems_of(data)
+    paths = {p.partition(": ")[0] for p in problems}
+    assert {"schedular", "num_samples", "trial.prior", "parameters.K.min",
+            "parameters.lr.distribution", "resources.gpu"} <= paths, problems
+
+
+def test_cluster_resources() -> None:
+    parse_spec(VALID, cluster_resources={"CPU": 2, "GPU": 0})
+    problems = problems_of(edit("resources.gpu", 0.25), cluster_resources={"CPU": 2, "GPU": 0})
+    assert any(p.startswith("resources.gpu: ") and "no GPU" in p and "--set resources.gpu=0" in p
+               for p in problems), problems
+    problems = problems_of(edit("resources.cpu", 4), cluster_resources={"CPU": 2.0, "GPU": 0})
+    assert any(p.startswith("resources.cpu: ") and "has 2" in p for p in problems), problems
+    parse_spec(edit("resources.gpu", 0.25), cluster_resources={"CPU": 2, "GPU": 1})
+
+
+def test_combinations_of_a_grid_are_checked() -> None:
+    data = edit("trial.prior", DELETE)
+    data["trial"]["fixed_pseudo_inputs"] = True
+    data["parameters"]["prior"] = {"distribution": "choice", "values": ["vamp_data", "mog"]}
+    problems = problems_of(data)
+    assert any(p.startswith("trial.fixed_pseudo_inputs: ") and "prior='mog'" in p for p in problems)
+    # The same flag, set only where it applies, is fine.
+    data["trial"].pop("fixed_pseudo_inputs")
+    data["parameters"]["fixed_pseudo_inputs"] = {"distribution": "choice", "values": [True, False],
+                                                 "when": {"prior": ["vamp_data"]}}
+    parse_spec(data)
+
+
+def test_conditions() -> None:
+    data = edit("trial.prior", DELETE)
+    data["parameters"] = {"prior": {"distribution": "choice", "values": ["standard", "vamp"]},
+                          **VALID["parameters"]}
+    data["parameters"]["K"] = {**data["parameters"]["K"], "when": {"prior": ["vamp"]}}
+    spec = parse_spec(data)
+    K = spec.parameter("K")
+    assert K.when == {"prior": ("vamp",)}
+    assert K.applies({"prior": "vamp"}) and not K.applies({"prior": "standard"})
+    # Declared below the parameter it tests: sampled in dependency order all the same.
+    data["parameters"] = {"K": data["parameters"]["K"], "lr": data["parameters"]["lr"],
+                          "prior": data["parameters"]["prior"]}
+    assert [p.name for p in parse_spec(data).parameters] == ["lr", "prior", "K"]
+    # A fixed trial key may be tested too (useful with --set).
+    parse_spec(edit("parameters.K.when", {"dataset": ["static_mnist"]}))
+
+
+def test_yaml_details(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ntrial: {dataset: static_mnist, lr: 1e-4}\n")
+    assert load_spec(path).trial["lr"] == 1e-4  # YAML 1.1 would read "1e-4" as text
+    path.write_text("name: s\nname: t\ntrial: {dataset: static_mnist}\n")
+    with pytest.raises(SpecError, match="duplicate key 'name'"):
+        load_spec(path)
+    path.write_text("name: [s\n")
+    with pytest.raises(SpecError, match="line 2"):
+        load_spec(path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(path)
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    spec = load_spec(path, ["trial.max_epochs=12", "parameters.K.max=200", "scheduler.grace_period=2",
+                            "search.sampler=random", "trial.image_every=0", "description=a b c"],
+                     num_samples=3, max_concurrent=1)
+    assert spec.trial["max_epochs"] == 12 and spec.scheduler.max_t == 12
+    assert spec.parameter("K").max == 200 and spec.scheduler.grace_period == 2
+    assert spec.search.sampler == "random" and spec.trial["image_every"] == 0
+    assert (spec.num_samples, spec.max_concurrent, spec.description) == (3, 1, "a b c")
+    # A missing block is created.
+    spec = load_spec(path, ["metric.name=val_loss", "metric.mode=min", "parameters.K.when={prior: [vamp]}"])
+    assert spec.metric.mode == "min" and spec.parameter("K").when == {"prior": ("vamp",)}
+
+
+def test_bad_overrides_are_problems(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(VALID))
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["trial.max_epoch=3", "name.x=1", "nonsense", "search..seed=1",
+                         "trial.max_epochs=3"], num_samples=0)
+    problems = info.value.problems
+    assert any(p.startswith("trial.max_epoch: ") and "did you mean 'max_epochs'?" in p
+               and "(from --set trial.max_epoch=3)" in p for p in problems), problems
+    assert any(p.startswith("--set name.x=1: ") and "not a mapping" in p for p in problems)
+    assert any(p.startswith("--set 'nonsense': ") and "dotted.path=value" in p for p in problems)
+    assert any(p.startswith("--set search..seed=1: ") and "empty key" in p for p in problems)
+    assert any(p.startswith("num_samples: ") and "--num-samples 0" in p for p in problems)
+    # A problem caused by an override elsewhere says which option set the value.
+    assert any(p.startswith("scheduler.grace_period: ") and "--set trial.max_epochs=3" in p
+               for p in problems), problems
+
+
+def test_did_you_mean_suggestions() -> None:
+    problems = problems_of(edit("parameters.latent_dims", {"distribution": "int_uniform",
+                                                           "min": 2, "max": 8}))
+    assert "parameters.latent_dims: not a trial key; did you mean 'latent_dim'?" in problems
+    problems = problems_of(edit("parameters.K.values", [1, 2]))
+    assert any(p.startswith("parameters.K.values: ") and "int_log_uniform" in p
+               and "choice / grid" in p for p in problems), problems
+    problems = problems_of(edit("zzz", 1))
+    assert any(p.startswith("zzz: unknown key; expected one of [") for p in problems)
+
+
+def test_spec_is_frozen() -> None:
+    spec = parse_spec(VALID)
+    assert isinstance(spec, SweepSpec)
+    with pytest.raises(AttributeError):
+        spec.name = "other"  # type: ignore[misc]
