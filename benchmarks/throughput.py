@@ -41,9 +41,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_throughput(prior: str, splits: Splits, device: torch.device, epochs: int) -> float:
+def train_throughput(prior: str, splits: Splits, device: torch.device, epochs: int,
+                     cuda_graphs: bool = True) -> float:
     cfg = TrainConfig(dataset="static_mnist", prior=prior, K=500, batch_size=100, warmup=0,
-                      max_epochs=epochs + 1, early_stopping=0, device=device.type)
+                      max_epochs=epochs + 1, early_stopping=0, device=device.type, cuda_graphs=cuda_graphs)
     trainer = Trainer(cfg, splits, device)
     trainer._train_epoch(1.0)                  # warm-up: allocator, kernels, thread pools
     sync(device)
@@ -54,17 +55,20 @@ def train_throughput(prior: str, splits: Splits, device: torch.device, epochs: i
     return epochs * trainer.x_train.shape[0] / (time.perf_counter() - t0)
 
 
-def ll_seconds(splits: Splits, device: torch.device, n_images: int, samples: int) -> float:
+def ll_seconds(splits: Splits, device: torch.device, n_images: int, samples: int,
+               compile: bool = False) -> tuple[float, float]:
+    """(seconds, mean LL) of the test log-likelihood of `n_images` images."""
     cfg = TrainConfig(dataset="static_mnist", prior="vamp", K=500, device=device.type)
+    torch.manual_seed(0)
     model = Trainer(cfg, splits, device).model
     x = splits.test[:n_images].to(device)
-    log_likelihood(model, x[:2], samples)      # warm-up
+    log_likelihood(model, x[: min(n_images, 200)], samples, compile=compile)   # warm-up / compile
     sync(device)
     t0 = time.perf_counter()
-    ll = log_likelihood(model, x, samples)
+    ll = log_likelihood(model, x, samples, compile=compile)
     sync(device)
     assert torch.isfinite(ll).all()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, float(ll.mean())
 
 
 def main() -> None:
@@ -74,6 +78,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--ll-images", type=int, default=None)
     ap.add_argument("--ll-samples", type=int, default=5000)
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd LL (CUDA)")
+    ap.add_argument("--skip-train", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -82,15 +88,19 @@ def main() -> None:
     splits = synthetic_mnist(n_train, device)
     where = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     common = {"device": where, "torch": torch.__version__}
-    for prior in ("standard", "vamp"):
-        sps = train_throughput(prior, splits, device, epochs)
-        print(json.dumps({"figure": f"train_samples_per_s[{prior}{'' if prior == 'standard' else ',K=500'}]",
-                          "value": round(sps, 1), "batch": 100, **common}), flush=True)
+    for graphs in (() if args.skip_train else (True, False) if gpu else (False,)):
+        for prior in ("standard", "vamp"):
+            sps = train_throughput(prior, splits, device, epochs, graphs)
+            label = f"{prior}{'' if prior == 'standard' else ',K=500'}{',cuda_graph' if graphs else ',eager'}"
+            print(json.dumps({"figure": f"train_samples_per_s[{label}]", "value": round(sps, 1),
+                              "batch": 100, **common}), flush=True)
     n_ll = args.ll_images or (10000 if gpu else 40)
-    seconds = ll_seconds(splits, device, n_ll, args.ll_samples)
-    print(json.dumps({"figure": "test_ll_seconds[vamp,K=500,10000 images,S=%d]" % args.ll_samples,
-                      "value": round(seconds * 10000 / n_ll, 2), "measured_images": n_ll,
-                      "seconds_per_image": round(seconds / n_ll, 5), **common}), flush=True)
+    for compile in ((False, True) if gpu and args.compile else (False,)):
+        seconds, mean_ll = ll_seconds(splits, device, n_ll, args.ll_samples, compile)
+        label = f"vamp,K=500,10000 images,S={args.ll_samples}{',compiled' if compile else ''}"
+        print(json.dumps({"figure": f"test_ll_seconds[{label}]", "value": round(seconds * 10000 / n_ll, 2),
+                          "measured_images": n_ll, "seconds_per_image": round(seconds / n_ll, 5),
+                          "mean_ll": round(mean_ll, 4), **common}), flush=True)
 
 
 if __name__ == "__main__":

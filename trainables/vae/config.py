@@ -36,6 +36,7 @@ class TrainConfig:
     test_subset: int | None = None     # ... test images
     image_every: int = 10              # log the pseudo-input grid every N epochs (0: never)
     device: str = "auto"               # "auto", "cpu", "cuda", "cuda:1", ...
+    cuda_graphs: bool = True           # on CUDA, replay the whole training step as one CUDA graph
     data_root: str | None = None       # absolute path, resolved by the driver
 
     @classmethod

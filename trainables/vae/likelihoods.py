@@ -31,8 +31,9 @@ def register_likelihood(name: str) -> Callable[[type["Likelihood"]], type["Likel
 
 def log_bernoulli(x: Tensor, logits: Tensor) -> Tensor:
     """log Bernoulli(x; sigmoid(logits)) summed over the last dim, stable for any logits."""
-    # x*log(s) + (1-x)*log(1-s) with log(s) = l - softplus(l), log(1-s) = -softplus(l)
-    return (x * logits - F.softplus(logits)).sum(-1)
+    # x*log(s) + (1-x)*log(1-s) = x*l - softplus(l): PyTorch's fused, stable BCE-with-logits
+    # kernel computes exactly this (one kernel instead of three); x broadcasts over samples.
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
 
 
 def log_discretized_logistic(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
