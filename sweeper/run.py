@@ -209,6 +209,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
             )
         results = tuner.fit()
         outcome.errors = [str(r.error) for r in results if r.error is not None]
+        evaluate_stopped_trials(results, plan.tracking_uri, experiment_id, parent.run_id, spec, echo)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -217,6 +218,32 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo)
         parent.terminate(status)
     return outcome
+
+
+def evaluate_stopped_trials(results, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                            spec: SweepSpec, echo: Callable[[str], None]) -> None:
+    """Test-evaluate, from their last checkpoints, the trials the scheduler stopped (Ray tasks).
+
+    Idempotent: a trial whose run already has its test_ll is skipped, so a resumed sweep
+    finishes what an interrupted one left.
+    """
+    from trainables.vae_trainable import evaluate_stopped_trial
+
+    task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(evaluate_stopped_trial)
+    pending = []
+    for result in results:
+        metrics = result.metrics or {}
+        if result.error is not None or metrics.get("stop_reason") or result.checkpoint is None:
+            continue   # errored, or it finished by itself and was evaluated in its last step
+        trial_id = metrics["trial_id"]
+        run = tracking.find_child(tracking_uri, experiment_id, parent_run_id, trial_id)
+        if run is not None and "test_ll" in run.data.metrics:
+            continue
+        name = run.info.run_name if run is not None else f"trial_{trial_id}"
+        pending.append(task.remote(result.config, result.checkpoint, trial_id, name))
+    if pending:
+        echo(f"evaluating {len(pending)} trial(s) stopped by the scheduler on the test set ...")
+        ray.get(pending)
 
 
 def trial_name(trial) -> str:

@@ -8,6 +8,7 @@ actors and resumed sweeps continue the same run instead of creating duplicates.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -56,7 +57,9 @@ def artifact_root_for(tracking_uri: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
 def client(tracking_uri: str):
+    """One client per URI and process (a sqlite client holds a connection pool)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)

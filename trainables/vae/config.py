@@ -31,7 +31,7 @@ class TrainConfig:
     fixed_pseudo_inputs: bool = False  # vamp_data only: keep the K training images fixed
     seed: int = 0
     test_samples: int = 5000           # S of the importance-sampled test log-likelihood
-    train_subset: int | None = None    # use only the first N training images (quick runs)
+    train_subset: int | None = None    # a fixed random subset of N training images (quick runs)
     val_subset: int | None = None      # ... validation images
     test_subset: int | None = None     # ... test images
     image_every: int = 10              # log the pseudo-input grid every N epochs (0: never)

@@ -22,6 +22,7 @@ from trainables.vae.model import LatentVariableModel, build_model
 STOP_COMPLETED = "completed"
 STOP_EARLY = "early_stopping"
 STOP_NAN = "nan"
+SUBSET_SEED = 1234   # train/val/test_subset draw the same images in every trial
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,7 +59,12 @@ class Trainer:
         self.info = splits.info
 
         def subset(x: Tensor, n: int | None) -> Tensor:
-            return (x if n is None else x[:n]).to(self.device, torch.float32).contiguous()
+            if n is not None and n < x.shape[0]:
+                # A fixed random subset, the same for every trial: the first N images are not a
+                # fair sample (the static MNIST test file is ordered by digit).
+                g = torch.Generator().manual_seed(SUBSET_SEED)
+                x = x[torch.randperm(x.shape[0], generator=g)[:n].sort().values]
+            return x.to(self.device, torch.float32).contiguous()
 
         # All data lives on the device: an epoch is index arithmetic, no loader, no copies.
         self.x_train = subset(splits.train, config.train_subset)   # [N, D]
