@@ -94,8 +94,8 @@ def data_verify(root: Path | None) -> None:
 @click.option("--lr", type=float, default=None, help="Adam learning rate (default 5e-4).")
 @click.option("--warmup", type=int, default=None, help="KL warm-up epochs (default 100).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--train-subset", type=int, default=None, help="Use only the first N training images.")
-@click.option("--test-subset", type=int, default=None, help="Evaluate on the first N test images.")
+@click.option("--train-subset", type=int, default=None, help="Use a fixed random subset of N training images.")
+@click.option("--test-subset", type=int, default=None, help="Evaluate on a fixed random subset of N test images.")
 @click.option("--test-samples", type=int, default=None, help="Importance samples S of the test LL (default 5000).")
 @click.option("--seed", type=int, default=None)
 @click.option("--root", type=click.Path(file_okay=False), default=None, help="Data folder.")
@@ -148,6 +148,24 @@ def run(spec: Path, overrides: tuple[str, ...], **options) -> None:
                f"({outcome.tracking_uri}); browse with `sweeper ui`")
     if outcome.errors:
         click.echo(f"{len(outcome.errors)} trial(s) ended with an error; see their runs' stop_detail", err=True)
+
+
+@main.command()
+@click.argument("experiment")
+@click.option("--tracking-uri", default=None, help="Default: sqlite:///<cwd>/mlflow.db, as `sweeper run`.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: ./report-EXPERIMENT).")
+@click.option("--no-log", is_flag=True, help="Do not log the report to the sweep's MLflow run.")
+def report(experiment: str, tracking_uri: str | None, out: Path | None, no_log: bool) -> None:
+    """The study's table and figures (PNG + report.md) from the runs of MLflow EXPERIMENT."""
+    from sweeper.report import make_report
+
+    result = make_report(experiment, tracking_uri, out, log_to_parent=not no_log)
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"{len(result.files)} file(s) in {result.out}: " + ", ".join(p.name for p in result.files))
+    if result.logged_to:
+        click.echo(f"logged under report/ of the sweep run {result.logged_to}")
 
 
 @main.command()

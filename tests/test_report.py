@@ -1,0 +1,310 @@
+"""`sweeper report`: the table and figures of one MLflow experiment.
+
+Fast tests build experiments run by run with `MlflowClient` (exact numbers, partial states);
+the slow ones read the MLflow store of one real small sweep (2 priors x 2 K x 2 seeds, ASHA).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from matplotlib.image import imread
+from mlflow.entities import Metric, Param
+
+from sweeper.cli import main
+from sweeper.errors import SweeperError
+from sweeper.report import (PUBLISHED, learning_curves_figure, ll_vs_k_figure, make_report, published_ll)
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: an experiment written run by run
+
+
+def new_store(tmp_path: Path, name: str) -> tuple[str, mlflow.MlflowClient, str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment(name, artifact_location=(tmp_path / "mlartifacts" / name).as_uri())
+    return uri, client, exp_id
+
+
+def add_parent(client, exp_id: str, name: str, start_time: int) -> str:
+    run = client.create_run(exp_id, run_name=name, start_time=start_time,
+                            tags={"sweeper.role": "sweep", "sweeper.sweep": name})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def add_trial(client, exp_id: str, parent: str, *, prior: str, seed: int, K: int = 500,
+              dataset: str = "frey_faces", val: list[float] = (), final: dict | None = None,
+              status: str = "FINISHED", stop: str = "completed", detail: str = "") -> str:
+    """A trial run as the trainable writes it: params as strings, val_elbo per epoch, final metrics."""
+    tags = {"mlflow.parentRunId": parent, "sweeper.role": "trial", "sweeper.trial_id": f"{prior}-{K}-{seed}"}
+    run = client.create_run(exp_id, run_name=f"trial_{prior}_{K}_{seed}", tags=tags)
+    run_id = run.info.run_id
+    params = {"dataset": dataset, "model": "vae", "prior": prior, "K": K, "lr": 0.0005, "seed": seed,
+              "max_epochs": 3, "test_samples": 5000, "data_root": "None", "device": "auto"}
+    metrics = [Metric("val_elbo", v, 0, epoch) for epoch, v in enumerate(val, start=1)]
+    metrics += [Metric("epoch", float(epoch), 0, epoch) for epoch in range(1, len(val) + 1)]
+    metrics += [Metric(k, v, 0, len(val)) for k, v in (final or {}).items()]
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()], metrics=metrics)
+    if stop:
+        client.set_tag(run_id, "stop_reason", stop)
+        client.set_tag(run_id, "stop_detail", detail)
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+# --------------------------------------------------------------------------------------------
+# Fast tests
+
+
+def test_published_numbers_prefer_the_paper_else_the_first_listed():
+    assert published_ll("static_mnist", "vae", "vamp").ll == -85.57
+    assert published_ll("static_mnist", "vae", "vamp").source == "paper"
+    assert published_ll("static_mnist", "vae", "standard").source == "paper (unverified)"
+    fashion = published_ll("fashion_mnist", "vae", "standard")
+    assert (fashion.ll, fashion.source) == (-228.70, "Exemplar VAE re-runs")     # listed before SEED
+    assert published_ll("caltech101", "vae", "vamp_data").source.startswith("SEED")
+    assert published_ll("static_mnist", "hvae", "standard").source == "REF re-run"
+    assert published_ll("static_mnist", "vae", "mog") is None
+    assert all(p.ll < 0 for p in PUBLISHED)
+
+
+def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
+    uri, client, exp_id = new_store(tmp_path, "frey")
+    old = add_parent(client, exp_id, "frey-old", start_time=1_000)
+    new = add_parent(client, exp_id, "frey-new", start_time=2_000)
+    ll = {}   # run id -> test LL of the trials that finished
+    for seed, (v, t) in enumerate([(-2310.0, -2300.0), (-2320.0, -2310.0)]):
+        ll[add_trial(client, exp_id, old, prior="standard", seed=seed, val=[-3000.0, -2500.0, v],
+                     final={"test_ll": t, "test_bits_per_dim": -t / (560 * math.log(2))})] = t
+    asha = add_trial(client, exp_id, new, prior="standard", seed=2, val=[-3100.0], stop="asha",
+                     final={"test_ll": -2400.0})
+    # K=10 has the better test LL but the worse validation ELBO: the table must show K=100.
+    for K, vals, tests in ((10, (-2290.0, -2300.0), (-2250.0, -2252.0)), (100, (-2280.0, -2282.0), (-2260.0, -2262.0))):
+        for seed in (0, 1):
+            add_trial(client, exp_id, new, prior="vamp", K=K, seed=seed, val=[-2900.0, -2600.0, vals[seed]],
+                      final={"test_ll": tests[seed]})
+    nan = add_trial(client, exp_id, new, prior="vamp", K=10, seed=2, val=[-2900.0, float("nan")], status="FAILED",
+                    stop="nan", detail="train_loss became nan at epoch 2 (lr=0.1); lower the learning rate")
+    running = add_trial(client, exp_id, new, prior="vamp", K=100, seed=3, val=[-2950.0, -2700.0],
+                        status="RUNNING", stop="")
+    client.create_run(exp_id, run_name="stray")   # neither a sweep nor a trial
+
+    result = make_report("frey", uri, tmp_path / "out")
+
+    table = result.table.set_index("prior")
+    std = table.loc["standard"]
+    tests = [-2300.0, -2310.0, -2400.0]
+    assert std.test_ll_mean == pytest.approx(statistics.mean(tests))
+    assert std.test_ll_std == pytest.approx(statistics.stdev(tests))
+    assert (std.n_seeds, std.n_trials, std.n_configs) == (3, 3, 1)     # K is ignored for `standard`
+    assert std.published_ll == -2281.16 and std.published_source.startswith("SEED")
+    assert std.diff_ll == pytest.approx(statistics.mean(tests) + 2281.16)
+    # bits/dim: the logged metric where there is one, else from the test LL
+    assert std.bits_per_dim_mean == pytest.approx(statistics.mean(-t / (560 * math.log(2)) for t in tests))
+    assert std.published_bits_per_dim == pytest.approx(2281.16 / (560 * math.log(2)))
+    vamp = table.loc["vamp"]
+    assert vamp.config == "K=100" and vamp.n_configs == 2 and vamp.n_seeds == 2
+    assert vamp.test_ll_mean == pytest.approx(-2261.0) and vamp.test_ll_std == pytest.approx(math.sqrt(2))
+    assert set(result.trials["run_id"]) >= {nan, running, asha} and len(result.trials) == 9
+
+    notes = "\n".join(result.notes)
+    assert running in notes and "still running" in notes
+    assert nan in notes and "diverged" in notes and "lower the learning rate" in notes
+    assert "1 run(s) are neither sweeps nor trials" in notes
+    assert "no per_image_ll.csv" in notes                 # these runs have no artifacts
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert running in md and "still running" in md and "| frey_faces | vae | vamp | -2261.00 ± 1.41 |" in md
+    # The running and the NaN trial are left out of the K figure but their curves are drawn.
+    assert len(result.k_points) == 4 and running not in set(result.k_points["run_id"])
+    assert {running, nan} <= set(result.curves["run_id"])
+    assert result.curves["val_elbo"].notna().all()
+    figure = learning_curves_figure(result.curves, result.trials)
+    marks = {c.get_gid(): len(c.get_offsets()) for ax in figure.axes for c in ax.collections}
+    assert marks == {"asha": 1, "nan": 1}
+    names = {p.name for p in result.files}
+    assert names == {"table.csv", "ll_vs_K.png", "learning_curves.png", "report.md"}
+    # several sweeps in the experiment: the newest gets the report
+    assert result.logged_to == new
+    logged = {a.path for a in client.list_artifacts(new, "report")}
+    assert logged == {f"report/{n}" for n in names}
+    assert not client.list_artifacts(old)
+
+
+def test_only_nan_trials_give_notes_and_the_learning_curves(tmp_path):
+    uri, client, exp_id = new_store(tmp_path, "diverged")
+    parent = add_parent(client, exp_id, "diverged-1", start_time=1)
+    add_trial(client, exp_id, parent, prior="vamp", seed=0, val=[-600.0, float("nan")], status="FAILED",
+              stop="nan", detail="train_loss became inf at epoch 2")
+    result = CliRunner().invoke(main, ["report", "diverged", "--tracking-uri", uri, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None
+    assert "no trial has a test log-likelihood yet" in result.output and "diverged (NaN)" in result.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["learning_curves.png", "report.md"]
+
+
+def test_an_empty_experiment_gives_a_clear_message(tmp_path):
+    uri, client, _ = new_store(tmp_path, "empty")
+    out = tmp_path / "empty-report"
+    result = CliRunner().invoke(main, ["report", "empty", "--tracking-uri", uri, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.exception is None and "Traceback" not in result.output
+    assert "has no runs yet" in result.output
+    assert "has no runs yet" in (out / "report.md").read_text()
+    assert [p.name for p in out.iterdir()] == ["report.md"]
+
+
+def test_an_unknown_experiment_is_an_error_naming_it_and_the_known_ones(tmp_path):
+    uri, _, _ = new_store(tmp_path, "vampprior-priors")
+    result = CliRunner().invoke(main, ["report", "vampprior-prior", "--tracking-uri", uri,
+                                       "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)                    # no traceback
+    assert "no MLflow experiment named 'vampprior-prior'" in result.output
+    assert "'vampprior-priors'" in result.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SweeperError, match="vampprior-prior"):
+        make_report("vampprior-prior", uri, tmp_path / "o")
+
+
+def test_a_missing_database_is_an_error_and_is_not_created(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["report", "anything"])           # default: ./mlflow.db
+    assert result.exit_code == 1 and "no MLflow database at" in result.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# On a real sweep
+
+
+@pytest.fixture(scope="module")
+def sweep(shared_datasets, tmp_path_factory):
+    """2 priors x 2 K x 2 seeds on a static MNIST subset, 3 epochs, ASHA: ~30 s on 2 CPU cores."""
+    from sweeper.run import run_sweep
+
+    tmp = tmp_path_factory.mktemp("report-sweep")
+    spec = yaml.safe_load(QUICKSTART.read_text())
+    spec.update(name="report_check", experiment="report-check", num_samples=1, max_concurrent=2,
+                search={"algorithm": "random", "seed": 0},
+                scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    spec["trial"].update(max_epochs=3, warmup=1, train_subset=500, val_subset=200, test_subset=100,
+                         test_samples=50)
+    spec["parameters"] = {"prior": {"distribution": "grid", "values": ["standard", "vamp"]},
+                          "K": {"distribution": "grid", "values": [4, 16]},
+                          "seed": {"distribution": "grid", "values": [0, 1]}}
+    path = tmp / "report.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SWEEPER_DATA_DIR", str(shared_datasets))
+        outcome = run_sweep(path, workdir=tmp, echo=lambda s: None)
+    return outcome, tmp
+
+
+@pytest.fixture(scope="module")
+def report(sweep):
+    outcome, tmp = sweep
+    return make_report("report-check", outcome.tracking_uri, tmp / "report")
+
+
+def trial_runs(uri: str) -> list:
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("report-check")
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("sweeper.role") == "trial"]
+
+
+@pytest.mark.slow
+def test_every_file_is_produced_valid_and_logged_to_the_sweep(sweep, report):
+    outcome, _ = sweep
+    out = report.out
+    expected = {"table.csv", "ll_vs_K.png", "ll_histograms.png", "learning_curves.png", "report.md",
+                "best_static_mnist_vae_standard.png", "best_static_mnist_vae_vamp.png"}
+    assert {p.name for p in report.files} == expected
+    assert {p.name for p in out.iterdir()} == expected
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        image = imread(png)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0, png.name
+    csv = pd.read_csv(out / "table.csv")
+    assert list(csv["prior"]) == ["standard", "vamp"] and csv["test_ll_mean"].notna().all()
+    md = (out / "report.md").read_text()
+    assert "| dataset | model | prior | test LL (nats) |" in md
+    for png in out.glob("*.png"):
+        assert f"]({png.name})" in md                            # every figure is shown in report.md
+    assert "compare with care" in md                             # subsets: not the published setting
+    assert report.logged_to == outcome.parent_run_id
+    client = mlflow.MlflowClient(outcome.tracking_uri)
+    assert {a.path for a in client.list_artifacts(outcome.parent_run_id, "report")} == {
+        f"report/{n}" for n in expected}
+
+
+@pytest.mark.slow
+def test_the_table_equals_the_runs_metrics(sweep, report):
+    outcome, _ = sweep
+    runs = [r for r in trial_runs(outcome.tracking_uri) if "test_ll" in r.data.metrics]
+    assert len(runs) == 8
+    table = report.table.set_index("prior")
+    for prior in ("standard", "vamp"):
+        mine = [r for r in runs if r.data.params["prior"] == prior]
+        # standard ignores K: one configuration; vamp: one per K, chosen by mean validation ELBO
+        key = (lambda r: "") if prior == "standard" else (lambda r: r.data.params["K"])
+        configs = {}
+        for r in mine:
+            configs.setdefault(key(r), []).append(r)
+        best = max(configs, key=lambda k: statistics.mean(r.data.metrics["val_elbo"] for r in configs[k]))
+        per_seed = {}
+        for r in configs[best]:
+            per_seed.setdefault(r.data.params["seed"], []).append(r.data.metrics["test_ll"])
+        seed_means = [statistics.mean(v) for v in per_seed.values()]
+        row = table.loc[prior]
+        assert row.test_ll_mean == pytest.approx(statistics.mean(seed_means), abs=1e-9)
+        assert row.test_ll_std == pytest.approx(statistics.stdev(seed_means), abs=1e-9)
+        assert row.n_seeds == 2 and row.n_trials == len(configs[best])
+        assert set(row.run_ids.split(";")) == {r.info.run_id for r in configs[best]}
+        assert row.config == ("" if prior == "standard" else f"K={best}") or pd.isna(row.config)
+        published = {"standard": -88.56, "vamp": -85.57}[prior]
+        assert row.published_ll == published
+        assert row.diff_ll == pytest.approx(statistics.mean(seed_means) - published)
+
+
+@pytest.mark.slow
+def test_the_K_figure_has_one_point_per_trial(sweep, report):
+    outcome, _ = sweep
+    vamp = {r.info.run_id: (int(r.data.params["K"]), r.data.metrics["test_ll"])
+            for r in trial_runs(outcome.tracking_uri)
+            if r.data.params["prior"] == "vamp" and "test_ll" in r.data.metrics}
+    assert len(vamp) == 4
+    points = report.k_points
+    assert len(points) == len(vamp)
+    assert {r.run_id: (r.K, r.test_ll) for r in points.itertuples()} == vamp
+    figure = ll_vs_k_figure(points)
+    offsets = [(float(x), float(y)) for ax in figure.axes for c in ax.collections if c.get_gid() == "trials"
+               for x, y in c.get_offsets()]
+    assert sorted(offsets) == sorted(vamp.values())
+    assert figure.axes[0].get_xscale() == "log"
+
+
+@pytest.mark.slow
+def test_learning_curves_cover_every_trial_and_mark_asha_stops(sweep, report):
+    outcome, _ = sweep
+    runs = trial_runs(outcome.tracking_uri)
+    assert set(report.curves["run_id"]) == {r.info.run_id for r in runs}
+    for r in runs:   # one point per epoch the run logged
+        assert (report.curves["run_id"] == r.info.run_id).sum() == int(r.data.metrics["epoch"])
+    stopped = sum(r.data.tags["stop_reason"] == "asha" for r in runs)
+    figure = learning_curves_figure(report.curves, report.trials)
+    marked = sum(len(c.get_offsets()) for ax in figure.axes for c in ax.collections if c.get_gid() == "asha")
+    assert marked == stopped
