@@ -634,7 +634,7 @@ class _Checker:
     def check_values(self, name: str, dist: str, spec: Mapping, path: str) -> Parameter | None:
         values = spec.get("values")
         if "values" not in spec:
-            self.add(f"{path}.values", f"missing required key; list the values, e.g. values: [a, b]")
+            self.add(f"{path}.values", "missing required key; list the values, e.g. values: [a, b]")
             return None
         if not isinstance(values, list) or not values:
             self.add(f"{path}.values", f"expected a non-empty list of values, got {_show(values)}")

@@ -79,7 +79,7 @@ def _compiled_or_eager(model: LatentVariableModel):
         except Exception as exc:  # inductor raises many types; eager gives the same numbers
             if state["fn"] is not compiled:
                 raise
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using eager mode")
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using eager mode", stacklevel=2)
             state["fn"] = model.importance_log_weights
             return state["fn"](x, samples)
 

@@ -7,11 +7,12 @@ log p(x_d | params_d) over the D pixels, `mean(params)` is the image shown in gr
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from trainables.vae.registry import registrar
 
 LIKELIHOODS: dict[str, type["Likelihood"]] = {}
 
@@ -20,13 +21,7 @@ N_BINS = 256
 BIN_WIDTH = 1.0 / N_BINS
 
 
-def register_likelihood(name: str) -> Callable[[type["Likelihood"]], type["Likelihood"]]:
-    def add(cls: type["Likelihood"]) -> type["Likelihood"]:
-        LIKELIHOODS[name] = cls
-        cls.name = name
-        return cls
-
-    return add
+register_likelihood = registrar(LIKELIHOODS)
 
 
 def log_bernoulli(x: Tensor, logits: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ log-likelihood (S large) are both built from them, so they cannot drift apart.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,17 +16,12 @@ from torch import Tensor, nn
 
 from trainables.vae.likelihoods import LIKELIHOODS, Likelihood
 from trainables.vae.priors import LOG_2PI, PRIORS, Prior, PriorContext, log_normal_diag
+from trainables.vae.registry import registrar
 
 MODELS: dict[str, type["LatentVariableModel"]] = {}
 
 
-def register_model(name: str) -> Callable[[type["LatentVariableModel"]], type["LatentVariableModel"]]:
-    def add(cls: type["LatentVariableModel"]) -> type["LatentVariableModel"]:
-        MODELS[name] = cls
-        cls.name = name
-        return cls
-
-    return add
+register_model = registrar(MODELS)
 
 
 class GatedDense(nn.Module):

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainables.vae.registry import registrar
+
 PRIORS: dict[str, type["Prior"]] = {}
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -23,13 +25,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 Encoder = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
-def register_prior(name: str) -> Callable[[type["Prior"]], type["Prior"]]:
-    def add(cls: type["Prior"]) -> type["Prior"]:
-        PRIORS[name] = cls
-        cls.name = name
-        return cls
-
-    return add
+register_prior = registrar(PRIORS)
 
 
 @dataclass(frozen=True)
