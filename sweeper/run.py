@@ -29,7 +29,6 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW
                  "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
                  "SWEEPER_DATA_DIR", "SWEEPER_DATA_MIRROR")
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20   # VAE trials pass nothing big through the object store
-SUMMARY_COLUMNS = ("trial", "stop_reason", "epochs", "val_elbo", "test_ll", "test_elbo", "active_units")
 
 
 @dataclass(frozen=True)
