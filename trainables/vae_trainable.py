@@ -101,7 +101,8 @@ def _log_final_images(run: tracking.RunHandle, trainer: Trainer, step: int) -> N
     n_test = trainer.x_test.shape[0]
     ncol = min(10, n_test)
     rows = min(5, n_test // ncol)
-    x = trainer.x_test[:rows * ncol]
+    # Evenly spaced test images: neighbouring ones may share a digit (files ordered by class).
+    x = trainer.x_test[torch.linspace(0, n_test - 1, rows * ncol, device=trainer.device).long()]
     recon = model.reconstruct(x)
     # Pairs of rows: real test images above their reconstructions.
     pairs = torch.stack([x.reshape(rows, ncol, -1), recon.reshape(rows, ncol, -1)], 1)
