@@ -156,6 +156,11 @@ class RunHandle:
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         _with_retry(self.client.log_artifact, self.run_id, str(path), folder)
 
+    def last_step(self, key: str) -> int:
+        """The highest step logged for metric `key` (0 if none)."""
+        history = _with_retry(self.client.get_metric_history, self.run_id, key)
+        return max((m.step for m in history), default=0)
+
     def terminate(self, status: str = "FINISHED") -> None:
         _with_retry(self.client.set_terminated, self.run_id, status)
 

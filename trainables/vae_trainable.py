@@ -138,6 +138,7 @@ class VAETrainable(tune.Trainable):
     def _start(self, config: dict[str, Any]) -> None:
         self.trainer, self.cfg, self.sweep = _make_trainer(config)
         self.run = _open_run(self.sweep, self.trial_id, self.trial_name, self.cfg)
+        self.logged_through = 0   # epochs already in the run's history (a restored trial replays some)
 
     def step(self) -> dict[str, Any]:
         try:
@@ -148,7 +149,9 @@ class VAETrainable(tune.Trainable):
                 self.run.terminate("FAILED")
             raise
         epoch = metrics["epoch"]
-        if self.run is not None:
+        # A retry from a checkpoint replays the epochs after it exactly (same state and RNG);
+        # the run already has them, so they are not logged twice.
+        if self.run is not None and epoch > self.logged_through:
             self.run.log_metrics(metrics, step=epoch)
             every = self.cfg.image_every
             if every and (epoch == 1 or epoch % every == 0) and hasattr(self.trainer.model.prior, "pseudo_inputs"):
@@ -170,6 +173,7 @@ class VAETrainable(tune.Trainable):
         state = load_trainer_checkpoint(self.trainer, directory)
         if state["run_id"] and self.sweep.get("tracking_uri"):
             self.run = tracking.RunHandle(self.sweep["tracking_uri"], state["run_id"])
+            self.logged_through = self.run.last_step("epoch")
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self._start(new_config)   # a reused actor: a new trial in a warm process
