@@ -36,14 +36,16 @@ from ray.tune.search.variant_generator import RecursiveDependencyError
 
 from sweeper.errors import SweeperError
 from sweeper.spec import Parameter, SweepSpec
+from trainables.vae.train import STOP_COMPLETED, STOP_EARLY, STOP_NAN
 
 logger = logging.getLogger(__name__)
 
 STUDY_FILE = "optuna.db"
 
-# `stop_reason` values of the trainable's last result (trainables/vae/train.py).
-COMPLETED_REASONS = frozenset({"completed", "early_stopping"})
-FAILED_REASONS = frozenset({"nan", "error"})
+# `stop_reason` values of the trainable's last result (trainables/vae/train.py); "error" is set
+# on the MLflow run of a trial whose step raised.
+COMPLETED_REASONS = frozenset({STOP_COMPLETED, STOP_EARLY})
+FAILED_REASONS = frozenset({STOP_NAN, "error"})
 
 
 # --------------------------------------------------------------------------------------------

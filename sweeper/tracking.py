@@ -26,7 +26,6 @@ TAG_TRIAL = "sweeper.trial_id"
 TAG_SWEEP = "sweeper.sweep"
 TAG_ROLE = "sweeper.role"
 TAG_STOP = "stop_reason"
-STOP_REASONS = ("completed", "asha", "early_stopping", "nan", "error")
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
