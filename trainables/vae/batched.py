@@ -47,6 +47,7 @@ from trainables.vae.train import (
     STOP_COMPLETED,
     STOP_EARLY,
     STOP_NAN,
+    capture_cuda_graph,
     kl_weight,
     resolve_device,
 )
@@ -656,37 +657,19 @@ class _GraphedBatchedStep:
 
     As train._GraphedStep: a replay reads the batch through a static index buffer [M, B] into
     the resident data, with a static beta [M]; the loss weights and learning rates are static
-    tensors changed in place. The warm-up steps that capturing needs are undone (weights, Adam
-    state, CUDA RNG), so the graphed path computes exactly what the eager path computes.
+    tensors changed in place. `train.capture_cuda_graph` undoes the warm-up steps that capturing
+    needs (weights, Adam state, CUDA RNG), so the graphed path computes what the eager path computes.
     """
 
     def __init__(self, trainer: BatchedTrainer):
-        self.trainer = trainer
         dev = trainer.device
         B = trainer.configs[0].batch_size
         self.idx = torch.arange(B, device=dev).repeat(trainer.M, 1)           # static [M, B]
         self.beta = torch.ones(trainer.M, device=dev, dtype=trainer.x_train.dtype)   # static [M]
         self._beta_values: tuple[float, ...] = (1.0,) * trainer.M
-        state = list(trainer.model.parameters()) + trainer.optimizer.tensors()
-        snapshot = [t.detach().clone() for t in state]
-        rng = torch.cuda.get_rng_state(dev)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):                      # warm-up: allocations, cuBLAS handles
-            for _ in range(3):
-                for p in trainer.params:
-                    p.grad = None
-                trainer._batch_step(self.idx, self.beta)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        with torch.no_grad():
-            for t, saved in zip(state, snapshot):          # in place: the graph keeps these addresses
-                t.copy_(saved)
-        torch.cuda.set_rng_state(rng, dev)
-        for p in trainer.params:
-            p.grad = None                                  # grads are allocated inside the graph
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.sums = trainer._batch_step(self.idx, self.beta)   # static output [M, 3]
+        self.graph, self.sums = capture_cuda_graph(          # sums: static [M, 3]
+            lambda: trainer._batch_step(self.idx, self.beta), trainer.params, dev,
+            lambda: list(trainer.model.parameters()) + trainer.optimizer.tensors())
 
     def __call__(self, idx: Tensor, beta: Tensor, beta_values: tuple[float, ...]) -> Tensor:
         self.idx.copy_(idx)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -240,36 +240,64 @@ class Trainer:
                                  else state["rng"]["generator"])
 
 
+def capture_cuda_graph(step: Callable[[], Tensor], params: Sequence[torch.nn.Parameter], device: torch.device,
+                       state: Callable[[], list[Tensor]]) -> tuple["torch.cuda.CUDAGraph", Tensor]:
+    """Capture `step()` (forward, backward, optimizer update) as a CUDA graph; return it and its output.
+
+    Capturing needs a few warm-up steps on a side stream (allocations, cuBLAS handles, optimizer
+    state). They are undone: every tensor in `state()` taken before the warm-up is restored in
+    place (addresses stay, the graph uses them), tensors the warm-up created are zeroed (a fresh
+    Adam's moments and step), and the CUDA RNG is rewound, so replays compute what eager steps would.
+    """
+    def clear_grads() -> None:
+        for p in params:
+            p.grad = None
+
+    before = {id(t): t.detach().clone() for t in state()}
+    rng = torch.cuda.get_rng_state(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            clear_grads()
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    with torch.no_grad():
+        for t in state():
+            if id(t) in before:
+                t.copy_(before[id(t)])
+            else:
+                t.zero_()
+    torch.cuda.set_rng_state(rng, device)
+    clear_grads()                                   # grads are allocated inside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 class _GraphedStep:
-    """The whole training step (forward, backward, Adam) captured once as a CUDA graph.
+    """The whole training step (forward, backward, Adam) replayed as one CUDA graph.
 
     At batch 100 an eager step is bound by kernel launches, not arithmetic; a replay launches
     the ~hundreds of kernels at once. Each replay reads the batch through a static index buffer
-    into the resident training data and adds its ELBO sums into a static accumulator. The
-    warm-up steps that capturing needs are undone (weights, Adam state, RNG), so the graphed
-    path computes exactly what the eager path computes.
+    into the resident training data and returns its ELBO sums in a static output.
     """
 
     def __init__(self, trainer: Trainer):
-        self.trainer = trainer
         dev = trainer.device
-        B = trainer.config.batch_size
-        self.idx = torch.arange(B, device=dev)                 # static: which images
-        self.beta = torch.ones((), device=dev)                  # static: the KL weight
+        self.idx = torch.arange(trainer.config.batch_size, device=dev)   # static: which images
+        self.beta = torch.ones((), device=dev)                            # static: the KL weight
         self._beta_value = 1.0
-        snapshot = self._snapshot()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):                          # warm-up: allocations, cuBLAS, Adam state
-            for _ in range(3):
-                trainer.optimizer.zero_grad(set_to_none=True)
-                trainer._batch_step(self.idx, self.beta)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self._restore(snapshot)
-        trainer.optimizer.zero_grad(set_to_none=True)           # grads are allocated inside the graph
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.sums = trainer._batch_step(self.idx, self.beta)   # static output [3]
+
+        def state() -> list[Tensor]:
+            opt = [v for p in trainer.params for v in trainer.optimizer.state.get(p, {}).values()
+                   if torch.is_tensor(v)]
+            # keep_vars: the Parameter objects themselves (stable ids), not fresh detached views
+            return list(trainer.model.state_dict(keep_vars=True).values()) + opt
+
+        self.graph, self.sums = capture_cuda_graph(lambda: trainer._batch_step(self.idx, self.beta),
+                                                   trainer.params, dev, state)   # sums: static [3]
 
     def __call__(self, idx: Tensor, beta: float) -> Tensor:
         self.idx.copy_(idx)
@@ -278,28 +306,6 @@ class _GraphedStep:
             self._beta_value = beta
         self.graph.replay()
         return self.sums
-
-    def _snapshot(self) -> dict[str, Any]:
-        t = self.trainer
-        return {"model": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
-                "optimizer": {p: {k: v.detach().clone() for k, v in t.optimizer.state[p].items()
-                                  if torch.is_tensor(v)} for p in t.params if p in t.optimizer.state},
-                "rng": torch.cuda.get_rng_state(t.device)}
-
-    @torch.no_grad()
-    def _restore(self, snapshot: dict[str, Any]) -> None:
-        t = self.trainer
-        t.model.load_state_dict(snapshot["model"])             # in place: addresses stay
-        for p in t.params:
-            before = snapshot["optimizer"].get(p, {})
-            for k, v in t.optimizer.state[p].items():
-                if not torch.is_tensor(v):
-                    continue
-                if k in before:
-                    v.copy_(before[k])
-                else:                                            # state the warm-up created
-                    v.zero_()
-        torch.cuda.set_rng_state(snapshot["rng"], t.device)
 
 
 def train(config: TrainConfig, splits: Splits | None = None, device: torch.device | str | None = None,
