@@ -8,6 +8,7 @@ model is handed the same draw for that model.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -232,7 +233,7 @@ def test_a_nan_model_is_frozen_and_the_others_train_as_if_it_were_not_there():
     first, second, third = bad.history
     assert first[1]["stop_reason"] == STOP_NAN and "learning rate" in bad.stop_detail[1]
     assert second[1] is None and third[1] is None
-    assert bad.optimizer.lr[0][1].abs().max() == 0 and bad.loss_weight[1] == 0
+    assert bad.optimizer.lr[1] == 0 and bad.loss_weight[1] == 0
     # Frozen at its initial weights (it never had a best epoch), finite, and no longer moving.
     torch.manual_seed(1)
     init = BatchedVAE([bad._build_single(bad.configs[1])])
@@ -326,3 +327,80 @@ def test_graphed_batched_training_gives_the_same_losses_as_eager_on_cuda():
             assert math.isclose(ft, pt, rel_tol=1e-4, abs_tol=1e-3), (fast, plain)
             assert math.isclose(fv, pv, rel_tol=1e-4, abs_tol=1e-3), (fast, plain)
     assert all(fast[-1][m][0] < fast[0][m][0] for m in range(3))
+
+
+# -- (5) one model's state, in Trainer's checkpoint format ------------------------------------
+def _assert_states_equal(a: dict, b: dict, where: str) -> None:
+    for key in ("epoch", "best_epoch", "bad_epochs", "stop_reason"):
+        assert a[key] == b[key], (where, key)
+    assert a["best_val_loss"] == pytest.approx(b["best_val_loss"], rel=1e-6), where
+    for k, v in b["model"].items():
+        assert torch.allclose(a["model"][k], v, rtol=1e-6, atol=1e-7), (where, k)
+    assert (a["best_state"] is None) == (b["best_state"] is None), where
+    for k, v in (b["best_state"] or {}).items():
+        assert torch.allclose(a["best_state"][k], v, rtol=1e-6, atol=1e-7), (where, "best", k)
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sorted(sa) == sorted(sb), where
+    for i in sb:
+        assert float(sa[i]["step"]) == float(sb[i]["step"]), (where, i)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(sa[i][key], sb[i][key], rtol=1e-5, atol=1e-9), (where, i, key)
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"]), where
+
+
+@pytest.mark.parametrize("prior", ["vamp", "mog", "standard"])
+def test_a_trainer_checkpoint_goes_into_a_batch_slot_and_comes_back_unchanged(prior):
+    splits = synthetic(120)
+    cfg = config(prior=prior, K=4, seed=5, lr=2e-3, warmup=1, early_stopping=3)
+    plain = Trainer(cfg, splits, "cpu")
+    for _ in range(3):
+        plain.step()
+    state = plain.state_dict()
+    # Slot 1 of two; slot 0 is another configuration (a different K pads the prior).
+    batched = BatchedTrainer([config(prior=prior, K=6, seed=1), cfg], splits, "cpu", states=[None, state])
+    _assert_states_equal(batched.model_state(1), state, prior)
+
+
+def test_a_batch_slot_state_resumes_in_a_plain_trainer_exactly():
+    """model_state -> Trainer.load_state_dict: the next epoch is the one the slot would train."""
+    splits = synthetic(150)
+    cfgs = [config(K=3, seed=0, lr=1e-3), config(K=5, seed=1, lr=3e-3, warmup=2, optimizer="adam_normgrad")]
+    batched = BatchedTrainer(cfgs, splits, "cpu")
+    for _ in range(3):
+        batched.step()
+    state = batched.model_state(1)
+    plain = Trainer(cfgs[1], splits, "cpu")
+    # A copy each: torch's Adam.load_state_dict keeps the given moment tensors and trains them in place.
+    plain.load_state_dict(copy.deepcopy(state))   # also sets the global RNG to the state's
+    want = plain.step()
+    alone = BatchedTrainer([cfgs[1]], splits, "cpu", states=[copy.deepcopy(state)])
+    torch.set_rng_state(state["rng"]["torch"])    # the shared noise stream, as Trainer restored it
+    got = alone.step()[0]
+    assert got["epoch"] == want["epoch"] == 4
+    for key in ("train_loss", "train_kl", "val_loss", "beta"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_a_model_joining_a_trained_batch_starts_its_own_adam_from_step_one():
+    splits = synthetic(100)
+    veteran = BatchedTrainer([config(K=4, seed=0, lr=1e-3)], splits, "cpu")
+    for _ in range(2):
+        veteran.step()
+    state = veteran.model_state(0)
+    newcomer = config(K=4, seed=9, lr=2e-3)
+    batched = BatchedTrainer([config(K=4, seed=0, lr=1e-3), newcomer], splits, "cpu", states=[state, None])
+    assert batched.optimizer.step_count.tolist() == [8.0, 0.0] and batched.epochs == [2, 0]
+    before = batched.model.single_state(1)["q_z_net.0.linear.weight"].clone()
+    batched.train_batch(torch.stack([torch.arange(25), torch.arange(25, 50)]), [1.0, 1.0])
+    moved = batched.model.single_state(1)["q_z_net.0.linear.weight"] - before
+    # Bias-corrected Adam's first step moves a weight by ~lr; a shared step count of 9 would not.
+    assert moved.abs().max().item() == pytest.approx(newcomer.lr, rel=1e-3)
+    metrics = batched.step()
+    assert [m["epoch"] for m in metrics] == [3, 1]
+
+
+def test_a_state_of_another_configuration_is_refused_with_the_field():
+    splits = synthetic(100)
+    state = Trainer(config(K=4, seed=0), splits, "cpu").state_dict()
+    with pytest.raises(ConfigError, match=r"K=4.*K=6"):
+        BatchedTrainer([config(K=6, seed=0)], splits, "cpu", states=[state])

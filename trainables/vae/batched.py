@@ -48,6 +48,7 @@ from trainables.vae.train import (
     STOP_EARLY,
     STOP_NAN,
     capture_cuda_graph,
+    fixed_subset,
     kl_weight,
     resolve_device,
 )
@@ -295,8 +296,25 @@ class BatchedVAE(nn.Module):
                 out[f"{path}.weight"] = w_part.T
                 out[f"{path}.bias"] = b_part
         for name in _PRIOR_PARAMS[self.prior_family]:
-            out[f"prior.{name}"] = tensors[name][m, : self.Ks[m]]
+            if name in tensors:    # fixed pseudo-inputs have no gradient or moments
+                out[f"prior.{name}"] = tensors[name][m, : self.Ks[m]]
         return out
+
+    @torch.no_grad()
+    def load_single_state(self, m: int, single: Mapping[str, Tensor],
+                          tensors: Mapping[str, Tensor] | None = None) -> None:
+        """The inverse of `single_state`: write a single `VAE`'s tensors into slot m of stacked ones."""
+        tensors = tensors if tensors is not None else dict(self.named_parameters())
+        for name, paths in self._layout():
+            tensors[f"{name}_w"][m] = torch.cat([single[f"{p}.weight"].T for p in paths], 1)
+            tensors[f"{name}_b"][m, 0] = torch.cat([single[f"{p}.bias"] for p in paths])
+        for name in _PRIOR_PARAMS[self.prior_family]:
+            if name in tensors:
+                value = single[f"prior.{name}"]                                      # [K_m, .]
+                if value.shape[0] != self.Ks[m]:
+                    raise ValueError(f"prior.{name} has {value.shape[0]} components, model {m} has K={self.Ks[m]}")
+                tensors[name][m].zero_()                                             # padding stays 0
+                tensors[name][m, : value.shape[0]] = value
 
     @torch.no_grad()
     def extract(self, m: int, pseudo_init: tuple[float, float] = (0.05, 0.01)) -> LatentVariableModel:
@@ -322,16 +340,16 @@ class BatchedVAE(nn.Module):
 class BatchedAdam:
     """Adam (PyTorch's defaults: betas (0.9, 0.999), eps 1e-8) over stacked parameters [M, ...].
 
-    The learning rate is per model: a [M] tensor broadcast once into each parameter's shape, so
-    every update is a multi-tensor (`_foreach`) op. The step count lives on the device, so the
-    whole update can be captured in a CUDA graph. `normgrad` [M] marks models that use REF's
-    AdamNormGrad: each model's slice of each gradient is scaled to unit L2 norm first.
+    The learning rate and the step count are per model ([M] tensors on the device): models that
+    joined a pool later start at step 0 with their own bias correction, and the whole update can
+    be captured in a CUDA graph. `normgrad` [M] marks models that use REF's AdamNormGrad: each
+    model's slice of each gradient is scaled to unit L2 norm first.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], lr: Tensor, normgrad: Tensor | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params = list(params)
-        M = lr.shape[0]
+        self.M = M = lr.shape[0]
         for p in self.params:
             if p.dim() != 3 or p.shape[0] != M:
                 raise ValueError(f"BatchedAdam needs [M={M}, a, b] parameters, got {tuple(p.shape)}")
@@ -339,16 +357,15 @@ class BatchedAdam:
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         # float64: 1 - beta2^t as accurate as PyTorch's Python-float bias correction.
-        self.step_count = torch.zeros((), device=lr.device, dtype=torch.float64)
+        self.step_count = torch.zeros(M, device=lr.device, dtype=torch.float64)       # [M]
         # Static tensors (a captured graph reads them): change them in place only.
-        self.lr = [lr.view(M, 1, 1).to(p.dtype).expand_as(p).contiguous() for p in self.params]
+        self.lr = lr.detach().clone()                                                  # [M]
         self.normgrad = (normgrad.view(M, 1, 1).to(lr.device)
                          if normgrad is not None and bool(normgrad.any()) else None)
 
     @torch.no_grad()
     def set_lr(self, m: int, value: float) -> None:
-        for lr in self.lr:
-            lr[m].fill_(value)
+        self.lr[m] = value
 
     @torch.no_grad()
     def reset(self, m: int) -> None:
@@ -367,18 +384,19 @@ class BatchedAdam:
                 g.div_(torch.where(self.normgrad, norm + 1e-7, torch.ones_like(norm)))
         beta1, beta2 = self.betas
         self.step_count += 1
-        dtype = self.params[0].dtype   # the scalar operands of the foreach ops match the tensors
-        bias_correction1 = (1.0 - torch.pow(beta1, self.step_count)).to(dtype)
-        bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, self.step_count)).to(dtype)
+        dtype = self.params[0].dtype
+        # Per model: step size lr / (1 - beta1^t) and 1 / sqrt(1 - beta2^t), each [M, 1, 1].
+        step_size = (self.lr / (1.0 - torch.pow(beta1, self.step_count))).to(dtype).view(self.M, 1, 1)
+        inv_bc2_sqrt = torch.rsqrt(1.0 - torch.pow(beta2, self.step_count)).to(dtype).view(self.M, 1, 1)
+        n = len(self.params)
         torch._foreach_lerp_(self.exp_avg, grads, 1.0 - beta1)
         torch._foreach_mul_(self.exp_avg_sq, beta2)
         torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1.0 - beta2)
         denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_mul_(denom, [inv_bc2_sqrt] * n)      # broadcast over each model's slice
         torch._foreach_add_(denom, self.eps)
-        update = torch._foreach_mul(self.exp_avg, self.lr)          # per-model lr
+        update = torch._foreach_mul(self.exp_avg, [step_size] * n)
         torch._foreach_div_(update, denom)
-        torch._foreach_div_(update, bias_correction1)
         torch._foreach_sub_(self.params, update)
 
     def tensors(self) -> list[Tensor]:
@@ -418,7 +436,8 @@ class BatchedTrainer:
     """
 
     def __init__(self, configs: Sequence[TrainConfig | Mapping[str, Any]], splits: Splits | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 states: Sequence[Mapping[str, Any] | None] | None = None):
         self.configs = [_as_config(c, i) for i, c in enumerate(configs)]
         check_batchable(self.configs)
         c0 = self.configs[0]
@@ -427,13 +446,11 @@ class BatchedTrainer:
         splits = splits if splits is not None else load_dataset(c0.dataset, c0.data_root)
         self.info = splits.info
 
-        def subset(x: Tensor, n: int | None) -> Tensor:
-            return (x if n is None else x[:n]).to(self.device, dtype).contiguous()
-
         # All data lives on the device: an epoch is index arithmetic, no loader, no copies.
-        self.x_train = subset(splits.train, c0.train_subset)   # [N, D]
-        self.x_val = subset(splits.val, c0.val_subset)
-        self.x_test = subset(splits.test, c0.test_subset)
+        # The same fixed subsets as Trainer's.
+        self.x_train = fixed_subset(splits.train, c0.train_subset, self.device, dtype)   # [N, D]
+        self.x_val = fixed_subset(splits.val, c0.val_subset, self.device, dtype)
+        self.x_test = fixed_subset(splits.test, c0.test_subset, self.device, dtype)
         self.dynamic = self.info.binarization == "dynamic"
 
         # vamp_data's pseudo-inputs start as training images (kept: a diverged model is rebuilt).
@@ -455,7 +472,7 @@ class BatchedTrainer:
             [c.optimizer == "adam_normgrad" for c in self.configs], device=self.device))
         self.loss_weight = torch.ones(M, device=self.device, dtype=dtype)   # 0: frozen model (static)
         self._graph: _GraphedBatchedStep | None = None
-        self.epoch = 0
+        self.epochs = [0] * M            # per model: pooled models join at different times
         self.best_val_loss = [math.inf] * M
         self.best_epoch: list[int | None] = [None] * M
         self.bad_epochs = [0] * M
@@ -463,6 +480,9 @@ class BatchedTrainer:
         self.stop_reason: list[str | None] = [None] * M
         self.stop_detail = [""] * M
         self.stopped_epoch: list[int | None] = [None] * M
+        for m, state in enumerate(states or ()):
+            if state is not None:
+                self.load_model_state(m, state)
 
     def _build_single(self, c: TrainConfig) -> LatentVariableModel:
         return build_model(
@@ -548,8 +568,10 @@ class BatchedTrainer:
         """
         if self.done:
             raise RuntimeError(f"training already stopped for every model ({self.stop_reason})")
-        self.epoch += 1
-        betas = [kl_weight(self.epoch, c.warmup) for c in self.configs]
+        for m in range(self.M):
+            if self.stop_reason[m] is None:
+                self.epochs[m] += 1
+        betas = [kl_weight(max(e, 1), c.warmup) for e, c in zip(self.epochs, self.configs)]
         t0 = time.perf_counter()
         train = self._train_epoch(betas).tolist()
         val = self.evaluate_elbo(self.x_val).tolist()
@@ -563,18 +585,19 @@ class BatchedTrainer:
                 out.append(None)
                 continue
             (t_elbo, t_rec, t_kl), (v_elbo, v_rec, v_kl) = train[m], val[m]
+            epoch = self.epochs[m]
             metrics: dict[str, Any] = {
-                "epoch": self.epoch, "beta": betas[m], "train_elbo": t_elbo, "train_rec": t_rec,
+                "epoch": epoch, "beta": betas[m], "train_elbo": t_elbo, "train_rec": t_rec,
                 "train_kl": t_kl, "train_loss": -(t_rec - betas[m] * t_kl), "val_elbo": v_elbo,
                 "val_rec": v_rec, "val_kl": v_kl, "val_loss": -v_elbo, "epoch_seconds": seconds}
             bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
             if bad:
                 self.stop_reason[m] = STOP_NAN
-                self.stop_detail[m] = (f"{' and '.join(bad)} became {metrics[bad[0]]} at epoch {self.epoch} "
+                self.stop_detail[m] = (f"{' and '.join(bad)} became {metrics[bad[0]]} at epoch {epoch} "
                                        f"(lr={c.lr}); lower the learning rate")
             elif self._early_stopping(m, metrics["val_loss"], betas[m]):
                 improved.append(m)
-            if self.stop_reason[m] is None and self.epoch >= c.max_epochs:
+            if self.stop_reason[m] is None and epoch >= c.max_epochs:
                 self.stop_reason[m] = STOP_COMPLETED
             metrics["stop_reason"] = self.stop_reason[m]
             out.append(metrics)
@@ -589,7 +612,7 @@ class BatchedTrainer:
         if beta < 1.0:   # REF: only epochs at full KL weight count
             return False
         if val_loss < self.best_val_loss[m]:
-            self.best_val_loss[m], self.best_epoch[m], self.bad_epochs[m] = val_loss, self.epoch, 0
+            self.best_val_loss[m], self.best_epoch[m], self.bad_epochs[m] = val_loss, self.epochs[m], 0
             return True
         self.bad_epochs[m] += 1
         patience = self.configs[m].early_stopping
@@ -613,7 +636,7 @@ class BatchedTrainer:
     @torch.no_grad()
     def _freeze(self, m: int, diverged: bool) -> None:
         """Stop updating model m: lr 0 and loss weight 0, so its gradient is exactly 0."""
-        self.stopped_epoch[m] = self.epoch
+        self.stopped_epoch[m] = self.epochs[m]
         self.optimizer.set_lr(m, 0.0)
         self.loss_weight[m] = 0.0
         if diverged:
@@ -640,6 +663,105 @@ class BatchedTrainer:
     @property
     def done(self) -> bool:
         return all(r is not None for r in self.stop_reason)
+
+    @property
+    def epoch(self) -> int:
+        """The most epochs any model has trained."""
+        return max(self.epochs)
+
+    # -- one model's state, in Trainer.state_dict's format ---------------------------------
+    def _trainable_names(self) -> tuple[list[str], list[str]]:
+        """Names of the trainable parameters: stacked (BatchedAdam's order) and single (Adam's order)."""
+        stacked = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        single = [n for n, p in self._template.named_parameters() if p.requires_grad]
+        return stacked, single
+
+    @property
+    def _template(self) -> LatentVariableModel:
+        if getattr(self, "_template_net", None) is None:
+            self._template_net = self.model.extract(0, pseudo_init=self.info.pseudo_init)
+        return self._template_net
+
+    @torch.no_grad()
+    def model_state(self, m: int) -> dict[str, Any]:
+        """Model m's training state in `Trainer.state_dict()`'s format (tensors on this device).
+
+        A plain `Trainer` loads it (to evaluate the model, or to train on alone), and so does
+        `load_model_state` of any BatchedTrainer with the same configuration in any slot.
+        """
+        net = self.extract(m)
+        stacked, single = self._trainable_names()
+        exp_avg = self.model.single_state(m, dict(zip(stacked, self.optimizer.exp_avg)))
+        exp_avg_sq = self.model.single_state(m, dict(zip(stacked, self.optimizer.exp_avg_sq)))
+        step = self.optimizer.step_count[m].to(torch.float32).cpu()    # as torch.optim.Adam keeps it
+        groups = torch.optim.Adam([p for p in net.parameters() if p.requires_grad],
+                                  lr=self.configs[m].lr).state_dict()["param_groups"]
+        optimizer = {"state": ({i: {"step": step.clone(), "exp_avg": exp_avg[name].clone(),
+                                    "exp_avg_sq": exp_avg_sq[name].clone()} for i, name in enumerate(single)}
+                               if float(step) > 0 else {}),
+                     "param_groups": groups}
+        best_state = None
+        if self.best_epoch[m] is not None and self.best_params is not None:
+            names = [n for n, _ in self.model.named_parameters()]
+            best_state = {**net.state_dict(),
+                          **{k: v.clone() for k, v in self.model.single_state(m, dict(zip(names, self.best_params))).items()}}
+        return {
+            "model": net.state_dict(),
+            "optimizer": optimizer,
+            "epoch": self.epochs[m],
+            "best_val_loss": self.best_val_loss[m],
+            "best_epoch": self.best_epoch[m],
+            "best_state": best_state,
+            "bad_epochs": self.bad_epochs[m],
+            "stop_reason": self.stop_reason[m],
+            "stop_detail": self.stop_detail[m],
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "generator": self.generators[m].get_state()},
+            "config": self.configs[m].to_dict(),
+        }
+
+    @torch.no_grad()
+    def load_model_state(self, m: int, state: Mapping[str, Any]) -> None:
+        """Put a `Trainer.state_dict()` (or `model_state`) into slot m; the slot's config must match it.
+
+        The shared noise generator is not restored (it belongs to every slot), so a resumed model
+        continues exactly in its weights, moments, counters and data order, not in its noise draws.
+        """
+        c = self.configs[m]
+        saved = state.get("config") or {}
+        for key in ("K", "prior", "latent_dim", "hidden_dim", "dataset"):
+            if key in saved and saved[key] != getattr(c, key):
+                raise ConfigError(f"state for model {m} was saved with {key}={saved[key]!r}, "
+                                  f"the slot's config has {key}={getattr(c, key)!r}")
+        self.model.load_single_state(m, state["model"])
+        stacked, single = self._trainable_names()
+        moments = state["optimizer"]["state"]
+        if moments:
+            for key, tensors in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
+                self.model.load_single_state(m, {single[int(i)]: s[key] for i, s in moments.items()},
+                                             dict(zip(stacked, tensors)))
+        else:
+            self.optimizer.reset(m)
+        steps = [float(s["step"]) for s in moments.values()]
+        self.optimizer.step_count[m] = steps[0] if steps else 0.0
+        self.epochs[m] = int(state["epoch"])
+        self.best_val_loss[m] = float(state["best_val_loss"])
+        self.best_epoch[m] = state["best_epoch"]
+        if state.get("best_state") is not None:
+            if self.best_params is None:
+                self.best_params = [p.detach().clone() for p in self.model.parameters()]
+            names = [n for n, _ in self.model.named_parameters()]
+            self.model.load_single_state(m, state["best_state"], dict(zip(names, self.best_params)))
+        self.bad_epochs[m] = int(state["bad_epochs"])
+        self.stop_reason[m] = state["stop_reason"]
+        self.stop_detail[m] = state.get("stop_detail", "")
+        self.generators[m].set_state(state["rng"]["generator"].cpu())
+        if self.stop_reason[m] is not None:
+            self._freeze(m, diverged=False)
+        else:
+            self.optimizer.set_lr(m, c.lr)
+            self.loss_weight[m] = 1.0
 
     def finish(self) -> None:
         """Restore each model's best validation weights (models without a beta = 1 epoch keep theirs)."""

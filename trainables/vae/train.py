@@ -48,6 +48,18 @@ def _normalize_gradients(params: list[torch.nn.Parameter]) -> None:
         torch._foreach_div_(grads, norms)
 
 
+def fixed_subset(x: Tensor, n: int | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    """x [N, D], or n of its images, on `device`: a fixed random subset, the same for every trial.
+
+    The first n images are not a fair sample (the static MNIST test file is ordered by digit).
+    """
+    if n is not None and n < x.shape[0]:
+        g = torch.Generator().manual_seed(SUBSET_SEED)
+        x = x[torch.randperm(x.shape[0], generator=g)[:n].sort().values]
+    return x.to(device, dtype).contiguous()
+
+
 class Trainer:
     """One training run of one configuration on one device."""
 
@@ -58,18 +70,10 @@ class Trainer:
         splits = splits if splits is not None else load_dataset(config.dataset, config.data_root)
         self.info = splits.info
 
-        def subset(x: Tensor, n: int | None) -> Tensor:
-            if n is not None and n < x.shape[0]:
-                # A fixed random subset, the same for every trial: the first N images are not a
-                # fair sample (the static MNIST test file is ordered by digit).
-                g = torch.Generator().manual_seed(SUBSET_SEED)
-                x = x[torch.randperm(x.shape[0], generator=g)[:n].sort().values]
-            return x.to(self.device, torch.float32).contiguous()
-
         # All data lives on the device: an epoch is index arithmetic, no loader, no copies.
-        self.x_train = subset(splits.train, config.train_subset)   # [N, D]
-        self.x_val = subset(splits.val, config.val_subset)
-        self.x_test = subset(splits.test, config.test_subset)
+        self.x_train = fixed_subset(splits.train, config.train_subset, self.device)   # [N, D]
+        self.x_val = fixed_subset(splits.val, config.val_subset, self.device)
+        self.x_test = fixed_subset(splits.test, config.test_subset, self.device)
         self.dynamic = self.info.binarization == "dynamic"
 
         torch.manual_seed(config.seed)
@@ -224,7 +228,16 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._graph = None   # the optimizer gets new state tensors: a captured graph would miss them
         self.model.load_state_dict(state["model"])
+        own_flags = [{k: g.get(k) for k in ("foreach", "fused", "capturable")} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        # A state saved on another device (a CPU run, a pooled trial) would bring its update
+        # kernels along; keep this device's (fused and capturable on CUDA, its step on the device).
+        for group, flags in zip(self.optimizer.param_groups, own_flags):
+            group.update(flags)
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                if st and "step" in st and (flags["fused"] or flags["capturable"]):
+                    st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
         self.epoch = state["epoch"]
         self.best_val_loss = state["best_val_loss"]
         self.best_epoch = state["best_epoch"]
