@@ -29,6 +29,9 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW
                  "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
                  "SWEEPER_DATA_DIR", "SWEEPER_DATA_MIRROR")
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20   # VAE trials pass nothing big through the object store
+# Pooled trials checkpoint every this many epochs (and at their end, so an ASHA-stopped trial has a
+# checkpoint of its last epoch): a pooled checkpoint travels from the pool through Ray.
+POOLED_CHECKPOINT_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,24 @@ class TrialRunsCallback(tune.Callback):
             handle.terminate("FAILED")
 
 
+class PoolLeaveCallback(tune.Callback):
+    """Takes a stopped trial out of its pool at once.
+
+    Tune does not call a trial's cleanup when it stops it and keeps the actor for the next trial
+    (reuse_actors); until that trial starts, the stopped one would still be a pool member that
+    the others wait for. Leaving is idempotent, so every pool of the sweep is told.
+    """
+
+    def __init__(self, sweep_id: str):
+        self.sweep_id = sweep_id
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from trainables.pool import sweep_pools
+
+        for pool in sweep_pools(self.sweep_id):
+            pool.leave.remote(trial.trial_id)   # fire and forget: the driver does not wait
+
+
 def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_samples: int | None = None,
               max_concurrent: int | None = None, address: str | None = None,
               tracking_uri: str | None = None, storage_path: str | None = None, resume: bool = False,
@@ -148,6 +169,7 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
 def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: SweepPlan, resume: bool,
          echo: Callable[[str], None]) -> SweepOutcome:
     from sweeper.search import SchedulerStateCallback, make_scheduler, make_search_alg, param_space
+    from trainables.pool import remove_pools
     from trainables.vae_trainable import SWEEP_KEY, VAETrainable
 
     experiment_id = tracking.ensure_experiment(plan.tracking_uri, spec.experiment)
@@ -180,6 +202,12 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
     sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
                  "parent_run_id": parent.run_id, "sweep_name": plan.sweep_id,
                  "cpus_per_trial": max(1, int(spec.resources.cpu))}
+    pooled = spec.resources.pooled
+    if pooled:
+        sweep_cfg["pool"] = {"sweep_id": plan.sweep_id}
+        if resume and remove_pools(plan.sweep_id):
+            echo("removed the interrupted sweep's trial pools; their trials rejoin from their checkpoints")
+        echo("trials that share a device train together as one batched model (resources.batched)")
     trainable = tune.with_resources(VAETrainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     outcome = SweepOutcome(plan.sweep_id, parent.run_id, experiment_id, plan.tracking_uri, plan.experiment_path)
     status = "FAILED"
@@ -201,12 +229,17 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
                     name=plan.sweep_id, storage_path=plan.storage,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     # Every epoch: a retried or resumed trial continues exactly where it was.
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_frequency=1),
+                    checkpoint_config=(tune.CheckpointConfig(num_to_keep=2, checkpoint_frequency=1) if not pooled
+                                       else tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
+                                                                  checkpoint_frequency=POOLED_CHECKPOINT_EVERY)),
                     callbacks=[SchedulerStateCallback(scheduler),
-                               TrialRunsCallback(plan.tracking_uri, experiment_id, parent.run_id)],
+                               TrialRunsCallback(plan.tracking_uri, experiment_id, parent.run_id),
+                               *([PoolLeaveCallback(plan.sweep_id)] if pooled else [])],
                     progress_reporter=_reporter(spec), verbose=1),
             )
         results = tuner.fit()
+        if pooled:
+            remove_pools(plan.sweep_id)    # frees the devices before the stopped trials are evaluated
         outcome.errors = [str(r.error) for r in results if r.error is not None]
         evaluate_stopped_trials(results, plan.tracking_uri, experiment_id, parent.run_id, spec, echo)
         status = "FINISHED"
@@ -214,6 +247,8 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         status = "KILLED"
         raise
     finally:
+        if pooled and ray.is_initialized():
+            remove_pools(plan.sweep_id)
         outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo)
         parent.terminate(status)
     return outcome

@@ -147,10 +147,23 @@ class SchedulerSpec:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one trial reserves on the cluster (fractional GPUs let trials share one)."""
+    """What one trial reserves on the cluster (fractional GPUs let trials share one).
+
+    `batched`: trials that share a device train as slots of one batched model (trainables/pool.py)
+    instead of time-slicing it as separate processes. `auto` does so exactly when a trial asks
+    for a fraction of a GPU (0 < gpu < 1); `true` also on CPUs (one pool per node).
+    """
 
     cpu: float = 1
     gpu: float = 0
+    batched: bool | str = "auto"
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the sweep's 1-level VAE trials run in device pools."""
+        if self.batched == "auto":
+            return 0 < self.gpu < 1
+        return bool(self.batched)
 
 
 @dataclass(frozen=True)
@@ -830,7 +843,12 @@ class _Checker:
         return SchedulerSpec("asha", grace or 1, rf or 4, max_t)
 
     def check_resources(self, value: Any, trial: Mapping[str, Any]) -> Resources:
-        block = self.mapping(value, "resources", ("cpu", "gpu"))
+        block = self.mapping(value, "resources", ("cpu", "gpu", "batched"))
+        batched = block.get("batched", "auto")
+        if batched not in (True, False, "auto"):
+            self.add("resources.batched", f"{_show(batched)} is not one of auto, true, false (auto: batch the "
+                                          f"trials that share a GPU, i.e. when 0 < resources.gpu < 1)")
+            batched = "auto"
         amounts: dict[str, float] = {}
         for key, default in (("cpu", 1), ("gpu", 0)):
             amount = self.number(block.get(key, default), f"resources.{key}")
@@ -867,7 +885,7 @@ class _Checker:
                     self.add("resources.gpu", f"a trial asks for {_num(gpu)} GPU but the cluster has "
                                               f"{_num(have_gpu)}: it could never start; lower "
                                               f"resources.gpu (e.g. --set resources.gpu={_num(have_gpu)})")
-        return Resources(cpu if cpu is not None else 1, gpu if gpu is not None else 0)
+        return Resources(cpu if cpu is not None else 1, gpu if gpu is not None else 0, batched)
 
 
 def _num(value: float) -> str:

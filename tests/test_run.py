@@ -77,6 +77,43 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
     assert all(t.intermediate_values for t in pruned)
 
 
+def test_a_batched_sweep_pools_the_trials_and_each_stays_a_whole_trial(tmp_path, data_env):
+    """resources.batched: the trials train as slots of one pool, yet each has its own run, ASHA
+    decision, Optuna trial, checkpoints and test LL (of its last epoch, also when ASHA stopped it)."""
+    spec = yaml.safe_load(QUICKSTART.read_text())
+    spec.update(name="pooled", experiment="pooled", num_samples=5, max_concurrent=4,
+                resources={"cpu": 0.5, "gpu": 0, "batched": True})
+    spec["trial"].update(prior="vamp", max_epochs=4)
+    spec["parameters"] = {"K": {"distribution": "int_log_uniform", "min": 5, "max": 50},
+                          "lr": {"distribution": "log_uniform", "min": 3.0e-4, "max": 3.0e-3}}
+    path = tmp_path / "pooled.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    lines: list[str] = []
+    outcome = run_sweep(path, workdir=tmp_path, echo=lines.append)
+    assert any("batched model" in line for line in lines)
+    client = mlflow.MlflowClient(outcome.tracking_uri)
+    _, runs = children(outcome.tracking_uri, "pooled")
+    assert len(runs) == 5
+    pool_sizes, reasons = [], []
+    for run in runs:
+        assert run.info.status == "FINISHED", run.data.tags.get("stop_detail")
+        epochs = int(run.data.metrics["epoch"])
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_elbo"))
+        assert steps == list(range(1, epochs + 1))
+        # The test LL is that of the trial's own last epoch, also for ASHA-stopped trials
+        # (checkpointed at their end, then evaluated by the driver).
+        (test_ll,) = client.get_metric_history(run.info.run_id, "test_ll")
+        assert test_ll.step == epochs and math.isfinite(test_ll.value)
+        pool_sizes += [m.value for m in client.get_metric_history(run.info.run_id, "pool_size")]
+        assert any("pseudo_inputs+step+1+" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+        reasons.append(run.data.tags["stop_reason"])
+    assert max(pool_sizes) >= 2          # trials really shared batched rounds
+    assert "asha" in reasons and set(reasons) <= {"asha", "completed"}
+    study_db = next((tmp_path / "sweeps").glob("pooled-*/optuna.db"))
+    study = optuna.load_study(study_name="pooled", storage=f"sqlite:///{study_db}")
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.PRUNED) == reasons.count("asha")
+
+
 def test_a_nan_trial_ends_with_its_reason_and_the_sweep_finishes(tmp_path, data_env):
     spec = yaml.safe_load(QUICKSTART.read_text())
     spec.update(name="nan_check", experiment="nan-check", num_samples=1, max_concurrent=2,

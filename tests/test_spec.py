@@ -150,6 +150,7 @@ INVALID = [
     ("negative-resource", edit("resources.cpu", -1), "resources.cpu", "must be >= 0"),
     ("gpu-fraction-gt-1", edit("resources.gpu", 1.5), "resources.gpu", "use 1 or 2"),
     ("no-resources", edit("resources", {"cpu": 0, "gpu": 0}), "resources", "set resources.cpu: 1"),
+    ("batched-not-a-choice", edit("resources.batched", "yes"), "resources.batched", "auto, true, false"),
     ("grid-with-optuna", edit("parameters.K", {"distribution": "grid", "values": [10, 100]}),
      "parameters.K.distribution", "grid needs search.algorithm: random"),
     ("sampler-with-random", edit("search", {"algorithm": "random", "sampler": "tpe"}),
@@ -191,6 +192,15 @@ def test_every_problem_is_reported_at_once() -> None:
     paths = {p.partition(": ")[0] for p in problems}
     assert {"schedular", "num_samples", "trial.prior", "parameters.K.min",
             "parameters.lr.distribution", "resources.gpu"} <= paths, problems
+
+
+@pytest.mark.parametrize("batched,gpu,pooled", [("auto", 0, False), ("auto", 0.25, True), ("auto", 1, False),
+                                                 (True, 0, True), (False, 0.25, False)])
+def test_trials_sharing_a_gpu_are_batched_unless_the_spec_says_no(batched, gpu, pooled) -> None:
+    data = edit("resources", {"cpu": 1, "gpu": gpu, "batched": batched})
+    spec = parse_spec(data, "spec.yaml", cluster_resources={"CPU": 4, "GPU": 1})
+    assert spec.resources.pooled is pooled
+    assert parse_spec(spec.to_dict(), "again.yaml").resources == spec.resources
 
 
 def test_cluster_resources() -> None:

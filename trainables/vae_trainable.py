@@ -19,6 +19,7 @@ import torch
 from ray import tune
 
 from sweeper import tracking
+from trainables.pool import get_pool, poolable
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, load_dataset
 from trainables.vae.evaluate import image_grid
@@ -69,6 +70,13 @@ def log_pseudo_inputs(run: tracking.RunHandle, trainer: Trainer, step: int) -> N
     """The pseudo-input grid as a step-indexed image (the UI's slider shows them learning)."""
     u = trainer.model.prior.pseudo_inputs[:N_GRID_IMAGES]
     run.log_image(image_grid(u, trainer.info.image_shape), "pseudo_inputs", step)
+
+
+def trainer_from_state(config: dict[str, Any], state: dict[str, Any]) -> Trainer:
+    """A plain Trainer in this process holding a (pooled) trial's state: to finalize it here."""
+    trainer, _, _ = _make_trainer(config)
+    trainer.load_state_dict(state)
+    return trainer
 
 
 def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> dict[str, Any]:
@@ -130,19 +138,48 @@ def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint"
 
 
 class VAETrainable(tune.Trainable):
-    """A class-based Tune trainable around `trainables.vae.train.Trainer`."""
+    """A class-based Tune trainable around `trainables.vae.train.Trainer`.
+
+    Pooled (the sweep's `resources.batched`): the trial's epochs run as one slot of its
+    device's `TrialPool` (trainables/pool.py), batched with the other trials there; this process
+    only asks for each epoch, logs, checkpoints the slot's state (same format) and, when the
+    trial ends by itself, finalizes it locally from that state. A 2-level model trains alone.
+    """
 
     def setup(self, config: dict[str, Any]) -> None:
         self._start(config)
 
     def _start(self, config: dict[str, Any]) -> None:
-        self.trainer, self.cfg, self.sweep = _make_trainer(config)
+        self.config_dict = config
+        self.cfg, self.sweep = split_config(config)
+        pool = self.sweep.get("pool")
+        self.pool = get_pool(pool["sweep_id"], pool.get("wait_s", 120.0)) if pool and poolable(self.cfg) else None
+        self.pool_member: str | None = None
+        self.final_state: dict[str, Any] | None = None   # a finished pooled trial's (it left the pool)
+        if self.pool is not None:
+            torch.set_num_threads(max(1, int(self.sweep.get("cpus_per_trial", 1))))
+            self.trainer = None
+            self._join(None)
+        else:
+            self.trainer, _, _ = _make_trainer(config)
         self.run = _open_run(self.sweep, self.trial_id, self.trial_name, self.cfg)
         self.logged_through = 0   # epochs already in the run's history (a restored trial replays some)
 
+    def _join(self, state: dict[str, Any] | None) -> None:
+        ray.get(self.pool.join.remote(self.trial_id, self.cfg.to_dict(), state))
+        self.pool_member = self.trial_id
+
+    def _leave(self) -> None:
+        if self.pool is not None and self.pool_member is not None:
+            try:
+                ray.get(self.pool.leave.remote(self.pool_member), timeout=30)
+            except Exception:   # the pool is gone (sweep over): nothing to leave
+                pass
+            self.pool_member = None
+
     def step(self) -> dict[str, Any]:
         try:
-            metrics = self.trainer.step()
+            metrics = self.trainer.step() if self.pool is None else ray.get(self.pool.step.remote(self.trial_id))
         except Exception as exc:
             if self.run is not None:
                 self.run.set_tags({tracking.TAG_STOP: "error", "stop_detail": f"{type(exc).__name__}: {exc}"[:5000]})
@@ -154,27 +191,58 @@ class VAETrainable(tune.Trainable):
         if self.run is not None and epoch > self.logged_through:
             self.run.log_metrics(metrics, step=epoch)
             every = self.cfg.image_every
-            if every and (epoch == 1 or epoch % every == 0) and hasattr(self.trainer.model.prior, "pseudo_inputs"):
-                log_pseudo_inputs(self.run, self.trainer, epoch)
+            if every and (epoch == 1 or epoch % every == 0):
+                self._log_pseudo_inputs(epoch)
         # No stop_reason in the result until the trial ends by itself: its absence in the last
         # result tells the driver and the searcher that the scheduler stopped the trial.
         result = {k: v for k, v in metrics.items() if v is not None}
-        if self.trainer.done:
-            result.update(finalize(self.trainer, self.run, self.trainer.stop_reason))
+        if metrics["stop_reason"] is not None:
+            trainer = self.trainer
+            if self.pool is not None:
+                self.final_state = ray.get(self.pool.state.remote(self.trial_id))
+                self._leave()
+                trainer = trainer_from_state(self.config_dict, self.final_state)
+            result.update(finalize(trainer, self.run, metrics["stop_reason"]))
             result["done"] = True
+            if self.pool is not None and trainer.device.type == "cuda":
+                # This process's GPU memory goes back to the pool (its CUDA context stays).
+                del trainer
+                torch.cuda.empty_cache()
         return result
 
+    def _log_pseudo_inputs(self, epoch: int) -> None:
+        if self.pool is None:
+            if hasattr(self.trainer.model.prior, "pseudo_inputs"):
+                log_pseudo_inputs(self.run, self.trainer, epoch)
+            return
+        u = ray.get(self.pool.pseudo_inputs.remote(self.trial_id, N_GRID_IMAGES))
+        if u is not None:
+            shape = _cached_splits(self.cfg.dataset, self.cfg.data_root).info.image_shape
+            self.run.log_image(image_grid(u, shape), "pseudo_inputs", epoch)
+
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        torch.save({"trainer": self.trainer.state_dict(), "run_id": self.run.run_id if self.run else None},
+        if self.pool is None:
+            state = self.trainer.state_dict()
+        else:
+            state = self.final_state if self.final_state is not None else ray.get(self.pool.state.remote(self.trial_id))
+        torch.save({"trainer": state, "run_id": self.run.run_id if self.run else None},
                    os.path.join(checkpoint_dir, CHECKPOINT_FILE))
 
     def load_checkpoint(self, checkpoint: str | dict) -> None:
         directory = checkpoint if isinstance(checkpoint, str) else checkpoint["path"]
-        state = load_trainer_checkpoint(self.trainer, directory)
+        if self.pool is None:
+            state = load_trainer_checkpoint(self.trainer, directory)
+        else:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            self._join(state["trainer"])    # replaces the fresh slot joined in setup
         if state["run_id"] and self.sweep.get("tracking_uri"):
             self.run = tracking.RunHandle(self.sweep["tracking_uri"], state["run_id"])
             self.logged_through = self.run.last_step("epoch")
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
-        self._start(new_config)   # a reused actor: a new trial in a warm process
+        self._leave()             # a reused actor: the old trial's slot goes, a new trial starts
+        self._start(new_config)
         return True
+
+    def cleanup(self) -> None:
+        self._leave()

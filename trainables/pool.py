@@ -1,0 +1,360 @@
+"""Many Tune trials on one device, trained in lock-step as batched models (`BatchedTrainer`).
+
+At batch 100 one VAE's training step is bound by kernel launches: trials that share a GPU as
+separate processes only time-slice it (benchmarks/RESULTS.md). A `TrialPool` instead holds the
+trials of one device as slots of one `BatchedTrainer` per architecture group (same dataset,
+prior family, sizes; K, lr, seed, warm-up, optimizer and early stopping may differ), so one
+batched step trains every slot. Each Tune trial stays a trial - its own searcher suggestion,
+its own ASHA decisions, its own MLflow run and checkpoints - and only sends "train my next
+epoch" to the pool; an epoch ("round") runs once every trial of the group has asked for it.
+
+    pool = TrialPool("cuda")
+    pool.join("a", config_a); pool.join("b", config_b)        # same group: one BatchedTrainer
+    metrics = pool.run_round(pool.group_of("a"))              # {"a": {...}, "b": {...}}
+    state = pool.state("a")                                   # Trainer.state_dict() format
+    pool.leave("a")                                           # the next round rebuilds without it
+
+`PoolActor` is the Ray actor around it: one per device (named after the sweep, the node and the
+GPU), created by the first trial that needs it, shared by every trial on that GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sweeper.errors import ConfigError
+from trainables.vae.batched import SHARED_FIELDS, BatchedTrainer
+from trainables.vae.config import TrainConfig
+from trainables.vae.data import Splits, load_dataset
+from trainables.vae.train import resolve_device
+
+# Ray namespace of the pool actors: fixed, so a resumed sweep (a new driver) finds its pools.
+POOL_NAMESPACE = "sweeper-pools"
+N_PSEUDO_INPUTS = 100   # pseudo-inputs returned for a trial's image grid
+
+
+def group_key(config: TrainConfig) -> tuple:
+    """Trials with equal keys can share one BatchedTrainer (see batched.SHARED_FIELDS)."""
+    return tuple(getattr(config, name) for name in SHARED_FIELDS if name != "device")
+
+
+def poolable(config: TrainConfig) -> bool:
+    """Only 1-level VAEs are batched; a 2-level trial trains on its own (plain Trainer)."""
+    return config.model == "vae"
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    """A state dict's tensors moved (CPU for transport, the pool's device for loading)."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    return value
+
+
+@dataclass
+class _Group:
+    """One architecture's trials: their configs, and the BatchedTrainer of their slots."""
+
+    configs: dict[str, TrainConfig] = field(default_factory=dict)       # trial id -> config
+    trainer: BatchedTrainer | None = None
+    slots: list[str] = field(default_factory=list)                     # trainer slot -> trial id
+    pending: dict[str, Mapping[str, Any] | None] = field(default_factory=dict)   # joined, not in a slot yet
+    rebuilds: int = 0
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.pending) or set(self.slots) != set(self.configs)
+
+
+class TrialPool:
+    """The trials of one device, as slots of one BatchedTrainer per group (see module doc)."""
+
+    def __init__(self, device: torch.device | str | None = None, seed: int = 0, splits: Splits | None = None):
+        self.device = resolve_device(str(device)) if device is not None else resolve_device("auto")
+        self.groups: dict[tuple, _Group] = {}
+        self._member_group: dict[str, tuple] = {}
+        self._splits: dict[tuple[str, str | None], Splits] = {}
+        self._given_splits = splits      # tests: every group trains on these
+        self.rounds = 0
+        self.model_epochs = 0
+        # One noise stream for the pool (the slots share it); rebuilds do not reseed it.
+        torch.manual_seed(seed)
+
+    # -- membership ------------------------------------------------------------------------
+    def join(self, trial_id: str, config: TrainConfig | Mapping[str, Any],
+             state: Mapping[str, Any] | None = None) -> tuple:
+        """Add a trial (or replace its slot: a retry or a restore brings its checkpoint state).
+
+        The trial trains from the next round on. Returns its group key.
+        """
+        cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+        if not poolable(cfg):
+            raise ConfigError(f"trial {trial_id}: model {cfg.model!r} cannot be pooled; only 'vae' is batched")
+        key = group_key(cfg)
+        old = self._member_group.get(trial_id)
+        if old is not None and old != key:
+            self.leave(trial_id)
+        group = self.groups.setdefault(key, _Group())
+        group.configs[trial_id] = cfg
+        group.pending[trial_id] = state
+        self._member_group[trial_id] = key
+        return key
+
+    def leave(self, trial_id: str) -> None:
+        """Forget a trial; its slot goes at the next rebuild. Unknown ids are ignored (idempotent)."""
+        key = self._member_group.pop(trial_id, None)
+        if key is None:
+            return
+        group = self.groups[key]
+        group.configs.pop(trial_id, None)
+        group.pending.pop(trial_id, None)
+        if not group.configs:
+            del self.groups[key]      # frees the trainer and its device memory
+
+    def group_of(self, trial_id: str) -> tuple:
+        try:
+            return self._member_group[trial_id]
+        except KeyError:
+            raise KeyError(f"trial {trial_id} is not in this pool (it left, or the pool was restarted); "
+                           f"it must join again") from None
+
+    def members(self, key: tuple) -> list[str]:
+        return list(self.groups[key].configs) if key in self.groups else []
+
+    def training_members(self, key: tuple) -> list[str]:
+        """Members that train in the next round: all but those whose training has already stopped."""
+        group = self.groups.get(key)
+        if group is None:
+            return []
+        out = []
+        for trial_id in group.configs:
+            if trial_id in group.pending or group.trainer is None or trial_id not in group.slots:
+                out.append(trial_id)
+            elif group.trainer.stop_reason[group.slots.index(trial_id)] is None:
+                out.append(trial_id)
+        return out
+
+    # -- training --------------------------------------------------------------------------
+    def _splits_for(self, cfg: TrainConfig) -> Splits:
+        if self._given_splits is not None:
+            return self._given_splits
+        key = (cfg.dataset, cfg.data_root)
+        if key not in self._splits:
+            self._splits[key] = load_dataset(cfg.dataset, cfg.data_root)
+        return self._splits[key]
+
+    def _rebuild(self, group: _Group) -> None:
+        """A new BatchedTrainer for the group's current members; every member keeps its state."""
+        states: dict[str, Mapping[str, Any] | None] = {}
+        if group.trainer is not None:
+            for m, trial_id in enumerate(group.slots):
+                if trial_id in group.configs and trial_id not in group.pending:
+                    states[trial_id] = group.trainer.model_state(m)
+        states.update(group.pending)
+        slots = list(group.configs)
+        configs = [group.configs[t] for t in slots]
+        group.trainer = None                                   # free the old one first
+        # Building seeds the global RNG per model (as Trainer does); the pool's noise stream goes on.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            trainer = BatchedTrainer(configs, self._splits_for(configs[0]), self.device,
+                                     states=[_to(states.get(t), self.device) if states.get(t) is not None else None
+                                             for t in slots])
+        group.trainer, group.slots = trainer, slots
+        group.pending.clear()
+        group.rebuilds += 1
+
+    def run_round(self, key: tuple) -> dict[str, dict[str, Any]]:
+        """One epoch for every training member of the group: {trial id: Trainer.step-like metrics}."""
+        group = self.groups[key]
+        if group.stale or group.trainer is None:
+            self._rebuild(group)
+        trainer = group.trainer
+        assert trainer is not None
+        if trainer.done:
+            return {}
+        per_model = trainer.step()
+        self.rounds += 1
+        out = {}
+        for trial_id, metrics in zip(group.slots, per_model):
+            if metrics is not None:
+                metrics["pool_size"] = trainer.M
+                out[trial_id] = metrics
+        self.model_epochs += len(out)
+        return out
+
+    def state(self, trial_id: str, device: str = "cpu") -> dict[str, Any]:
+        """The trial's training state in `Trainer.state_dict()` format (for checkpoints, finalizing)."""
+        group = self.groups[self.group_of(trial_id)]
+        if trial_id in group.pending:
+            pending = group.pending[trial_id]
+            if pending is not None:
+                return _to(dict(pending), device)
+            self._rebuild(group)
+        assert group.trainer is not None
+        return _to(group.trainer.model_state(group.slots.index(trial_id)), device)
+
+    def pseudo_inputs(self, trial_id: str, n: int = N_PSEUDO_INPUTS) -> torch.Tensor | None:
+        """The trial's first n pseudo-inputs, [n, D] on the CPU (None without a VampPrior)."""
+        group = self.groups[self.group_of(trial_id)]
+        if group.stale or group.trainer is None:
+            self._rebuild(group)
+        trainer = group.trainer
+        assert trainer is not None
+        if trainer.model.prior_family != "vamp":
+            return None
+        return trainer.model.pseudo_inputs(group.slots.index(trial_id))[:n].detach().cpu()
+
+    def stats(self) -> dict[str, Any]:
+        return {"device": str(self.device), "rounds": self.rounds, "model_epochs": self.model_epochs,
+                "groups": [{"members": len(g.configs), "slots": len(g.slots), "rebuilds": g.rebuilds}
+                           for g in self.groups.values()]}
+
+
+class PoolActor:
+    """The Ray actor around a TrialPool (async: trials wait for their round without blocking it).
+
+    A round of a group runs once every training member has called `step`. A member that does not
+    ask within `wait_s` of the first request (its process died, or it was stopped without
+    `leave`) is evicted, so the others never wait forever; an evicted trial that comes back gets
+    an error, and Tune retries it from its checkpoint (it joins again with that state).
+    """
+
+    def __init__(self, device: str = "auto", wait_s: float = 120.0, seed: int = 0, splits: Splits | None = None):
+        self.pool = TrialPool(device, seed, splits)
+        self.wait_s = wait_s
+        self._waiting: dict[tuple, dict[str, asyncio.Future]] = {}
+        self._timers: dict[tuple, asyncio.Task] = {}
+        self.evicted: list[str] = []
+
+    async def join(self, trial_id: str, config: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        key = self.pool.join(trial_id, config, state)
+        self._maybe_run(key)
+
+    async def leave(self, trial_id: str) -> None:
+        key = self.pool._member_group.get(trial_id)
+        self.pool.leave(trial_id)
+        if key is not None:
+            waiting = self._waiting.get(key, {})
+            future = waiting.pop(trial_id, None)
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError(f"trial {trial_id} left the pool while waiting for a round"))
+            self._maybe_run(key)       # the others may have been waiting only for it
+
+    async def step(self, trial_id: str) -> dict[str, Any]:
+        """Wait for the next round of the trial's group; its metrics for that epoch."""
+        key = self.pool.group_of(trial_id)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, {})[trial_id] = future
+        if key not in self._timers or self._timers[key].done():
+            self._timers[key] = asyncio.ensure_future(self._evict_after_wait(key))
+        self._maybe_run(key)
+        return await future
+
+    def _maybe_run(self, key: tuple) -> None:
+        waiting = self._waiting.get(key, {})
+        expected = set(self.pool.training_members(key))
+        if not waiting or not expected.issubset(waiting):
+            return
+        futures = self._waiting.pop(key)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        try:
+            results = self.pool.run_round(key)
+        except Exception as exc:        # e.g. out of memory: every waiter fails, Tune retries them
+            for trial_id in list(self.pool.members(key)):
+                self.pool.leave(trial_id)
+            for future in futures.values():
+                if not future.done():
+                    future.set_exception(RuntimeError(f"pool round failed: {type(exc).__name__}: {exc}"))
+            return
+        for trial_id, future in futures.items():
+            if future.done():
+                continue
+            if trial_id in results:
+                future.set_result(results[trial_id])
+            else:
+                future.set_exception(RuntimeError(f"trial {trial_id}: no result in the pool's round "
+                                                  f"(its training had already stopped)"))
+
+    async def _evict_after_wait(self, key: tuple) -> None:
+        await asyncio.sleep(self.wait_s)
+        waiting = self._waiting.get(key, {})
+        missing = set(self.pool.training_members(key)) - set(waiting)
+        for trial_id in missing:
+            self.pool.leave(trial_id)
+            self.evicted.append(trial_id)
+        self._maybe_run(key)
+
+    async def state(self, trial_id: str) -> dict[str, Any]:
+        return self.pool.state(trial_id)
+
+    async def pseudo_inputs(self, trial_id: str, n: int = N_PSEUDO_INPUTS) -> torch.Tensor | None:
+        return self.pool.pseudo_inputs(trial_id, n)
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self.pool.stats(), "evicted": list(self.evicted), "time": time.time()}
+
+
+def pool_name(sweep_id: str, node_id: str, gpu: str | None) -> str:
+    return f"{sweep_id}/{node_id}/{'gpu' + gpu if gpu is not None else 'cpu'}"
+
+
+def get_pool(sweep_id: str, wait_s: float = 120.0):
+    """The pool actor of this process's device, created on first use (call inside a trial).
+
+    A trial with a (fractional) GPU uses the pool of that GPU on its node; a CPU trial the
+    node's CPU pool. The actor reserves nothing (the trials' fractions account for the GPU),
+    is pinned to the trial's node and sees exactly the trial's GPU. It is detached, so it
+    outlives the trial that created it; the driver removes the sweep's pools when it ends.
+    """
+    import os
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_id = ray.get_runtime_context().get_node_id()
+    gpu_ids = ray.get_gpu_ids()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if gpu_ids else None
+    gpu = visible.split(",")[0] if visible else (str(gpu_ids[0]) if gpu_ids else None)
+    env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+    actor = ray.remote(PoolActor).options(
+        name=pool_name(sweep_id, node_id, gpu), namespace=POOL_NAMESPACE, get_if_exists=True,
+        lifetime="detached", num_cpus=0, num_gpus=0, max_concurrency=1000,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        runtime_env={"env_vars": env} if env else None,
+    )
+    return actor.remote("cuda" if gpu is not None else "cpu", wait_s)
+
+
+def sweep_pools(sweep_id: str) -> list:
+    """Handles of the sweep's pool actors (driver side)."""
+    import ray
+
+    handles = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == POOL_NAMESPACE and entry["name"].startswith(f"{sweep_id}/"):
+            try:
+                handles.append(ray.get_actor(entry["name"], namespace=POOL_NAMESPACE))
+            except ValueError:
+                pass     # gone meanwhile
+    return handles
+
+
+def remove_pools(sweep_id: str) -> int:
+    """Kill the sweep's pool actors (driver side, at the end or the start of a resumed sweep)."""
+    import ray
+
+    handles = sweep_pools(sweep_id)
+    for handle in handles:
+        ray.kill(handle)
+    return len(handles)
