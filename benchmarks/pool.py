@@ -73,6 +73,9 @@ def measure_ray(M: int, splits, epochs: int, K: int) -> dict:
             self.pool, self.trial_id = pool, trial_id
             ray.get(pool.join.remote(trial_id, config))
 
+        def ready(self) -> bool:
+            return True
+
         def run(self, rounds: int) -> float:
             t0 = time.perf_counter()
             for _ in range(rounds):
@@ -82,6 +85,8 @@ def measure_ray(M: int, splits, epochs: int, K: int) -> dict:
     device = torch.device("cpu")
     pool = ray.remote(PoolActor).options(max_concurrency=1000).remote("cpu", 600.0, 0, splits)
     trials = [Trial.remote(pool, f"t{m}", c.to_dict()) for m, c in enumerate(configs(M, K, device, epochs + 3))]
+    # Every trial joins before any asks for a round: a round waits for every member.
+    ray.get([t.ready.remote() for t in trials])
     ray.get([t.run.remote(1) for t in trials])                    # warm-up round
     seconds = max(ray.get([t.run.remote(epochs) for t in trials]))
     direct = measure_pool(M, splits, device, epochs, K)["seconds_per_round"]

@@ -21,6 +21,7 @@ GPU), created by the first trial that needs it, shared by every trial on that GP
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -230,6 +231,10 @@ class PoolActor:
 
     def __init__(self, device: str = "auto", wait_s: float = 120.0, seed: int = 0, splits: Splits | None = None):
         self.pool = TrialPool(device, seed, splits)
+        if self.pool.device.type == "cpu":
+            # Ray starts a 0-CPU actor with one thread; a CPU pool does the compute of all its
+            # trials (whose processes only wait for it), so it uses the node's cores.
+            torch.set_num_threads(os.cpu_count() or 1)
         self.wait_s = wait_s
         self._waiting: dict[tuple, dict[str, asyncio.Future]] = {}
         self._timers: dict[tuple, asyncio.Task] = {}
@@ -317,8 +322,6 @@ def get_pool(sweep_id: str, wait_s: float = 120.0):
     is pinned to the trial's node and sees exactly the trial's GPU. It is detached, so it
     outlives the trial that created it; the driver removes the sweep's pools when it ends.
     """
-    import os
-
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
