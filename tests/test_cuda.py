@@ -79,3 +79,32 @@ def test_log_likelihood_on_the_gpu_equals_numerical_integration(compile):
     exact = exact_log_p_x(model.double(), x.double()).float()
     gpu = log_likelihood(model.float().cuda(), x.cuda(), 20000, memory_mb=1, compile=compile).cpu()
     assert torch.allclose(gpu, exact, atol=0.05), (gpu - exact).abs().max()
+
+
+def test_a_trial_pool_on_cuda_batches_rebuilds_and_hands_states_to_trainers():
+    """The pooled sweep path on a GPU: graphed rounds, a joiner (rebuild and a new graph), and a
+    slot state that a CUDA Trainer loads and evaluates (how pooled trials are finalized)."""
+    from trainables.pool import TrialPool
+
+    splits = synthetic(400)
+    cfg = {"prior": "vamp", "K": 20, "batch_size": 100, "warmup": 2, "max_epochs": 10, "early_stopping": 0}
+    pool = TrialPool("cuda", seed=0, splits=splits)
+    pool.join("a", TrainConfig(**cfg, lr=1e-3, seed=0))
+    pool.join("b", TrainConfig(**{**cfg, "K": 30}, lr=2e-3, seed=1))
+    key = pool.group_of("a")
+    for _ in range(2):
+        out = pool.run_round(key)
+    assert {t: m["epoch"] for t, m in out.items()} == {"a": 2, "b": 2}
+    assert pool.groups[key].trainer._graph is not None            # the rounds were graph replays
+    pool.join("c", TrainConfig(**cfg, lr=5e-4, seed=2))
+    out = pool.run_round(key)
+    assert {t: m["epoch"] for t, m in out.items()} == {"a": 3, "b": 3, "c": 1}
+    assert all(math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss"]) for m in out.values())
+    state = pool.state("b")
+    trainer = Trainer(TrainConfig(**{**cfg, "K": 30}, lr=2e-3, seed=1), splits, "cuda")
+    trainer.load_state_dict(state)
+    group = pool.groups[key]
+    slot = group.trainer.model.single_state(group.slots.index("b"))
+    for name, p in trainer.model.named_parameters():                # the slot's weights, on CUDA
+        assert torch.equal(p, slot[name]), name
+    assert trainer.step()["epoch"] == 4                              # and it trains on alone

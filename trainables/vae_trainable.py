@@ -21,7 +21,7 @@ from ray import tune
 from sweeper import tracking
 from trainables.pool import get_pool, poolable
 from trainables.vae.config import TrainConfig
-from trainables.vae.data import Splits, load_dataset
+from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.evaluate import image_grid
 from trainables.vae.train import STOP_NAN, Trainer, final_evaluation
 
@@ -217,7 +217,7 @@ class VAETrainable(tune.Trainable):
             return
         u = ray.get(self.pool.pseudo_inputs.remote(self.trial_id, N_GRID_IMAGES))
         if u is not None:
-            shape = _cached_splits(self.cfg.dataset, self.cfg.data_root).info.image_shape
+            shape = get_spec(self.cfg.dataset).image_shape   # the registry's, no data loaded here
             self.run.log_image(image_grid(u, shape), "pseudo_inputs", epoch)
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
