@@ -29,9 +29,6 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW
                  "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
                  "SWEEPER_DATA_DIR", "SWEEPER_DATA_MIRROR")
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20   # VAE trials pass nothing big through the object store
-# Pooled trials checkpoint every this many epochs (and at their end, so an ASHA-stopped trial has a
-# checkpoint of its last epoch): a pooled checkpoint travels from the pool through Ray.
-POOLED_CHECKPOINT_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -228,10 +225,10 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
                 run_config=tune.RunConfig(
                     name=plan.sweep_id, storage_path=plan.storage,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    # Every epoch: a retried or resumed trial continues exactly where it was.
-                    checkpoint_config=(tune.CheckpointConfig(num_to_keep=2, checkpoint_frequency=1) if not pooled
-                                       else tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
-                                                                  checkpoint_frequency=POOLED_CHECKPOINT_EVERY)),
+                    # Every epoch by default: a retried or resumed trial continues exactly where it
+                    # was. At the end too, so an ASHA-stopped trial has its last epoch's checkpoint.
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
+                                                            checkpoint_frequency=spec.checkpoint_frequency),
                     callbacks=[SchedulerStateCallback(scheduler),
                                TrialRunsCallback(plan.tracking_uri, experiment_id, parent.run_id),
                                *([PoolLeaveCallback(plan.sweep_id)] if pooled else [])],

@@ -61,7 +61,8 @@ OPTUNA_SAMPLERS = ("tpe", "random")
 SCHEDULERS = ("asha", "fifo")
 
 TOP_LEVEL_KEYS = ("name", "experiment", "description", "metric", "trial", "parameters", "search",
-                  "scheduler", "num_samples", "max_concurrent", "max_failures", "resources")
+                  "scheduler", "num_samples", "max_concurrent", "max_failures", "checkpoint_every",
+                  "resources")
 
 # Beyond this many combinations of choice/grid values (and numeric bounds) the trial configs are
 # checked one parameter at a time instead of as a full cartesian product (keeps validation instant).
@@ -180,6 +181,7 @@ class SweepSpec:
     num_samples: int = 1
     max_concurrent: int = 1
     max_failures: int = 1
+    checkpoint_every: int | None = None   # epochs between checkpoints; None: 1, or 10 for pooled trials
     resources: Resources = Resources()
     description: str = ""
     source: str = "<spec>"
@@ -218,7 +220,18 @@ class SweepSpec:
         out["scheduler"] = {k: v for k, v in dataclasses.asdict(self.scheduler).items() if v is not None}
         out.update(num_samples=self.num_samples, max_concurrent=self.max_concurrent,
                    max_failures=self.max_failures, resources=dataclasses.asdict(self.resources))
+        if self.checkpoint_every is not None:
+            out["checkpoint_every"] = self.checkpoint_every
         return out
+
+    @property
+    def checkpoint_frequency(self) -> int:
+        """Epochs between a trial's checkpoints: every epoch (exact retries and resumes), but every
+        10 for pooled trials, whose state travels from the pool through Ray (they also checkpoint
+        at their end, an ASHA stop included)."""
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return 10 if self.resources.pooled else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -499,6 +512,9 @@ class _Checker:
                                       ("max_failures", -1, 1)):
             hint = " (-1 retries forever)" if key == "max_failures" else ""
             counts[key] = self.integer(top.get(key, default), key, minimum=minimum, hint=hint)
+        if top.get("checkpoint_every") is not None:
+            counts["checkpoint_every"] = self.integer(top["checkpoint_every"], "checkpoint_every", minimum=1,
+                                                      hint=" (epochs between a trial's checkpoints)")
         resources = self.check_resources(top.get("resources"), trial)
 
         if self.problems:

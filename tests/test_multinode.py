@@ -153,12 +153,15 @@ def test_sweep_places_trials_on_both_nodes_and_logs_over_http(cluster, mlflow_se
         assert_arrived_over_http(run, server, client, workdir)
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["processes", "pooled"])
 def test_killed_worker_trials_resume_on_the_surviving_node(cluster, mlflow_server, shared_datasets,
-                                                           tmp_path, monkeypatch):
+                                                           tmp_path, monkeypatch, pooled):
+    """Pooled: each node's trials train in that node's pool; the worker's pool dies with it, and
+    its trial joins the head's pool from its checkpoint."""
     server = mlflow_server
     client = mlflow_client(server, monkeypatch)
     head_id, worker_id = cluster.node_ids[HEAD_IP], cluster.node_ids[WORKER_IP]
-    experiment = "multinode-node-loss"
+    experiment = "multinode-node-loss" + ("-pooled" if pooled else "")
     epochs = 8
     workdir = tmp_path / "driver"
     workdir.mkdir()
@@ -168,7 +171,8 @@ def test_killed_worker_trials_resume_on_the_surviving_node(cluster, mlflow_serve
     # the node dies. max_failures=2: a trial may be retried twice.
     cmd = sweep_command(cluster, server, storage, experiment, "--num-samples", "3", "--max-concurrent", "2",
                         "--set", f"trial.max_epochs={epochs}", "--set", "scheduler={type: fifo}",
-                        "--set", "max_failures=2")
+                        "--set", "max_failures=2",
+                        *(["--set", "resources.batched=true", "--set", "checkpoint_every=1"] if pooled else []))
     with open(log_path, "wb") as out:
         sweep = subprocess.Popen(cmd, env=sweep_env(cluster, server, shared_datasets), cwd=workdir, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True)
@@ -219,6 +223,8 @@ def test_killed_worker_trials_resume_on_the_surviving_node(cluster, mlflow_serve
         history = client.get_metric_history(run.info.run_id, "val_elbo")
         assert {m.step for m in history} == set(range(1, epochs + 1)), (run.info.run_name, sorted(m.step for m in history))
         assert math.isfinite(run.data.metrics["test_ll"])
+        if pooled:
+            assert client.get_metric_history(run.info.run_id, "pool_size"), "the trial did not train in a pool"
 
     retried = next(run for run in runs if run.data.tags["sweeper.trial_id"] == trial_id)
     assert retried.info.run_id == victim.info.run_id

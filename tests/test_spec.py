@@ -151,6 +151,7 @@ INVALID = [
     ("gpu-fraction-gt-1", edit("resources.gpu", 1.5), "resources.gpu", "use 1 or 2"),
     ("no-resources", edit("resources", {"cpu": 0, "gpu": 0}), "resources", "set resources.cpu: 1"),
     ("batched-not-a-choice", edit("resources.batched", "yes"), "resources.batched", "auto, true, false"),
+    ("checkpoint-every-0", edit("checkpoint_every", 0), "checkpoint_every", "must be >= 1"),
     ("grid-with-optuna", edit("parameters.K", {"distribution": "grid", "values": [10, 100]}),
      "parameters.K.distribution", "grid needs search.algorithm: random"),
     ("sampler-with-random", edit("search", {"algorithm": "random", "sampler": "tpe"}),
@@ -201,6 +202,23 @@ def test_trials_sharing_a_gpu_are_batched_unless_the_spec_says_no(batched, gpu, 
     spec = parse_spec(data, "spec.yaml", cluster_resources={"CPU": 4, "GPU": 1})
     assert spec.resources.pooled is pooled
     assert parse_spec(spec.to_dict(), "again.yaml").resources == spec.resources
+
+
+def test_checkpoint_frequency_defaults_to_every_epoch_and_to_10_for_pooled_trials() -> None:
+    assert parse_spec(VALID, "a.yaml").checkpoint_frequency == 1
+    pooled = parse_spec(edit("resources.batched", True), "b.yaml")
+    assert pooled.checkpoint_frequency == 10
+    chosen = edit("resources.batched", True)
+    chosen["checkpoint_every"] = 3
+    spec = parse_spec(chosen, "c.yaml")
+    assert spec.checkpoint_frequency == 3 and parse_spec(spec.to_dict(), "d.yaml") == dataclasses_replace(spec)
+
+
+def dataclasses_replace(spec: SweepSpec) -> SweepSpec:
+    """The spec as parse_spec gives it back from its own to_dict (only the source differs)."""
+    import dataclasses
+
+    return dataclasses.replace(spec, source="d.yaml")
 
 
 def test_cluster_resources() -> None:

@@ -163,7 +163,9 @@ class VAETrainable(tune.Trainable):
         else:
             self.trainer, _, _ = _make_trainer(config)
         self.run = _open_run(self.sweep, self.trial_id, self.trial_name, self.cfg)
-        self.logged_through = 0   # epochs already in the run's history (a restored trial replays some)
+        # Epochs already in the run's history: a retried trial replays those after its checkpoint
+        # (or all of them, when it had none yet), and they are not logged twice.
+        self.logged_through = self.run.last_step("epoch") if self.run is not None else 0
 
     def _join(self, state: dict[str, Any] | None) -> None:
         ray.get(self.pool.join.remote(self.trial_id, self.cfg.to_dict(), state))
