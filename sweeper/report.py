@@ -196,7 +196,8 @@ def trials_frame(runs: Iterable) -> pd.DataFrame:
     rows = []
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
-        if t.get(tracking.TAG_ROLE) == "sweep" or "dataset" not in p or "prior" not in p:
+        if (t.get(tracking.TAG_ROLE) == "sweep" or tracking.TAG_ORPHANED in t
+                or "dataset" not in p or "prior" not in p):
             continue
         prior = p["prior"]
         ignored = NOT_CONFIG | IGNORED_BY_PRIOR.get(prior, frozenset())
@@ -619,7 +620,10 @@ def make_report(experiment: str, tracking_uri: str | None = None, out: str | Pat
     elif not trials["has_ll"].any():
         rep.note("no trial has a test log-likelihood yet (still running, diverged or failed): no table, "
                  "no test-LL figures")
-    ignored = len(runs) - len(parents) - len(trials)
+    orphans = sum(tracking.TAG_ORPHANED in r.data.tags for r in runs)
+    if orphans:
+        rep.note(f"{orphans} run(s) of trials lost by an interrupted sweep (tag {tracking.TAG_ORPHANED}): ignored")
+    ignored = len(runs) - len(parents) - len(trials) - orphans
     if ignored:
         rep.note(f"{ignored} run(s) are neither sweeps nor trials (no dataset/prior params): ignored")
     result.notes.extend(_skipped_notes(trials))

@@ -207,6 +207,9 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         echo("trials that share a device train together as one batched model (resources.batched)")
     trainable = tune.with_resources(VAETrainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     outcome = SweepOutcome(plan.sweep_id, parent.run_id, experiment_id, plan.tracking_uri, plan.experiment_path)
+    # Tune saves the experiment's state (which trials exist) every >= 10 s by default; a trial that
+    # started since then is unknown to a resumed sweep (mark_lost_trials). Every 2 s narrows that.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     status = "FAILED"
     try:
         if resume:
@@ -237,6 +240,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         results = tuner.fit()
         if pooled:
             remove_pools(plan.sweep_id)    # frees the devices before the stopped trials are evaluated
+        mark_lost_trials(results, plan, spec, experiment_id, parent.run_id, echo)
         outcome.errors = [str(r.error) for r in results if r.error is not None]
         evaluate_stopped_trials(results, plan.tracking_uri, experiment_id, parent.run_id, spec, echo)
         status = "FINISHED"
@@ -249,6 +253,32 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo)
         parent.terminate(status)
     return outcome
+
+
+def mark_lost_trials(results, plan: SweepPlan, spec: SweepSpec, experiment_id: str, parent_run_id: str,
+                     echo: Callable[[str], None]) -> None:
+    """Runs and study trials of trials that Tune lost: tag them, and end them as failed.
+
+    Tune saves the experiment's state every few seconds; a trial that started (opened its MLflow
+    run, took an Optuna suggestion) after the last save and before the driver died is unknown
+    to the resumed sweep, which starts another trial in its place. Its run is tagged
+    `sweeper.orphaned` (and left out of the summary and the report); its Optuna trial, still
+    RUNNING in the study, becomes FAIL so the sampler does not wait for it.
+    """
+    known = set()
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if trial_id is None and result.path:
+            trial_id = Path(result.path).name.removeprefix("trial_")
+        if trial_id:
+            known.add(str(trial_id))
+    orphans = tracking.tag_orphans(plan.tracking_uri, experiment_id, parent_run_id, known)
+    if orphans:
+        echo(f"{len(orphans)} run(s) of trials the interrupted sweep lost are tagged {tracking.TAG_ORPHANED}")
+    if spec.search.algorithm == "optuna":
+        from sweeper.search import fail_running_study_trials
+
+        fail_running_study_trials(plan.state_dir, spec.name)
 
 
 def evaluate_stopped_trials(results, tracking_uri: str, experiment_id: str, parent_run_id: str,
@@ -302,6 +332,8 @@ def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tr
     rows = []
     for run in tracking.child_runs(tracking_uri, experiment_id, parent.run_id):
         m, p, t = run.data.metrics, run.data.params, run.data.tags
+        if tracking.TAG_ORPHANED in t:
+            continue      # not a trial of the sweep (see mark_lost_trials)
         row = {"trial": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
                "stop_reason": t.get(tracking.TAG_STOP, ""), "epochs": int(m.get("epoch", 0))}
         # A conditional parameter that did not apply shows blank, not the config's default.

@@ -62,6 +62,17 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 30}})
 
 
+def fail_running_study_trials(study_dir: str | Path, study_name: str) -> int:
+    """After the sweep: study trials still RUNNING belong to no Tune trial (lost in a crash); FAIL them."""
+    if not (Path(study_dir) / STUDY_FILE).is_file():
+        return 0
+    study = optuna.load_study(study_name=study_name, storage=_storage(study_storage_url(study_dir)))
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(running)
+
+
 def _suggest(trial: optuna.Trial, p: Parameter) -> Any:
     if p.distribution == "uniform":
         return trial.suggest_float(p.name, p.min, p.max)

@@ -26,6 +26,7 @@ TAG_TRIAL = "sweeper.trial_id"
 TAG_SWEEP = "sweeper.sweep"
 TAG_ROLE = "sweeper.role"
 TAG_STOP = "stop_reason"
+TAG_ORPHANED = "sweeper.orphaned"   # a run of a trial that the interrupted sweep lost (see run.py)
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
@@ -211,6 +212,22 @@ def close_stale_children(tracking_uri: str, experiment_id: str, parent_run_id: s
             RunHandle(tracking_uri, run.info.run_id).terminate("KILLED")
             closed.append(run.info.run_id)
     return closed
+
+
+def tag_orphans(tracking_uri: str, experiment_id: str, parent_run_id: str, known_trial_ids: set[str]) -> list[str]:
+    """Child runs of trials the sweep does not know (see run.mark_lost_trials): tagged, closed."""
+    out = []
+    for run in child_runs(tracking_uri, experiment_id, parent_run_id):
+        trial_id = run.data.tags.get(TAG_TRIAL)
+        if trial_id is None or trial_id in known_trial_ids or TAG_ORPHANED in run.data.tags:
+            continue
+        handle = RunHandle(tracking_uri, run.info.run_id)
+        handle.set_tags({TAG_ORPHANED: "the sweep was interrupted before Tune saved this trial; on resume "
+                                       "Tune did not know it and ran the slot as another trial"})
+        if run.info.status == "RUNNING":
+            handle.terminate("KILLED")
+        out.append(run.info.run_id)
+    return out
 
 
 def ll_histogram_figure(per_image_ll: Iterable[float], title: str):

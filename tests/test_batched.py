@@ -189,6 +189,21 @@ def test_one_batched_model_reproduces_trainer_for_whole_epochs():
                 assert a[key] == pytest.approx(b[key], rel=1e-5), (binarization, key, a[key], b[key])
 
 
+def test_normalised_gradients_of_a_concatenated_head_are_normalised_per_single_tensor():
+    """The logistic decoder's mean and log-scale heads are one batched Linear; REF's AdamNormGrad
+    normalises each of the single model's tensors on its own, and so must the batched optimizer."""
+    splits = synthetic(210, binarization=None, likelihood="logistic256")
+    # A large lr: the two normalisations differ in every step's scale, which Adam mostly absorbs.
+    cfg = config(K=5, seed=3, warmup=0, optimizer="adam_normgrad", lr=1e-2)
+    plain = Trainer(cfg, splits, "cpu")
+    want = [plain.step() for _ in range(2)]
+    batched = BatchedTrainer([cfg], splits, "cpu")
+    got = [batched.step()[0] for _ in range(2)]
+    for a, b in zip(got, want):
+        for key in ("train_loss", "val_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a[key], b[key])
+
+
 # -- (3) extract ------------------------------------------------------------------------------
 def test_extract_gives_a_vae_with_the_batched_models_elbo():
     splits = synthetic(100, likelihood="logistic256", binarization=None)

@@ -106,6 +106,31 @@ def test_a_trial_whose_training_stopped_is_not_waited_for():
     assert pool.state("short")["stop_reason"] == "completed"            # still there until it leaves
 
 
+def test_a_failed_rebuild_loses_no_members_state():
+    splits = synthetic(100)
+    pool = pool_with(splits, a=config(K=3, seed=0), b=config(K=4, seed=1))
+    key = pool.group_of("a")
+    for _ in range(2):
+        pool.run_round(key)
+    wrong = Trainer(config(K=9, seed=2), splits, "cpu").state_dict()     # K=9 state for a K=4 slot
+    pool.join("c", config(K=4, seed=2), wrong)
+    with pytest.raises(ConfigError, match="K=9"):
+        pool.run_round(key)
+    pool.leave("c")
+    out = pool.run_round(key)
+    assert {t: m["epoch"] for t, m in out.items()} == {"a": 3, "b": 3}   # not rebuilt from their seeds
+
+
+def test_a_late_leave_of_an_earlier_incarnation_does_not_remove_the_trial():
+    pool = pool_with(synthetic(100))
+    first = pool.join("a", config(seed=0))
+    second = pool.join("a", config(seed=0))        # a retry of the trial joined again
+    pool.leave("a", first)                           # the dead process's cleanup, late
+    assert pool.members(pool.group_of("a")) == ["a"]
+    pool.leave("a", second)
+    assert pool.groups == {}
+
+
 def test_other_architectures_get_their_own_group_and_2_level_models_are_refused():
     splits = synthetic(100)
     pool = pool_with(splits, a=config(prior="vamp"), b=config(prior="mog"), c=config(prior="vamp", hidden_dim=8))
@@ -142,6 +167,27 @@ def test_the_actor_runs_a_round_once_every_member_asked_for_it(local_ray):
     waiting = actor.step.remote("a")
     ray.get(actor.leave.remote("b"))
     assert ray.get(waiting, timeout=30)["pool_size"] == 1
+
+
+def test_a_member_that_is_alive_is_not_evicted_and_a_rejoined_one_is_a_new_request(local_ray):
+    actor = _actor(wait_s=1.0)
+    ray.get([actor.join.remote("a", config(seed=0).to_dict()), actor.join.remote("b", config(seed=1).to_dict())])
+    waiting = actor.step.remote("a")
+    for _ in range(8):                     # b checkpoints for 2.4 s (> wait_s) before it asks
+        ray.get(actor.state.remote("b"))
+        time.sleep(0.3)
+    a, b = ray.get([waiting, actor.step.remote("b")], timeout=60)
+    assert a["pool_size"] == b["pool_size"] == 2 and ray.get(actor.stats.remote())["evicted"] == []
+    # a's process dies while it waits; its retry joins again: the dead request does not count.
+    stale = actor.step.remote("a")
+    ray.get(actor.join.remote("a", config(seed=0).to_dict()))
+    with pytest.raises(ray.exceptions.RayTaskError, match="joined the pool again"):
+        ray.get(stale, timeout=30)
+    first_b = actor.step.remote("b")
+    time.sleep(0.5)
+    assert not ray.wait([first_b], timeout=0.1)[0]   # b waits for the new a
+    a, b = ray.get([actor.step.remote("a"), first_b], timeout=60)
+    assert a["epoch"] == 1 and b["epoch"] == 2          # a starts fresh, b goes on
 
 
 def test_the_actor_evicts_a_member_that_stops_asking_and_tells_it_to_rejoin(local_ray):

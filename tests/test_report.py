@@ -102,6 +102,9 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     running = add_trial(client, exp_id, new, prior="vamp", K=100, seed=3, val=[-2950.0, -2700.0],
                         status="RUNNING", stop="")
     client.create_run(exp_id, run_name="stray")   # neither a sweep nor a trial
+    lost = add_trial(client, exp_id, new, prior="vamp", K=10, seed=9, val=[-2000.0], final={"test_ll": -1.0},
+                     status="KILLED", stop="")
+    client.set_tag(lost, "sweeper.orphaned", "lost by an interrupted sweep")   # not a trial of the sweep
 
     result = make_report("frey", uri, tmp_path / "out")
 
@@ -125,6 +128,7 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     assert running in notes and "still running" in notes
     assert nan in notes and "diverged" in notes and "lower the learning rate" in notes
     assert "1 run(s) are neither sweeps nor trials" in notes
+    assert "1 run(s) of trials lost by an interrupted sweep" in notes and lost not in set(result.trials["run_id"])
     assert "no per_image_ll.csv" in notes                 # these runs have no artifacts
     md = (tmp_path / "out" / "report.md").read_text()
     assert running in md and "still running" in md and "| frey_faces | vae | vamp | -2261.00 ± 1.41 |" in md

@@ -158,8 +158,17 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_duplicates(tmp_path,
     finally:
         os.killpg(proc.pid, signal.SIGKILL)   # the driver and the Ray it started, as in a crash
         proc.wait()
-    _, before = children(uri, "vampprior-quickstart")
+    parents, before = children(uri, "vampprior-quickstart")
     assert any(r.info.status == "RUNNING" for r in before)
+    # A trial that started after Tune's last save of the experiment state: its run and its study
+    # trial exist, but the resumed sweep does not know it (Tune saves every few seconds).
+    client = mlflow.MlflowClient(uri)
+    lost = client.create_run(parents[0].info.experiment_id, run_name="trial_lost0000", tags={
+        "mlflow.parentRunId": parents[0].info.run_id, "sweeper.role": "trial", "sweeper.trial_id": "lost0000"})
+    client.log_param(lost.info.run_id, "dataset", "static_mnist")
+    client.log_param(lost.info.run_id, "prior", "standard")
+    study_db = next((tmp_path / "sweeps").glob("quickstart-*/optuna.db"))
+    optuna.load_study(study_name="quickstart", storage=f"sqlite:///{study_db}").ask()
 
     result = subprocess.run(args + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600, start_new_session=True)
@@ -167,17 +176,21 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_duplicates(tmp_path,
     assert "closed" in result.stdout and "KILLED" in result.stdout
     parents, runs = children(uri, "vampprior-quickstart")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    orphans = [r for r in runs if "sweeper.orphaned" in r.data.tags]
+    assert [r.info.run_id for r in orphans] == [lost.info.run_id] and orphans[0].info.status == "KILLED"
+    summary = Path(client.download_artifacts(parents[0].info.run_id, "summary.csv", str(tmp_path))).read_text()
+    assert "trial_lost0000" not in summary and summary.count("trial_") == 4
+    runs = [r for r in runs if "sweeper.orphaned" not in r.data.tags]
     trial_ids = [r.data.tags["sweeper.trial_id"] for r in runs]
     assert len(trial_ids) == 4 and len(set(trial_ids)) == 4           # no run lost, none duplicated
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(math.isfinite(r.data.metrics["test_ll"]) for r in runs)
-    client = mlflow.MlflowClient(uri)
     for run in runs:   # a resumed trial continued its epochs in the same run
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_elbo")]
         assert sorted(steps) == list(range(1, int(run.data.metrics["epoch"]) + 1))   # none twice
-    study_db = next((tmp_path / "sweeps").glob("quickstart-*/optuna.db"))
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{study_db}")
-    assert len(study.trials) == 4 and all(t.state.is_finished() for t in study.trials)
+    assert all(t.state.is_finished() for t in study.trials)              # the lost one is FAIL
+    assert len([t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]) == 4
 
 
 BAD_SPECS = {

@@ -21,9 +21,12 @@ GPU), created by the first trial that needs it, shared by every trial on that GP
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import os
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +88,8 @@ class TrialPool:
         self._member_group: dict[str, tuple] = {}
         self._splits: dict[tuple[str, str | None], Splits] = {}
         self._given_splits = splits      # tests: every group trains on these
+        self._tokens: dict[str, int] = {}
+        self._joins = 0
         self.rounds = 0
         self.model_epochs = 0
         # One noise stream for the pool (the slots share it); rebuilds do not reseed it.
@@ -92,10 +97,11 @@ class TrialPool:
 
     # -- membership ------------------------------------------------------------------------
     def join(self, trial_id: str, config: TrainConfig | Mapping[str, Any],
-             state: Mapping[str, Any] | None = None) -> tuple:
+             state: Mapping[str, Any] | None = None) -> int:
         """Add a trial (or replace its slot: a retry or a restore brings its checkpoint state).
 
-        The trial trains from the next round on. Returns its group key.
+        The trial trains from the next round on. Returns a token for `leave`: a late leave of an
+        earlier incarnation of the same trial (a retried actor's cleanup) must not remove this one.
         """
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
         if not poolable(cfg):
@@ -108,11 +114,17 @@ class TrialPool:
         group.configs[trial_id] = cfg
         group.pending[trial_id] = state
         self._member_group[trial_id] = key
-        return key
+        self._joins += 1
+        self._tokens[trial_id] = self._joins
+        return self._joins
 
-    def leave(self, trial_id: str) -> None:
-        """Forget a trial; its slot goes at the next rebuild. Unknown ids are ignored (idempotent)."""
+    def leave(self, trial_id: str, token: int | None = None) -> None:
+        """Forget a trial; its slot goes at the next rebuild. Unknown ids are ignored (idempotent),
+        and so is a `token` other than the one of the trial's latest join."""
+        if token is not None and self._tokens.get(trial_id) != token:
+            return
         key = self._member_group.pop(trial_id, None)
+        self._tokens.pop(trial_id, None)
         if key is None:
             return
         group = self.groups[key]
@@ -120,6 +132,7 @@ class TrialPool:
         group.pending.pop(trial_id, None)
         if not group.configs:
             del self.groups[key]      # frees the trainer and its device memory
+            self._free_device_memory()
 
     def group_of(self, trial_id: str) -> tuple:
         try:
@@ -163,7 +176,11 @@ class TrialPool:
         states.update(group.pending)
         slots = list(group.configs)
         configs = [group.configs[t] for t in slots]
-        group.trainer = None                                   # free the old one first
+        # The old trainer goes first (device memory); until the new one stands, the states are
+        # the members' only copy, so they wait as pending states (a failed build loses nothing).
+        group.trainer, group.slots = None, []
+        group.pending = dict(states)
+        self._free_device_memory()
         # Building seeds the global RNG per model (as Trainer does); the pool's noise stream goes on.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             trainer = BatchedTrainer(configs, self._splits_for(configs[0]), self.device,
@@ -172,6 +189,12 @@ class TrialPool:
         group.trainer, group.slots = trainer, slots
         group.pending.clear()
         group.rebuilds += 1
+
+    def _free_device_memory(self) -> None:
+        # Freed trainers (and their CUDA graphs) go back to the GPU, not only to this process's
+        # cache: the trials on this GPU need memory for their final evaluation.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def run_round(self, key: tuple) -> dict[str, dict[str, Any]]:
         """One epoch for every training member of the group: {trial id: Trainer.step-like metrics}."""
@@ -223,10 +246,12 @@ class TrialPool:
 class PoolActor:
     """The Ray actor around a TrialPool (async: trials wait for their round without blocking it).
 
-    A round of a group runs once every training member has called `step`. A member that does not
-    ask within `wait_s` of the first request (its process died, or it was stopped without
-    `leave`) is evicted, so the others never wait forever; an evicted trial that comes back gets
-    an error, and Tune retries it from its checkpoint (it joins again with that state).
+    A round of a group runs once every training member has called `step`. Rounds run in a worker
+    thread, one at a time (one device), so the actor keeps answering while a round trains. A
+    member that has not called anything for `wait_s` while others wait for it (its process died,
+    or Tune stopped it without `leave`) is evicted, so the others never wait forever; an evicted
+    trial that comes back gets an error, and Tune retries it from its checkpoint (it joins again
+    with that state).
     """
 
     def __init__(self, device: str = "auto", wait_s: float = 120.0, seed: int = 0, splits: Splits | None = None):
@@ -238,51 +263,93 @@ class PoolActor:
         self.wait_s = wait_s
         self._waiting: dict[tuple, dict[str, asyncio.Future]] = {}
         self._timers: dict[tuple, asyncio.Task] = {}
+        self._running: set[tuple] = set()
+        self._last_seen: dict[str, float] = {}
+        self._in_call: collections.Counter[str] = collections.Counter()
+        self._lock = asyncio.Lock()           # the TrialPool is used by one coroutine at a time
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-round")   # the device's work
         self.evicted: list[str] = []
 
-    async def join(self, trial_id: str, config: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        key = self.pool.join(trial_id, config, state)
-        self._maybe_run(key)
+    def _seen(self, trial_id: str) -> None:
+        self._last_seen[trial_id] = time.monotonic()
 
-    async def leave(self, trial_id: str) -> None:
-        key = self.pool._member_group.get(trial_id)
-        self.pool.leave(trial_id)
-        if key is not None:
-            waiting = self._waiting.get(key, {})
+    @contextlib.asynccontextmanager
+    async def _call(self, trial_id: str):
+        """A call of a member: it is alive while the call lasts (even if it waits for the lock)."""
+        self._in_call[trial_id] += 1
+        self._seen(trial_id)
+        try:
+            yield
+        finally:
+            self._in_call[trial_id] -= 1
+            self._seen(trial_id)
+
+    async def _on_device(self, fn, *args):
+        """Run fn(*args) on the pool's one device thread, under the pool's lock."""
+        async with self._lock:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def join(self, trial_id: str, config: dict[str, Any], state: dict[str, Any] | None = None) -> int:
+        self._seen(trial_id)
+        # A future of an earlier incarnation (its process died while waiting) must not count as
+        # this one asking for a round.
+        for waiting in self._waiting.values():
             future = waiting.pop(trial_id, None)
             if future is not None and not future.done():
+                future.set_exception(RuntimeError(f"trial {trial_id} joined the pool again"))
+        async with self._call(trial_id):
+            token = await self._on_device(self.pool.join, trial_id, config, state)
+        self._maybe_start(self.pool.group_of(trial_id))
+        return token
+
+    async def leave(self, trial_id: str, token: int | None = None) -> None:
+        key = self.pool._member_group.get(trial_id)
+        async with self._lock:
+            self.pool.leave(trial_id, token)
+        if key is not None and trial_id not in self.pool._member_group:
+            self._last_seen.pop(trial_id, None)
+            future = self._waiting.get(key, {}).pop(trial_id, None)
+            if future is not None and not future.done():
                 future.set_exception(RuntimeError(f"trial {trial_id} left the pool while waiting for a round"))
-            self._maybe_run(key)       # the others may have been waiting only for it
+            self._maybe_start(key)       # the others may have been waiting only for it
 
     async def step(self, trial_id: str) -> dict[str, Any]:
         """Wait for the next round of the trial's group; its metrics for that epoch."""
+        self._seen(trial_id)
         key = self.pool.group_of(trial_id)
         future = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, {})[trial_id] = future
         if key not in self._timers or self._timers[key].done():
-            self._timers[key] = asyncio.ensure_future(self._evict_after_wait(key))
-        self._maybe_run(key)
+            self._timers[key] = asyncio.ensure_future(self._evict_stale(key))
+        self._maybe_start(key)
         return await future
 
-    def _maybe_run(self, key: tuple) -> None:
+    def _maybe_start(self, key: tuple) -> None:
+        """Start the group's round if every training member waits for it (and none is running)."""
+        if key in self._running:
+            return                      # the running round checks again when it ends
         waiting = self._waiting.get(key, {})
-        expected = set(self.pool.training_members(key))
-        if not waiting or not expected.issubset(waiting):
+        if not waiting or not set(self.pool.training_members(key)).issubset(waiting):
             return
         futures = self._waiting.pop(key)
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
+        self._running.add(key)
+        asyncio.ensure_future(self._round(key, futures))
+
+    async def _round(self, key: tuple, futures: dict[str, asyncio.Future]) -> None:
         try:
-            results = self.pool.run_round(key)
+            results = await self._on_device(self.pool.run_round, key)
         except Exception as exc:        # e.g. out of memory: every waiter fails, Tune retries them
-            for trial_id in list(self.pool.members(key)):
-                self.pool.leave(trial_id)
+            async with self._lock:
+                for trial_id in self.pool.members(key):
+                    self.pool.leave(trial_id)
             for future in futures.values():
                 if not future.done():
                     future.set_exception(RuntimeError(f"pool round failed: {type(exc).__name__}: {exc}"))
             return
+        finally:
+            self._running.discard(key)
         for trial_id, future in futures.items():
+            self._seen(trial_id)
             if future.done():
                 continue
             if trial_id in results:
@@ -290,21 +357,33 @@ class PoolActor:
             else:
                 future.set_exception(RuntimeError(f"trial {trial_id}: no result in the pool's round "
                                                   f"(its training had already stopped)"))
+        self._maybe_start(key)          # requests that came in during the round
 
-    async def _evict_after_wait(self, key: tuple) -> None:
-        await asyncio.sleep(self.wait_s)
-        waiting = self._waiting.get(key, {})
-        missing = set(self.pool.training_members(key)) - set(waiting)
-        for trial_id in missing:
-            self.pool.leave(trial_id)
-            self.evicted.append(trial_id)
-        self._maybe_run(key)
+    async def _evict_stale(self, key: tuple) -> None:
+        """While members of the group wait: evict those not heard from for wait_s, then go on."""
+        while self._waiting.get(key):
+            await asyncio.sleep(min(self.wait_s, max(self.wait_s / 4, 0.05)))
+            if key in self._running or not self._waiting.get(key):
+                continue
+            now = time.monotonic()
+            stale = [t for t in self.pool.training_members(key)
+                     if t not in self._waiting[key] and not self._in_call[t]
+                     and now - self._last_seen.get(t, now) > self.wait_s]
+            if stale:
+                async with self._lock:
+                    for trial_id in stale:
+                        self.pool.leave(trial_id)
+                        self._last_seen.pop(trial_id, None)
+                        self.evicted.append(trial_id)
+                self._maybe_start(key)
 
     async def state(self, trial_id: str) -> dict[str, Any]:
-        return self.pool.state(trial_id)
+        async with self._call(trial_id):
+            return await self._on_device(self.pool.state, trial_id)
 
     async def pseudo_inputs(self, trial_id: str, n: int = N_PSEUDO_INPUTS) -> torch.Tensor | None:
-        return self.pool.pseudo_inputs(trial_id, n)
+        async with self._call(trial_id):
+            return await self._on_device(self.pool.pseudo_inputs, trial_id, n)
 
     async def stats(self) -> dict[str, Any]:
         return {**self.pool.stats(), "evicted": list(self.evicted), "time": time.time()}

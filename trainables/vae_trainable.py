@@ -49,10 +49,21 @@ def split_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
     return TrainConfig.from_dict({k: v for k, v in config.items() if k != SWEEP_KEY}), sweep
 
 
+def trial_device(cfg: TrainConfig) -> str | None:
+    """'cpu' for a `device: auto` trial that reserved no GPU, else None (the config decides).
+
+    Ray 2.60 no longer hides a node's GPUs from tasks that reserved none, so `auto` alone would
+    put CPU trials on a GPU nobody accounted for.
+    """
+    if cfg.device == "auto" and ray.is_initialized() and not ray.get_gpu_ids():
+        return "cpu"
+    return None
+
+
 def _make_trainer(config: dict[str, Any]) -> tuple[Trainer, TrainConfig, dict[str, Any]]:
     cfg, sweep = split_config(config)
     torch.set_num_threads(max(1, int(sweep.get("cpus_per_trial", 1))))  # 1-CPU trials: no oversubscription
-    return Trainer(cfg, _cached_splits(cfg.dataset, cfg.data_root)), cfg, sweep
+    return Trainer(cfg, _cached_splits(cfg.dataset, cfg.data_root), device=trial_device(cfg)), cfg, sweep
 
 
 def _open_run(sweep: dict[str, Any], trial_id: str, trial_name: str, cfg: TrainConfig) -> tracking.RunHandle | None:
@@ -168,13 +179,14 @@ class VAETrainable(tune.Trainable):
         self.logged_through = self.run.last_step("epoch") if self.run is not None else 0
 
     def _join(self, state: dict[str, Any] | None) -> None:
-        ray.get(self.pool.join.remote(self.trial_id, self.cfg.to_dict(), state))
+        self.pool_token = ray.get(self.pool.join.remote(self.trial_id, self.cfg.to_dict(), state))
         self.pool_member = self.trial_id
 
     def _leave(self) -> None:
         if self.pool is not None and self.pool_member is not None:
             try:
-                ray.get(self.pool.leave.remote(self.pool_member), timeout=30)
+                # With its token: this process's membership only, not a retried incarnation's.
+                ray.get(self.pool.leave.remote(self.pool_member, self.pool_token), timeout=30)
             except Exception:   # the pool is gone (sweep over): nothing to leave
                 pass
             self.pool_member = None
@@ -188,8 +200,8 @@ class VAETrainable(tune.Trainable):
                 self.run.terminate("FAILED")
             raise
         epoch = metrics["epoch"]
-        # A retry from a checkpoint replays the epochs after it exactly (same state and RNG);
-        # the run already has them, so they are not logged twice.
+        # A retry from a checkpoint replays the epochs after it (exactly, for a trial on its own;
+        # a pooled trial's noise comes from its pool); the run has them, so they are not logged twice.
         if self.run is not None and epoch > self.logged_through:
             self.run.log_metrics(metrics, step=epoch)
             every = self.cfg.image_every

@@ -347,8 +347,12 @@ class BatchedAdam:
     """
 
     def __init__(self, params: Sequence[nn.Parameter], lr: Tensor, normgrad: Tensor | None = None,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 segments: Sequence[int] | None = None):
         self.params = list(params)
+        # Per parameter: how many single-model tensors are concatenated along its last dim
+        # (each is normalised on its own, as AdamNormGrad does for the single model's tensors).
+        self.segments = list(segments) if segments is not None else [1] * len(self.params)
         self.M = M = lr.shape[0]
         for p in self.params:
             if p.dim() != 3 or p.shape[0] != M:
@@ -379,9 +383,12 @@ class BatchedAdam:
         if any(g is None for g in grads):
             raise RuntimeError("BatchedAdam.step: a parameter has no gradient; run backward first")
         if self.normgrad is not None:
-            for g in grads:
-                norm = torch.linalg.vector_norm(g, dim=(1, 2), keepdim=True)         # [M, 1, 1]
-                g.div_(torch.where(self.normgrad, norm + 1e-7, torch.ones_like(norm)))
+            for g, n in zip(grads, self.segments):
+                M, a, b = g.shape
+                parts = g.view(M, a, n, b // n)                                     # [M, a, n, b/n]
+                norm = torch.linalg.vector_norm(parts, dim=(1, 3), keepdim=True)     # [M, 1, n, 1]
+                scale = torch.where(self.normgrad.view(M, 1, 1, 1), norm + 1e-7, torch.ones_like(norm))
+                parts.div_(scale)
         beta1, beta2 = self.betas
         self.step_count += 1
         dtype = self.params[0].dtype
@@ -468,8 +475,11 @@ class BatchedTrainer:
         del models
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.lr = torch.tensor([c.lr for c in self.configs], device=self.device, dtype=dtype)   # [M]
+        layout = dict(self.model._layout())
+        segments = [len(layout.get(name.rsplit("_", 1)[0], ("one",))) if name.endswith(("_w", "_b")) else 1
+                    for name, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = BatchedAdam(self.params, self.lr, torch.tensor(
-            [c.optimizer == "adam_normgrad" for c in self.configs], device=self.device))
+            [c.optimizer == "adam_normgrad" for c in self.configs], device=self.device), segments=segments)
         self.loss_weight = torch.ones(M, device=self.device, dtype=dtype)   # 0: frozen model (static)
         self._graph: _GraphedBatchedStep | None = None
         self.epochs = [0] * M            # per model: pooled models join at different times

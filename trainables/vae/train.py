@@ -249,8 +249,12 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.generator.set_state(state["rng"]["generator"].cpu() if self.device.type == "cpu"
-                                 else state["rng"]["generator"])
+        try:
+            self.generator.set_state(state["rng"]["generator"].cpu())
+        except RuntimeError:
+            # Saved on another device type (CPU and CUDA generators keep different states): the
+            # data order goes on from a seed of its own instead.
+            self.generator.manual_seed(self.config.seed + 7919 * self.epoch)
 
 
 def capture_cuda_graph(step: Callable[[], Tensor], params: Sequence[torch.nn.Parameter], device: torch.device,
