@@ -22,18 +22,10 @@ import time
 
 import torch
 
-from benchmarks.throughput import synthetic_mnist
+from benchmarks.throughput import MNIST_TRAIN_IMAGES, REFERENCE_MODEL_EPOCHS_PER_S, sync, synthetic_mnist
 from trainables.vae.batched import BatchedTrainer
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits
-
-MNIST_TRAIN_IMAGES = 50_000
-REFERENCE_MODEL_EPOCHS_PER_S = 10_500 / MNIST_TRAIN_IMAGES
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(M: int, splits: Splits, device: torch.device, epochs: int, K: int, graphs: bool) -> dict:

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-REFERENCE_MODEL_EPOCHS_PER_S = 10_500 / 50_000
+from benchmarks.throughput import REFERENCE_MODEL_EPOCHS_PER_S
 
 
 def worker(rank: int, epochs: int, n_train: int, barrier, queue) -> None:

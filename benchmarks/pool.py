@@ -24,22 +24,13 @@ import time
 
 import torch
 
-from benchmarks.throughput import synthetic_mnist
+from benchmarks.throughput import MNIST_TRAIN_IMAGES, REFERENCE_MODEL_EPOCHS_PER_S, sync, synthetic_mnist
 from trainables.pool import TrialPool
 from trainables.vae.config import TrainConfig
-
-MNIST_TRAIN_IMAGES = 50_000
-REFERENCE_MODEL_EPOCHS_PER_S = 10_500 / MNIST_TRAIN_IMAGES
-
 
 def configs(M: int, K: int, device: torch.device, max_epochs: int) -> list[TrainConfig]:
     return [TrainConfig(prior="vamp", K=K, lr=5e-4 * (1 + 0.02 * m), seed=m, batch_size=100, warmup=0,
                         max_epochs=max_epochs, early_stopping=0, device=device.type) for m in range(M)]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_pool(M: int, splits, device: torch.device, epochs: int, K: int) -> dict:

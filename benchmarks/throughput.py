@@ -23,6 +23,12 @@ from trainables.vae.evaluate import log_likelihood
 from trainables.vae.train import Trainer
 
 
+# Many-trial figures are model-epochs/s in MNIST-sized epochs; the paper's reference code trains
+# 10,500 samples/s on one H200 (../shared/REFERENCE.md), i.e. 0.21 model-epochs/s.
+MNIST_TRAIN_IMAGES = 50_000
+REFERENCE_MODEL_EPOCHS_PER_S = 10_500 / MNIST_TRAIN_IMAGES
+
+
 def synthetic_mnist(n_train: int, device: torch.device) -> Splits:
     g = torch.Generator().manual_seed(0)
     p = torch.full((1, 784), 0.13)   # MNIST's mean pixel intensity

@@ -76,7 +76,8 @@ class _Group:
 
     @property
     def stale(self) -> bool:
-        return bool(self.pending) or set(self.slots) != set(self.configs)
+        """Whether the trainer must be (re)built before it serves the current members."""
+        return self.trainer is None or bool(self.pending) or set(self.slots) != set(self.configs)
 
 
 class TrialPool:
@@ -141,6 +142,10 @@ class TrialPool:
             raise KeyError(f"trial {trial_id} is not in this pool (it left, or the pool was restarted); "
                            f"it must join again") from None
 
+    def member_group(self, trial_id: str) -> tuple | None:
+        """The trial's group key, None if it is not a member."""
+        return self._member_group.get(trial_id)
+
     def members(self, key: tuple) -> list[str]:
         return list(self.groups[key].configs) if key in self.groups else []
 
@@ -152,7 +157,7 @@ class TrialPool:
         out = []
         for trial_id in group.configs:
             if trial_id in group.pending or group.trainer is None or trial_id not in group.slots:
-                out.append(trial_id)
+                out.append(trial_id)       # not built yet: it trains
             elif group.trainer.stop_reason[group.slots.index(trial_id)] is None:
                 out.append(trial_id)
         return out
@@ -190,6 +195,13 @@ class TrialPool:
         group.pending.clear()
         group.rebuilds += 1
 
+    def _trainer(self, group: _Group) -> BatchedTrainer:
+        """The group's trainer for its current members, rebuilt first if they changed."""
+        if group.stale:
+            self._rebuild(group)
+        assert group.trainer is not None
+        return group.trainer
+
     def _free_device_memory(self) -> None:
         # Freed trainers (and their CUDA graphs) go back to the GPU, not only to this process's
         # cache: the trials on this GPU need memory for their final evaluation.
@@ -199,10 +211,7 @@ class TrialPool:
     def run_round(self, key: tuple) -> dict[str, dict[str, Any]]:
         """One epoch for every training member of the group: {trial id: Trainer.step-like metrics}."""
         group = self.groups[key]
-        if group.stale or group.trainer is None:
-            self._rebuild(group)
-        trainer = group.trainer
-        assert trainer is not None
+        trainer = self._trainer(group)
         if trainer.done:
             return {}
         per_model = trainer.step()
@@ -218,21 +227,14 @@ class TrialPool:
     def state(self, trial_id: str, device: str = "cpu") -> dict[str, Any]:
         """The trial's training state in `Trainer.state_dict()` format (for checkpoints, finalizing)."""
         group = self.groups[self.group_of(trial_id)]
-        if trial_id in group.pending:
-            pending = group.pending[trial_id]
-            if pending is not None:
-                return _to(dict(pending), device)
-            self._rebuild(group)
-        assert group.trainer is not None
-        return _to(group.trainer.model_state(group.slots.index(trial_id)), device)
+        if group.pending.get(trial_id) is not None:
+            return _to(dict(group.pending[trial_id]), device)     # joined with it, not trained since
+        return _to(self._trainer(group).model_state(group.slots.index(trial_id)), device)
 
     def pseudo_inputs(self, trial_id: str, n: int = N_PSEUDO_INPUTS) -> torch.Tensor | None:
         """The trial's first n pseudo-inputs, [n, D] on the CPU (None without a VampPrior)."""
         group = self.groups[self.group_of(trial_id)]
-        if group.stale or group.trainer is None:
-            self._rebuild(group)
-        trainer = group.trainer
-        assert trainer is not None
+        trainer = self._trainer(group)
         if trainer.model.prior_family != "vamp":
             return None
         return trainer.model.pseudo_inputs(group.slots.index(trial_id))[:n].detach().cpu()
@@ -303,15 +305,24 @@ class PoolActor:
         return token
 
     async def leave(self, trial_id: str, token: int | None = None) -> None:
-        key = self.pool._member_group.get(trial_id)
+        await self._remove([trial_id], token)
+
+    async def _remove(self, trial_ids: list[str], token: int | None = None) -> None:
+        """Take members out (a leave, or an eviction) and start the rounds that waited only for them."""
+        keys = set()
         async with self._lock:
-            self.pool.leave(trial_id, token)
-        if key is not None and trial_id not in self.pool._member_group:
-            self._last_seen.pop(trial_id, None)
-            future = self._waiting.get(key, {}).pop(trial_id, None)
-            if future is not None and not future.done():
-                future.set_exception(RuntimeError(f"trial {trial_id} left the pool while waiting for a round"))
-            self._maybe_start(key)       # the others may have been waiting only for it
+            for trial_id in trial_ids:
+                key = self.pool.member_group(trial_id)
+                self.pool.leave(trial_id, token)
+                if key is None or self.pool.member_group(trial_id) is not None:
+                    continue                  # unknown, or a newer incarnation's membership
+                keys.add(key)
+                self._last_seen.pop(trial_id, None)
+                future = self._waiting.get(key, {}).pop(trial_id, None)
+                if future is not None and not future.done():
+                    future.set_exception(RuntimeError(f"trial {trial_id} left the pool while waiting for a round"))
+        for key in keys:
+            self._maybe_start(key)
 
     async def step(self, trial_id: str) -> dict[str, Any]:
         """Wait for the next round of the trial's group; its metrics for that epoch."""
@@ -339,9 +350,7 @@ class PoolActor:
         try:
             results = await self._on_device(self.pool.run_round, key)
         except Exception as exc:        # e.g. out of memory: every waiter fails, Tune retries them
-            async with self._lock:
-                for trial_id in self.pool.members(key):
-                    self.pool.leave(trial_id)
+            await self._remove(self.pool.members(key))
             for future in futures.values():
                 if not future.done():
                     future.set_exception(RuntimeError(f"pool round failed: {type(exc).__name__}: {exc}"))
@@ -370,12 +379,8 @@ class PoolActor:
                      if t not in self._waiting[key] and not self._in_call[t]
                      and now - self._last_seen.get(t, now) > self.wait_s]
             if stale:
-                async with self._lock:
-                    for trial_id in stale:
-                        self.pool.leave(trial_id)
-                        self._last_seen.pop(trial_id, None)
-                        self.evicted.append(trial_id)
-                self._maybe_start(key)
+                self.evicted.extend(stale)
+                await self._remove(stale)
 
     async def state(self, trial_id: str) -> dict[str, Any]:
         async with self._call(trial_id):

@@ -60,9 +60,13 @@ def trial_device(cfg: TrainConfig) -> str | None:
     return None
 
 
+def _set_threads(sweep: dict[str, Any]) -> None:
+    torch.set_num_threads(max(1, int(sweep.get("cpus_per_trial", 1))))  # 1-CPU trials: no oversubscription
+
+
 def _make_trainer(config: dict[str, Any]) -> tuple[Trainer, TrainConfig, dict[str, Any]]:
     cfg, sweep = split_config(config)
-    torch.set_num_threads(max(1, int(sweep.get("cpus_per_trial", 1))))  # 1-CPU trials: no oversubscription
+    _set_threads(sweep)
     return Trainer(cfg, _cached_splits(cfg.dataset, cfg.data_root), device=trial_device(cfg)), cfg, sweep
 
 
@@ -77,10 +81,10 @@ def _open_run(sweep: dict[str, Any], trial_id: str, trial_name: str, cfg: TrainC
     return run
 
 
-def log_pseudo_inputs(run: tracking.RunHandle, trainer: Trainer, step: int) -> None:
-    """The pseudo-input grid as a step-indexed image (the UI's slider shows them learning)."""
-    u = trainer.model.prior.pseudo_inputs[:N_GRID_IMAGES]
-    run.log_image(image_grid(u, trainer.info.image_shape), "pseudo_inputs", step)
+def log_pseudo_inputs(run: tracking.RunHandle, u: torch.Tensor, image_shape: tuple[int, ...], step: int) -> None:
+    """The pseudo-input grid (u [>= N_GRID_IMAGES, D]) as a step-indexed image (the UI's slider
+    shows them learning)."""
+    run.log_image(image_grid(u[:N_GRID_IMAGES], image_shape), "pseudo_inputs", step)
 
 
 def trainer_from_state(config: dict[str, Any], state: dict[str, Any]) -> Trainer:
@@ -128,22 +132,21 @@ def _log_final_images(run: tracking.RunHandle, trainer: Trainer, step: int) -> N
     run.log_image_file(image_grid(pairs.reshape(2 * rows * ncol, -1), shape, ncol=ncol), "reconstructions.png")
     run.log_image_file(image_grid(model.sample(N_GRID_IMAGES), shape, ncol=10), "samples.png")
     if hasattr(model.prior, "pseudo_inputs"):
-        log_pseudo_inputs(run, trainer, step)
+        log_pseudo_inputs(run, model.prior.pseudo_inputs, shape, step)
         run.log_image_file(image_grid(model.prior.pseudo_inputs[:N_GRID_IMAGES], shape, ncol=10), "pseudo_inputs.png")
 
 
-def load_trainer_checkpoint(trainer: Trainer, directory: str | Path) -> dict[str, Any]:
-    state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=trainer.device, weights_only=False)
-    trainer.load_state_dict(state["trainer"])
-    return state
+def read_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """{"trainer": Trainer.state_dict(), "run_id": ...}, tensors on the CPU (Trainer moves them)."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
 def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint", trial_id: str,
                            trial_name: str) -> dict[str, Any]:
     """Finalize a trial the scheduler stopped, from its last checkpoint (runs as a Ray task)."""
-    trainer, cfg, sweep = _make_trainer(config)
     with checkpoint.as_directory() as directory:
-        load_trainer_checkpoint(trainer, directory)
+        trainer = trainer_from_state(config, read_checkpoint(directory)["trainer"])
+    cfg, sweep = split_config(config)
     trainer.stop_detail = f"stopped by the scheduler after epoch {trainer.epoch}"
     return finalize(trainer, _open_run(sweep, trial_id, trial_name, cfg), STOP_SCHEDULER)
 
@@ -168,7 +171,7 @@ class VAETrainable(tune.Trainable):
         self.pool_member: str | None = None
         self.final_state: dict[str, Any] | None = None   # a finished pooled trial's (it left the pool)
         if self.pool is not None:
-            torch.set_num_threads(max(1, int(self.sweep.get("cpus_per_trial", 1))))
+            _set_threads(self.sweep)
             self.trainer = None
             self._join(None)
         else:
@@ -226,13 +229,12 @@ class VAETrainable(tune.Trainable):
 
     def _log_pseudo_inputs(self, epoch: int) -> None:
         if self.pool is None:
-            if hasattr(self.trainer.model.prior, "pseudo_inputs"):
-                log_pseudo_inputs(self.run, self.trainer, epoch)
-            return
-        u = ray.get(self.pool.pseudo_inputs.remote(self.trial_id, N_GRID_IMAGES))
+            u = getattr(self.trainer.model.prior, "pseudo_inputs", None)
+        else:
+            u = ray.get(self.pool.pseudo_inputs.remote(self.trial_id, N_GRID_IMAGES))
         if u is not None:
-            shape = get_spec(self.cfg.dataset).image_shape   # the registry's, no data loaded here
-            self.run.log_image(image_grid(u, shape), "pseudo_inputs", epoch)
+            shape = get_spec(self.cfg.dataset).image_shape   # the registry's: no data loaded for it
+            log_pseudo_inputs(self.run, u, shape, epoch)
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         if self.pool is None:
@@ -244,10 +246,10 @@ class VAETrainable(tune.Trainable):
 
     def load_checkpoint(self, checkpoint: str | dict) -> None:
         directory = checkpoint if isinstance(checkpoint, str) else checkpoint["path"]
+        state = read_checkpoint(directory)
         if self.pool is None:
-            state = load_trainer_checkpoint(self.trainer, directory)
+            self.trainer.load_state_dict(state["trainer"])
         else:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
             self._join(state["trainer"])    # replaces the fresh slot joined in setup
         if state["run_id"] and self.sweep.get("tracking_uri"):
             self.run = tracking.RunHandle(self.sweep["tracking_uri"], state["run_id"])

@@ -22,6 +22,7 @@ Only the 1-level model (`vae`) is batched.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -140,8 +141,11 @@ class BatchedVAE(nn.Module):
         self.fixed_pseudo_inputs = (self.prior_family == "vamp"
                                     and not first.prior.pseudo_params.requires_grad)
 
+        # Stacked parameter -> how many single-model tensors it concatenates along its last dim.
+        self.concatenated: dict[str, int] = {}
         with torch.no_grad():
             for name, paths in self._layout():
+                self.concatenated[f"{name}_w"] = self.concatenated[f"{name}_b"] = len(paths)
                 linears = [[net.get_submodule(p) for p in paths] for net in models]
                 w = torch.stack([torch.cat([lin.weight.T for lin in lins], 1) for lins in linears])  # [M, in, out]
                 b = torch.stack([torch.cat([lin.bias for lin in lins])[None] for lins in linears])   # [M, 1, out]
@@ -473,13 +477,13 @@ class BatchedTrainer:
         # The global RNG (noise, binarization) continues from the last build: M = 1 is Trainer's stream.
         self.model = BatchedVAE(models).to(self.device, dtype)
         del models
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in self.model.named_parameters()]     # the order of best_params
+        self.trainable_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]   # BatchedAdam's order
         self.lr = torch.tensor([c.lr for c in self.configs], device=self.device, dtype=dtype)   # [M]
-        layout = dict(self.model._layout())
-        segments = [len(layout.get(name.rsplit("_", 1)[0], ("one",))) if name.endswith(("_w", "_b")) else 1
-                    for name, p in self.model.named_parameters() if p.requires_grad]
         self.optimizer = BatchedAdam(self.params, self.lr, torch.tensor(
-            [c.optimizer == "adam_normgrad" for c in self.configs], device=self.device), segments=segments)
+            [c.optimizer == "adam_normgrad" for c in self.configs], device=self.device),
+            segments=[self.model.concatenated.get(n, 1) for n in self.trainable_names])
         self.loss_weight = torch.ones(M, device=self.device, dtype=dtype)   # 0: frozen model (static)
         self._graph: _GraphedBatchedStep | None = None
         self.epochs = [0] * M            # per model: pooled models join at different times
@@ -637,11 +641,15 @@ class BatchedTrainer:
         if not models:
             return
         params = list(self.model.parameters())
-        if self.best_params is None:
-            self.best_params = [p.detach().clone() for p in params]
         idx = torch.tensor(models, device=self.device)
-        for best, p in zip(self.best_params, params):
+        for best, p in zip(self._best_params(), params):
             best[idx] = p.detach()[idx]
+
+    def _best_params(self) -> list[Tensor]:
+        """Every model's best weights, stacked as the parameters (allocated at first use)."""
+        if self.best_params is None:
+            self.best_params = [p.detach().clone() for p in self.model.parameters()]
+        return self.best_params
 
     @torch.no_grad()
     def _freeze(self, m: int, diverged: bool) -> None:
@@ -680,17 +688,14 @@ class BatchedTrainer:
         return max(self.epochs)
 
     # -- one model's state, in Trainer.state_dict's format ---------------------------------
-    def _trainable_names(self) -> tuple[list[str], list[str]]:
-        """Names of the trainable parameters: stacked (BatchedAdam's order) and single (Adam's order)."""
-        stacked = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        single = [n for n, p in self._template.named_parameters() if p.requires_grad]
-        return stacked, single
-
-    @property
-    def _template(self) -> LatentVariableModel:
-        if getattr(self, "_template_net", None) is None:
-            self._template_net = self.model.extract(0, pseudo_init=self.info.pseudo_init)
-        return self._template_net
+    @functools.cached_property
+    def _single_layout(self) -> tuple[list[str], dict[str, Any]]:
+        """The single VAE's trainable parameter names (torch Adam's order in Trainer) and the
+        param group its Adam saves (the lr set per model)."""
+        net = self.model.extract(0, pseudo_init=self.info.pseudo_init)
+        trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        group = torch.optim.Adam([p for _, p in trainable], lr=1e-3).state_dict()["param_groups"][0]
+        return [n for n, _ in trainable], group
 
     @torch.no_grad()
     def model_state(self, m: int) -> dict[str, Any]:
@@ -700,23 +705,21 @@ class BatchedTrainer:
         `load_model_state` of any BatchedTrainer with the same configuration in any slot.
         """
         net = self.extract(m)
-        stacked, single = self._trainable_names()
-        exp_avg = self.model.single_state(m, dict(zip(stacked, self.optimizer.exp_avg)))
-        exp_avg_sq = self.model.single_state(m, dict(zip(stacked, self.optimizer.exp_avg_sq)))
+        model = net.state_dict()
+        single, group = self._single_layout
+        exp_avg = self.model.single_state(m, dict(zip(self.trainable_names, self.optimizer.exp_avg)))
+        exp_avg_sq = self.model.single_state(m, dict(zip(self.trainable_names, self.optimizer.exp_avg_sq)))
         step = self.optimizer.step_count[m].to(torch.float32).cpu()    # as torch.optim.Adam keeps it
-        groups = torch.optim.Adam([p for p in net.parameters() if p.requires_grad],
-                                  lr=self.configs[m].lr).state_dict()["param_groups"]
         optimizer = {"state": ({i: {"step": step.clone(), "exp_avg": exp_avg[name].clone(),
                                     "exp_avg_sq": exp_avg_sq[name].clone()} for i, name in enumerate(single)}
                                if float(step) > 0 else {}),
-                     "param_groups": groups}
+                     "param_groups": [{**group, "lr": self.configs[m].lr}]}
         best_state = None
         if self.best_epoch[m] is not None and self.best_params is not None:
-            names = [n for n, _ in self.model.named_parameters()]
-            best_state = {**net.state_dict(),
-                          **{k: v.clone() for k, v in self.model.single_state(m, dict(zip(names, self.best_params))).items()}}
+            best = self.model.single_state(m, dict(zip(self.param_names, self.best_params)))
+            best_state = {**model, **{k: v.clone() for k, v in best.items()}}
         return {
-            "model": net.state_dict(),
+            "model": model,
             "optimizer": optimizer,
             "epoch": self.epochs[m],
             "best_val_loss": self.best_val_loss[m],
@@ -745,12 +748,12 @@ class BatchedTrainer:
                 raise ConfigError(f"state for model {m} was saved with {key}={saved[key]!r}, "
                                   f"the slot's config has {key}={getattr(c, key)!r}")
         self.model.load_single_state(m, state["model"])
-        stacked, single = self._trainable_names()
+        single, _ = self._single_layout
         moments = state["optimizer"]["state"]
         if moments:
             for key, tensors in (("exp_avg", self.optimizer.exp_avg), ("exp_avg_sq", self.optimizer.exp_avg_sq)):
                 self.model.load_single_state(m, {single[int(i)]: s[key] for i, s in moments.items()},
-                                             dict(zip(stacked, tensors)))
+                                             dict(zip(self.trainable_names, tensors)))
         else:
             self.optimizer.reset(m)
         steps = [float(s["step"]) for s in moments.values()]
@@ -759,10 +762,7 @@ class BatchedTrainer:
         self.best_val_loss[m] = float(state["best_val_loss"])
         self.best_epoch[m] = state["best_epoch"]
         if state.get("best_state") is not None:
-            if self.best_params is None:
-                self.best_params = [p.detach().clone() for p in self.model.parameters()]
-            names = [n for n, _ in self.model.named_parameters()]
-            self.model.load_single_state(m, state["best_state"], dict(zip(names, self.best_params)))
+            self.model.load_single_state(m, state["best_state"], dict(zip(self.param_names, self._best_params())))
         self.bad_epochs[m] = int(state["bad_epochs"])
         self.stop_reason[m] = state["stop_reason"]
         self.stop_detail[m] = state.get("stop_detail", "")
