@@ -5,7 +5,8 @@ import math
 import torch
 from torch.distributions import Bernoulli
 
-from trainables.vae.likelihoods import LIKELIHOODS, bits_per_dim, log_bernoulli, log_discretized_logistic
+from trainables.vae.likelihoods import (LIKELIHOODS, Bernoulli as BernoulliHead, bits_per_dim, clamp_logits,
+                                        log_bernoulli, log_discretized_logistic)
 
 
 def test_registry():
@@ -20,6 +21,33 @@ def test_bernoulli_matches_torch_and_is_finite_for_extreme_logits():
         expected = Bernoulli(logits=logits).log_prob(x).sum(-1)
         torch.testing.assert_close(got, expected)
         assert torch.isfinite(got).all()
+
+
+def test_prob_clamp_equals_refs_clamped_sigmoid_values_and_gradients():
+    # REF: p = clamp(sigmoid(l), eps, 1 - eps); log p(x) = x log p + (1 - x) log(1 - p).
+    eps = 1e-5
+    logits = torch.tensor([[-40.0, -11.6, -11.4, -3.0, 0.0, 2.5, 11.4, 11.6, 40.0]], dtype=torch.float64)
+    for bit in (0.0, 1.0):
+        x = torch.full_like(logits, bit)
+        ours_l = logits.clone().requires_grad_(True)
+        ref_l = logits.clone().requires_grad_(True)
+        ours = log_bernoulli(x, clamp_logits(ours_l, eps))
+        p = torch.sigmoid(ref_l).clamp(eps, 1 - eps)
+        ref = (x * torch.log(p) + (1 - x) * torch.log(1 - p)).sum(-1)
+        torch.testing.assert_close(ours, ref)
+        ours.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(ours_l.grad, ref_l.grad)
+        # Past the clamp no pixel costs more than -log(eps) nats and the gradient stops.
+        assert ours_l.grad[0, 0] == 0 and ours_l.grad[0, -1] == 0
+    worst = log_bernoulli(torch.ones(1, 1), clamp_logits(torch.full((1, 1), -1e4), eps))
+    assert abs(float(worst) - math.log(eps)) < 1e-4
+    # eps = 0 is the exact likelihood, and the head applies the clamp it was built with.
+    assert torch.equal(clamp_logits(logits, 0.0), logits)
+    head = BernoulliHead(4, 3, prob_clamp=eps)
+    with torch.no_grad():
+        head.logits.bias.fill_(100.0)
+    assert float(head(torch.zeros(1, 4))[0].max()) == torch.tensor(math.log((1 - eps) / eps)).item()  # float32
 
 
 def test_discretized_logistic_sums_to_one_over_the_256_values_of_a_pixel():

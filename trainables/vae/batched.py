@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from sweeper.errors import ConfigError
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, load_dataset
-from trainables.vae.likelihoods import log_bernoulli, log_discretized_logistic
+from trainables.vae.likelihoods import clamp_logits, log_bernoulli, log_discretized_logistic
 from trainables.vae.model import VAE, LatentVariableModel, LogDensities, build_model
 from trainables.vae.priors import (
     LOG_2PI,
@@ -76,7 +76,7 @@ _PRIOR_PARAMS: dict[str, tuple[str, ...]] = {
 # Fields every batched configuration must share: one architecture, one dataset, one device.
 SHARED_FIELDS = ("dataset", "model", "prior", "latent_dim", "hidden_dim", "batch_size",
                  "fixed_pseudo_inputs", "train_subset", "val_subset", "test_subset", "device",
-                 "cuda_graphs", "data_root")
+                 "cuda_graphs", "data_root", "prob_clamp")
 
 
 def _prior_family(prior: nn.Module) -> str:
@@ -133,6 +133,7 @@ class BatchedVAE(nn.Module):
         self.input_dim, self.latent_dim, self.hidden_dim = first.input_dim, first.latent_dim, first.hidden_dim
         self.input_shape: tuple[int, ...] = tuple(getattr(first, "input_shape", (first.input_dim,)))
         self.likelihood_name = first.likelihood_name
+        self.prob_clamp = first.p_x.prob_clamp
         if self.likelihood_name not in _HEADS:
             raise ValueError(f"likelihood {self.likelihood_name!r} cannot be batched; choose one of {sorted(_HEADS)}")
         self.prior_name = first.prior.name
@@ -197,7 +198,7 @@ class BatchedVAE(nn.Module):
         """Decoder: z [M, N, Z] -> likelihood parameters, each [M, N, D]."""
         out = self._linear("dec_out", self._gated("dec2", self._gated("dec1", z)))
         if self.likelihood_name == "bernoulli":
-            return (out,)                                                     # logits
+            return (clamp_logits(out, self.prob_clamp),)                     # logits
         mean, log_scale = out.chunk(2, dim=-1)
         # REF's clamps, as likelihoods.DiscretizedLogistic256.forward.
         return (torch.sigmoid(mean).clamp(1.0 / 512.0, 1.0 - 1.0 / 512.0),
@@ -333,7 +334,7 @@ class BatchedVAE(nn.Module):
                 "vae", self.prior_name, input_shape=self.input_shape, likelihood=self.likelihood_name,
                 latent_dim=self.latent_dim, hidden_dim=self.hidden_dim, K=K, pseudo_init=pseudo_init,
                 init_data=torch.zeros(K, self.input_dim) if self.prior_name == "vamp_data" else None,
-                fixed_pseudo_inputs=self.fixed_pseudo_inputs)
+                fixed_pseudo_inputs=self.fixed_pseudo_inputs, prob_clamp=self.prob_clamp)
         net = net.to(device=ref.device, dtype=ref.dtype)
         params = dict(net.named_parameters())
         for key, value in self.single_state(m).items():
@@ -503,7 +504,7 @@ class BatchedTrainer:
             model="vae", prior=c.prior, input_shape=self.info.image_shape, likelihood=self.info.likelihood,
             latent_dim=c.latent_dim, hidden_dim=c.hidden_dim, K=c.K, pseudo_init=self.info.pseudo_init,
             init_data=self._init_data,
-            fixed_pseudo_inputs=c.fixed_pseudo_inputs)
+            fixed_pseudo_inputs=c.fixed_pseudo_inputs, prob_clamp=c.prob_clamp)
 
     # -- one batch -------------------------------------------------------------------------
     def batch(self, idx: Tensor) -> Tensor:

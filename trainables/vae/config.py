@@ -29,6 +29,7 @@ class TrainConfig:
     early_stopping: int = 50           # patience in epochs after warm-up; 0 turns it off
     optimizer: str = "adam"            # "adam" or REF's "adam_normgrad" (unit-norm gradients)
     fixed_pseudo_inputs: bool = False  # vamp_data only: keep the K training images fixed
+    prob_clamp: float = 0.0            # binary data: p(x_d=1) kept in [eps, 1-eps] (REF: 1e-5); 0: exact
     seed: int = 0
     test_samples: int = 5000           # S of the importance-sampled test log-likelihood
     train_subset: int | None = None    # a fixed random subset of N training images (quick runs)
@@ -93,6 +94,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 out.append(f"{name}: must be >= 1 or null, got {value}")
+        if not 0.0 <= self.prob_clamp < 0.5:
+            out.append(f"prob_clamp: must be in [0, 0.5), got {self.prob_clamp} (REF uses 1e-5; 0 turns it off)")
         if not self.lr > 0:
             out.append(f"lr: must be > 0, got {self.lr}")
         if self.fixed_pseudo_inputs and self.prior != "vamp_data":

@@ -50,15 +50,33 @@ def log_discretized_logistic(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tens
     return log_p.sum(-1)
 
 
+def clamp_logits(logits: Tensor, eps: float) -> Tensor:
+    """REF's clamp of Bernoulli probabilities to [eps, 1 - eps], applied to the logits.
+
+    sigmoid is monotone, so clamp(sigmoid(l), eps, 1 - eps) = sigmoid(clamp(l, -L, L)) with
+    L = log((1 - eps) / eps): the same values and the same zero gradient past the clamp, while
+    the log-probability stays in BCE-with-logits' stable form. eps = 0 leaves the logits alone.
+    """
+    if eps <= 0.0:
+        return logits
+    bound = math.log((1.0 - eps) / eps)
+    return logits.clamp(-bound, bound)
+
+
 class Likelihood(nn.Module):
-    """A decoder head: hidden state [.., H] -> distribution parameters over D pixels."""
+    """A decoder head: hidden state [.., H] -> distribution parameters over D pixels.
+
+    `prob_clamp` is REF's guard for binary data (Bernoulli probabilities kept in [eps, 1 - eps]);
+    likelihoods with clamps of their own (the discretized logistic) ignore it.
+    """
 
     name = "likelihood"
 
-    def __init__(self, hidden_dim: int, input_dim: int):
+    def __init__(self, hidden_dim: int, input_dim: int, prob_clamp: float = 0.0):
         super().__init__()
         self.hidden_dim = hidden_dim
         self.input_dim = input_dim
+        self.prob_clamp = prob_clamp
 
     def forward(self, h: Tensor) -> tuple[Tensor, ...]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -74,12 +92,12 @@ class Likelihood(nn.Module):
 class Bernoulli(Likelihood):
     """Binary pixels; the head outputs logits (REF: Linear + sigmoid, computed here in log space)."""
 
-    def __init__(self, hidden_dim: int, input_dim: int):
-        super().__init__(hidden_dim, input_dim)
+    def __init__(self, hidden_dim: int, input_dim: int, prob_clamp: float = 0.0):
+        super().__init__(hidden_dim, input_dim, prob_clamp)
         self.logits = nn.Linear(hidden_dim, input_dim)
 
     def forward(self, h: Tensor) -> tuple[Tensor]:
-        return (self.logits(h),)
+        return (clamp_logits(self.logits(h), self.prob_clamp),)
 
     def log_prob(self, x: Tensor, params: tuple[Tensor, ...]) -> Tensor:
         return log_bernoulli(x, params[0])
@@ -92,8 +110,8 @@ class Bernoulli(Likelihood):
 class DiscretizedLogistic256(Likelihood):
     """8-bit gray pixels (Frey Faces): 256-bin discretized logistic, REF's heads and clamps."""
 
-    def __init__(self, hidden_dim: int, input_dim: int):
-        super().__init__(hidden_dim, input_dim)
+    def __init__(self, hidden_dim: int, input_dim: int, prob_clamp: float = 0.0):
+        super().__init__(hidden_dim, input_dim, prob_clamp)
         self.mean_head = nn.Linear(hidden_dim, input_dim)
         self.log_scale_head = nn.Linear(hidden_dim, input_dim)
 

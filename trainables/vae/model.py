@@ -131,12 +131,12 @@ class VAE(LatentVariableModel):
     """q(z|x), p(x|z), prior p(z)."""
 
     def __init__(self, input_dim: int, likelihood: str, latent_dim: int, hidden_dim: int,
-                 prior: str, prior_context: dict):
+                 prior: str, prior_context: dict, prob_clamp: float = 0.0):
         super().__init__(input_dim, likelihood, latent_dim, hidden_dim)
         self.q_z_net = gated_mlp(input_dim, hidden_dim)
         self.q_z_head = GaussianHead(hidden_dim, latent_dim)
         self.p_x_net = gated_mlp(latent_dim, hidden_dim)
-        self.p_x: Likelihood = LIKELIHOODS[likelihood](hidden_dim, input_dim)
+        self.p_x: Likelihood = LIKELIHOODS[likelihood](hidden_dim, input_dim, prob_clamp)
         he_init(self)
         # After the init, as REF: the pseudo-inputs keep their own N(mean, std) init.
         self.prior = PRIORS[prior](PriorContext(latent_dim=latent_dim, input_dim=input_dim,
@@ -180,7 +180,7 @@ class HierarchicalVAE(LatentVariableModel):
     """
 
     def __init__(self, input_dim: int, likelihood: str, latent_dim: int, hidden_dim: int,
-                 prior: str, prior_context: dict):
+                 prior: str, prior_context: dict, prob_clamp: float = 0.0):
         super().__init__(input_dim, likelihood, latent_dim, hidden_dim)
         H, Z = hidden_dim, latent_dim
         self.q_z2_net = gated_mlp(input_dim, H)
@@ -194,7 +194,7 @@ class HierarchicalVAE(LatentVariableModel):
         self.p_x_z1 = GatedDense(Z, H)
         self.p_x_z2 = GatedDense(Z, H)
         self.p_x_joint = GatedDense(2 * H, H)
-        self.p_x: Likelihood = LIKELIHOODS[likelihood](H, input_dim)
+        self.p_x: Likelihood = LIKELIHOODS[likelihood](H, input_dim, prob_clamp)
         he_init(self)
         self.prior = PRIORS[prior](PriorContext(latent_dim=Z, input_dim=input_dim,
                                                 encoder=self.q_z2, **prior_context))
@@ -248,7 +248,8 @@ class HierarchicalVAE(LatentVariableModel):
 def build_model(model: str = "vae", prior: str = "vamp", input_shape: tuple[int, ...] = (1, 28, 28),
                 likelihood: str = "bernoulli", latent_dim: int = 40, hidden_dim: int = 300,
                 K: int = 500, *, pseudo_init: tuple[float, float] = (0.05, 0.01),
-                init_data: Tensor | None = None, fixed_pseudo_inputs: bool = False) -> LatentVariableModel:
+                init_data: Tensor | None = None, fixed_pseudo_inputs: bool = False,
+                prob_clamp: float = 0.0) -> LatentVariableModel:
     """Build a 1- or 2-level VAE with the named prior and likelihood (REF architecture)."""
     for kind, value, registry in (("model", model, MODELS), ("prior", prior, PRIORS),
                                   ("likelihood", likelihood, LIKELIHOODS)):
@@ -257,6 +258,6 @@ def build_model(model: str = "vae", prior: str = "vamp", input_shape: tuple[int,
     input_dim = math.prod(input_shape)
     ctx = dict(K=K, pseudo_init=tuple(pseudo_init), init_data=init_data,
                fixed_pseudo_inputs=fixed_pseudo_inputs)
-    net = MODELS[model](input_dim, likelihood, latent_dim, hidden_dim, prior, ctx)
+    net = MODELS[model](input_dim, likelihood, latent_dim, hidden_dim, prior, ctx, prob_clamp)
     net.input_shape = tuple(input_shape)
     return net

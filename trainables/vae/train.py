@@ -84,7 +84,7 @@ class Trainer:
             likelihood=self.info.likelihood, latent_dim=config.latent_dim,
             hidden_dim=config.hidden_dim, K=config.K, pseudo_init=self.info.pseudo_init,
             init_data=self.x_train.cpu() if config.prior == "vamp_data" else None,
-            fixed_pseudo_inputs=config.fixed_pseudo_inputs,
+            fixed_pseudo_inputs=config.fixed_pseudo_inputs, prob_clamp=config.prob_clamp,
         ).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # On CUDA: one fused kernel for the whole update, and capturable for the CUDA graph.
