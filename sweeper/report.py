@@ -3,20 +3,25 @@
 `make_report` reads the experiment once (`search_runs`, paged), then writes into one folder:
 
 - `table.csv` and a markdown table in `report.md`: test log-likelihood per (dataset, model, prior),
-  mean +/- std over seeds, beside the published number (`PUBLISHED`) and the difference;
-- `ll_vs_K.png`: test LL against the number of pseudo-inputs K (the study's headline figure);
+  mean +/- std over seeds, beside the published number (`PUBLISHED`), the difference, and a flag
+  where ours is more than `FLAG_NATS` below the best sourced reference;
+- `trials.csv` and a table in `report.md`: every trial's stop reason, epochs, wall time, test LL;
+- `ll_vs_K.png`: test LL against the number of pseudo-inputs K, comparing like with like;
 - `ll_histograms.png`: per-image test LL of the best trial of each prior, one panel per dataset;
 - `best_<dataset>_<model>_<prior>.png`: the best trial's pseudo-inputs, reconstructions of real
-  test images, and samples;
-- `learning_curves.png`: validation ELBO per epoch of every trial, ASHA stops marked;
+  test images, and samples, at a legible size;
+- `learning_curves.png`: validation ELBO per epoch of every trial, coloured by K or lr, scheduler
+  stops marked;
+- `optuna_<sweep>.png`: for sweeps searched by Optuna, the parameter importances (PED-ANOVA) and a
+  parallel-coordinates plot of the searched parameters against the metric, from the sweep's study;
 
 and logs them to the newest sweep (parent) run of the experiment under `report/`.
 
 Which runs count: a run tagged `sweeper.role=sweep` is a sweep; any other run with `dataset` and
-`prior` params is a trial. Trials without a finite `test_ll` (still running, diverged, failed)
-are left out of the table and of the test-LL figures with a note in `report.md`; their learning
-curves are still drawn. "Best trial" always means the highest `test_ll` (as the sweep's own
-`best_run_id` tag). The table picks its configuration by validation ELBO (see `results_table`).
+`prior` params is a trial. Trials without a finite `test_ll` (still running, killed, diverged,
+failed) are left out of the table and of the test-LL figures with a note in `report.md`; their
+learning curves are still drawn. "Best trial" always means the highest `test_ll` (as the sweep's
+own `best_run_id` tag). The table picks its configuration by validation ELBO (see `results_table`).
 """
 
 from __future__ import annotations
@@ -27,43 +32,50 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from sweeper import tracking
 from sweeper.errors import SweeperError
+from trainables.vae.catalog import (DATASET_ORDER, ENDED_BY_ITSELF, K_PRIORS, METRIC_TEST_BPD, METRIC_TEST_LL,
+                                    METRIC_VAL_ELBO, MODEL_ORDER, PRIOR_ORDER, STOP_ERROR, STOP_NAN,
+                                    STOP_SCHEDULER, bits_per_dim_dim, short, stop_reason)
 
-# Display order (the paper's); names not listed here follow alphabetically. Kept here rather than
-# read from the registries so that `sweeper report` does not import torch.
-DATASET_ORDER = ("static_mnist", "dynamic_mnist", "fashion_mnist", "omniglot", "caltech101", "frey_faces")
-MODEL_ORDER = ("vae", "hvae")
-PRIOR_ORDER = ("standard", "vamp", "vamp_data", "mog")
-K_PRIORS = ("vamp", "vamp_data", "mog")     # priors whose K (components / pseudo-inputs) matters
 PRIOR_COLORS = {"standard": "#555753", "vamp": "#3465a4", "vamp_data": "#4e9a06", "mog": "#cc0000"}
+PRIOR_MARKERS = {"standard": "D", "vamp": "o", "vamp_data": "s", "mog": "^"}
 MODEL_STYLES = {"vae": ("-", "o"), "hvae": ("--", "s")}
-# Dimensions of the datasets reported in bits/dim as well (discretized-logistic data).
-BITS_PER_DIM_DATASETS = {"frey_faces": 560}
 
 # Trial params that never make two trials different configurations: the seed (averaged over) and
 # where/how a trial ran, which does not change its result.
-NOT_CONFIG = frozenset({"seed", "data_root", "device", "image_every", "cuda_graphs"})
+NOT_CONFIG = frozenset({"seed", "data_root", "device", "image_every", "cuda_graphs", "checkpoint_every"})
 # Params a prior ignores: trials differing only in these are one configuration of that prior.
 IGNORED_BY_PRIOR = {"standard": frozenset({"K", "fixed_pseudo_inputs"}),
                     "vamp": frozenset({"fixed_pseudo_inputs"}),
                     "mog": frozenset({"fixed_pseudo_inputs"})}
-SELECTION_METRIC = "val_elbo"
+SELECTION_METRIC = METRIC_VAL_ELBO
+# A result this many nats below the best sourced reference for its (dataset, model, prior) is flagged.
+FLAG_NATS = 1.0
+# Learning curves: the y-axis starts at this percentile of a panel's values (a diverging trial
+# would otherwise squash every other curve into a line).
+CURVES_LOW_PERCENTILE = 2.0
 
-REPORT_FILES = ("table.csv", "ll_vs_K.png", "ll_histograms.png", "learning_curves.png", "report.md")
+REPORT_FILES = ("table.csv", "trials.csv", "ll_vs_K.png", "ll_histograms.png", "learning_curves.png",
+                "report.md")
 
 
 # --------------------------------------------------------------------------------------------
-# Published numbers (../shared/REFERENCE.md): test log-likelihood in nats, higher is better.
+# Published numbers: test log-likelihood in nats, higher is better. Sources are cited in full in
+# ../shared/REFERENCE.md and results/*/report.md; "(unverified)" marks a number that could not be
+# read in its source here.
 
 
 @dataclass(frozen=True)
@@ -104,21 +116,38 @@ PUBLISHED: tuple[PublishedLL, ...] = (
     PublishedLL("omniglot", "hvae", "standard", -104.92, "Exemplar VAE re-runs"),
     PublishedLL("omniglot", "vae", "vamp", -106.78, "Exemplar VAE re-runs"),
     PublishedLL("omniglot", "hvae", "vamp", -103.30, "Exemplar VAE re-runs"),
-    # Frey Faces and Caltech 101 Silhouettes: only the SEED study (1-level VAE, 1000 epochs).
+    # Frey Faces: the SEED study, and a public re-run of REF (RobertYCXu/vae_vampprior, metric.txt,
+    # which prints -LL in nats: 1799.27 = 4.64 bits/dim, the scale of the paper's bits/dim column).
+    PublishedLL("frey_faces", "vae", "standard", -1799.27, "REF re-run (RobertYCXu/vae_vampprior)"),
+    PublishedLL("frey_faces", "vae", "vamp", -1760.84, "REF re-run (RobertYCXu/vae_vampprior)"),
+    PublishedLL("frey_faces", "hvae", "standard", -1795.56, "REF re-run (RobertYCXu/vae_vampprior)"),
     PublishedLL("frey_faces", "vae", "standard", -2281.16, "SEED (1000 epochs)"),
     PublishedLL("frey_faces", "vae", "vamp", -2257.76, "SEED (1000 epochs)"),
     PublishedLL("frey_faces", "vae", "vamp_data", -2286.52, "SEED (1000 epochs)"),
+    # Caltech 101 Silhouettes: the SEED study; the paper's 2-level VampPrior (Table 2, quoted
+    # second-hand: the table itself could not be read here).
     PublishedLL("caltech101", "vae", "standard", -137.32, "SEED (1000 epochs)"),
     PublishedLL("caltech101", "vae", "vamp", -135.15, "SEED (1000 epochs)"),
     PublishedLL("caltech101", "vae", "vamp_data", -142.02, "SEED (1000 epochs)"),
+    PublishedLL("caltech101", "hvae", "vamp", -108.28, "paper Table 2 (quoted second-hand)"),
 )
+
+
+def published_for(dataset: str, model: str, prior: str) -> list[PublishedLL]:
+    return [p for p in PUBLISHED if (p.dataset, p.model, p.prior) == (dataset, model, prior)]
 
 
 def published_ll(dataset: str, model: str, prior: str) -> PublishedLL | None:
     """The number to compare with: the paper's where it has one, else the first listed; or None."""
-    found = [p for p in PUBLISHED if (p.dataset, p.model, p.prior) == (dataset, model, prior)]
+    found = published_for(dataset, model, prior)
     papers = [p for p in found if p.source.startswith("paper")]
     return (papers or found or [None])[0]
+
+
+def best_reference(dataset: str, model: str, prior: str) -> PublishedLL | None:
+    """The highest sourced log-likelihood for (dataset, model, prior), or None."""
+    found = published_for(dataset, model, prior)
+    return max(found, key=lambda p: p.ll) if found else None
 
 
 def bits_per_dim(ll: float, dim: int) -> float:
@@ -142,6 +171,7 @@ class ReportResult:
     table: pd.DataFrame = field(default_factory=pd.DataFrame)     # table.csv
     k_points: pd.DataFrame = field(default_factory=pd.DataFrame)  # the points of ll_vs_K.png
     curves: pd.DataFrame = field(default_factory=pd.DataFrame)    # run_id, epoch, val_elbo
+    studies: dict[str, Any] = field(default_factory=dict)         # sweep -> its Optuna study
     logged_to: str | None = None                         # the parent run that got report/
 
 
@@ -188,7 +218,17 @@ def _number(value: Any) -> float:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, (int, float, np.floating)) and math.isfinite(value)
+
+
+def _config_text(params: dict[str, str]) -> dict[str, str]:
+    """Param values as people read them (0.0023382678 -> 2.34e-3), for labels and equality."""
+    return {k: short(_number(v)) if _finite(_number(v)) else v for k, v in params.items()}
+
+
+TRIAL_COLUMNS = ["run_id", "trial", "status", "stop_reason", "stop_detail", "parent_run_id", "start_time",
+                 "wall_seconds", "dataset", "model", "prior", "K", "lr", "seed", "config_params", "epochs",
+                 "best_epoch", "test_ll", "val_elbo", "test_bits_per_dim"]
 
 
 def trials_frame(runs: Iterable) -> pd.DataFrame:
@@ -201,23 +241,25 @@ def trials_frame(runs: Iterable) -> pd.DataFrame:
             continue
         prior = p["prior"]
         ignored = NOT_CONFIG | IGNORED_BY_PRIOR.get(prior, frozenset())
-        config = {k: v for k, v in p.items() if k not in ignored}
+        config = _config_text({k: v for k, v in p.items() if k not in ignored})
+        start, end = run.info.start_time or 0, run.info.end_time
         rows.append({
             "run_id": run.info.run_id, "trial": run.info.run_name or run.info.run_id,
-            "status": run.info.status, "stop_reason": t.get(tracking.TAG_STOP, ""),
+            "status": run.info.status, "stop_reason": stop_reason(t.get(tracking.TAG_STOP)),
             "stop_detail": t.get("stop_detail", ""), "parent_run_id": t.get(tracking.TAG_PARENT, ""),
-            "start_time": run.info.start_time or 0,
+            "start_time": start,
+            "wall_seconds": (end - start) / 1000.0 if end and start and run.info.status != "RUNNING" else float("nan"),
             "dataset": p["dataset"], "model": p.get("model", "vae"), "prior": prior,
             "K": int(_number(p["K"])) if prior in K_PRIORS and _finite(_number(p.get("K"))) else None,
+            "lr": _number(p.get("lr")),
             "seed": p.get("seed", ""), "config_params": config,
             "epochs": int(m["epoch"]) if _finite(m.get("epoch")) else 0,
-            **{k: m.get(k, float("nan")) for k in ("test_ll", "val_elbo", "test_bits_per_dim")},
+            "best_epoch": int(m["best_epoch"]) if _finite(m.get("best_epoch")) else None,
+            **{k: m.get(k, float("nan")) for k in (METRIC_TEST_LL, METRIC_VAL_ELBO, METRIC_TEST_BPD)},
         })
-    columns = ["run_id", "trial", "status", "stop_reason", "stop_detail", "parent_run_id", "start_time",
-               "dataset", "model", "prior", "K", "seed", "config_params", "epochs", "test_ll", "val_elbo",
-               "test_bits_per_dim"]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     frame["has_ll"] = [_finite(v) for v in frame["test_ll"]]
+    frame["ended"] = frame["stop_reason"].isin(ENDED_BY_ITSELF)   # trained to its own end
     return _sorted(frame)
 
 
@@ -240,11 +282,16 @@ def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _config_labels(group: pd.DataFrame) -> pd.Series:
-    """Per trial, its configuration as the params that vary within the group ('K=16, lr=0.001')."""
+    """Per trial, its configuration as the params that vary within the group ('K=16, lr=1e-3')."""
     configs = list(group["config_params"])
     keys = sorted({k for c in configs for k in c})
     varying = [k for k in keys if len({c.get(k) for c in configs}) > 1]
     return pd.Series([", ".join(f"{k}={c.get(k)}" for k in varying) for c in configs], index=group.index)
+
+
+def _config_keys(frame: pd.DataFrame) -> pd.Series:
+    """Per trial, its whole configuration (all params but the seed and bookkeeping) as one key."""
+    return pd.Series([tuple(sorted(c.items())) for c in frame["config_params"]], index=frame.index, dtype=object)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +303,12 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
 
 
+TABLE_COLUMNS = ["dataset", "model", "prior", "test_ll_mean", "test_ll_std", "n_seeds", "n_trials", "n_configs",
+                 "config", "published_ll", "published_source", "diff_ll", "best_reference_ll",
+                 "best_reference_source", "below_best_reference", "flag", "bits_per_dim_mean",
+                 "bits_per_dim_std", "published_bits_per_dim", "run_ids"]
+
+
 def results_table(trials: pd.DataFrame) -> pd.DataFrame:
     """Test log-likelihood per (dataset, model, prior), mean +/- std over seeds.
 
@@ -265,7 +318,9 @@ def results_table(trials: pd.DataFrame) -> pd.DataFrame:
     (chosen on validation data, so the test set plays no part in the choice): its trials are
     averaged per seed (repeats of a seed count once), then mean and sample std (ddof=1; blank for
     one seed) over the seeds. `n_seeds`, `n_trials`: what the numbers rest on; `n_configs`: how many
-    configurations the group had; `run_ids`: the chosen configuration's runs.
+    configurations the group had; `run_ids`: the chosen configuration's runs. `published_*`: the
+    paper's number where it has one (`published_ll`); `best_reference_*`: the highest sourced
+    number; `flag` is True when the mean is more than FLAG_NATS below it.
     Groups without any finite test LL are left out.
     """
     rows = []
@@ -277,7 +332,7 @@ def results_table(trials: pd.DataFrame) -> pd.DataFrame:
         # A config without any validation ELBO falls back to its test LL (never happens in a sweep).
         score = per_config["select"].where(per_config["select"].notna(), per_config["ll_mean"])
         chosen = group[group["config"] == score.idxmax()]
-        dim = BITS_PER_DIM_DATASETS.get(dataset)
+        dim = bits_per_dim_dim(dataset)
         if dim is not None:
             # The run's own metric where it was logged, else from its test LL.
             bpd = chosen["test_bits_per_dim"].astype(float)
@@ -285,12 +340,17 @@ def results_table(trials: pd.DataFrame) -> pd.DataFrame:
         per_seed = chosen.groupby("seed", sort=False)[["test_ll"] + (["bpd"] if dim else [])].mean()
         ll_mean, ll_std = _mean_std(per_seed["test_ll"])
         pub = published_ll(dataset, model, prior)
+        ref = best_reference(dataset, model, prior)
+        below = ref.ll - ll_mean if ref else float("nan")
         row = {
             "dataset": dataset, "model": model, "prior": prior, "test_ll_mean": ll_mean, "test_ll_std": ll_std,
             "n_seeds": len(per_seed), "n_trials": len(chosen), "n_configs": len(per_config),
             "config": score.idxmax(),
             "published_ll": pub.ll if pub else float("nan"), "published_source": pub.source if pub else "",
             "diff_ll": ll_mean - pub.ll if pub else float("nan"),
+            "best_reference_ll": ref.ll if ref else float("nan"),
+            "best_reference_source": ref.source if ref else "",
+            "below_best_reference": below, "flag": bool(ref) and below > FLAG_NATS,
         }
         if dim is not None:
             bpd_mean, bpd_std = _mean_std(per_seed["bpd"])
@@ -298,10 +358,7 @@ def results_table(trials: pd.DataFrame) -> pd.DataFrame:
                        published_bits_per_dim=bits_per_dim(pub.ll, dim) if pub else float("nan"))
         row["run_ids"] = ";".join(chosen["run_id"])
         rows.append(row)
-    columns = ["dataset", "model", "prior", "test_ll_mean", "test_ll_std", "n_seeds", "n_trials", "n_configs",
-               "config", "published_ll", "published_source", "diff_ll", "bits_per_dim_mean", "bits_per_dim_std",
-               "published_bits_per_dim", "run_ids"]
-    table = pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     if table["bits_per_dim_mean"].isna().all():
         table = table.drop(columns=["bits_per_dim_mean", "bits_per_dim_std", "published_bits_per_dim"])
     return table
@@ -313,13 +370,22 @@ def _fmt(value: Any, digits: int = 2, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
+def _md_row(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _md_table(header: list[str], rows: Iterable[Iterable[str]]) -> str:
+    """A markdown table (pandas' to_markdown needs tabulate, which is not a dependency)."""
+    return "\n".join([_md_row(header), "|" + "|".join("---" for _ in header) + "|", *map(_md_row, rows)])
+
+
 def markdown_table(table: pd.DataFrame) -> str:
-    """The table for report.md (pandas' to_markdown needs tabulate, which is not a dependency)."""
+    """The results table for report.md."""
     bpd = "bits_per_dim_mean" in table
     header = ["dataset", "model", "prior", "test LL (nats)", "seeds", "published", "source", "diff"]
     header += ["bits/dim", "published bits/dim"] if bpd else []
-    header += ["configuration"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    header += ["configuration", "check"]
+    rows = []
     for r in table.itertuples(index=False):
         ll = _fmt(r.test_ll_mean) + (f" ± {_fmt(r.test_ll_std)}" if _finite(r.test_ll_std) else "")
         n = str(r.n_seeds) + (f" ({r.n_trials} trials)" if r.n_trials != r.n_seeds else "")
@@ -332,13 +398,44 @@ def markdown_table(table: pd.DataFrame) -> str:
         config = r.config or "–"
         if r.n_configs > 1:
             config += f" (best of {r.n_configs} by val ELBO)"
-        cells.append(config)
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+        if r.flag:
+            check = (f"⚠ {r.below_best_reference:.2f} nats below {r.best_reference_ll:.2f} "
+                     f"({r.best_reference_source})")
+        elif _finite(r.best_reference_ll):
+            check = f"within {FLAG_NATS:g} nat of the best reference ({r.best_reference_ll:.2f})" \
+                if r.below_best_reference > 0 else f"above the best reference ({r.best_reference_ll:.2f})"
+        else:
+            check = "no reference"
+        rows.append(cells + [config, check])
+    return _md_table(header, rows)
+
+
+def _minutes(seconds: float) -> str:
+    return "–" if not _finite(seconds) else f"{seconds / 60:.1f}"
+
+
+def trials_table(trials: pd.DataFrame) -> pd.DataFrame:
+    """trials.csv: every trial's outcome, budget and cost."""
+    cols = ["trial", "run_id", "dataset", "model", "prior", "K", "lr", "seed", "status", "stop_reason", "epochs",
+            "best_epoch", "wall_seconds", "test_ll", "test_bits_per_dim", "val_elbo"]
+    out = trials[cols].copy()
+    out["K"] = out["K"].astype("Int64")
+    out["best_epoch"] = out["best_epoch"].astype("Int64")
+    return out
+
+
+def markdown_trials(trials: pd.DataFrame) -> str:
+    header = ["trial", "dataset", "model", "prior", "K", "lr", "seed", "stop reason", "epochs", "best epoch",
+              "wall time (min)", "test LL (nats)"]
+    rows = [[r.trial, r.dataset, r.model, r.prior, "" if r.K is None or pd.isna(r.K) else int(r.K), short(r.lr),
+             r.seed, r.stop_reason or r.status.lower(), r.epochs,
+             "" if r.best_epoch is None or pd.isna(r.best_epoch) else int(r.best_epoch),
+             _minutes(r.wall_seconds), _fmt(r.test_ll)] for r in trials.itertuples(index=False)]
+    return _md_table(header, rows)
 
 
 # --------------------------------------------------------------------------------------------
-# 2.-5. Figures: each takes plain frames and returns a matplotlib Figure (no pyplot state).
+# 2.-6. Figures: each takes plain frames and returns a matplotlib Figure (no pyplot state).
 
 
 def _panel_grid(n: int, width: float = 5.5, height: float = 4.0, max_cols: int = 3):
@@ -355,35 +452,101 @@ def _series_label(model: str, prior: str, models: set[str]) -> str:
     return prior if len(models) <= 1 else f"{model} / {prior}"
 
 
+K_POINT_COLUMNS = ["run_id", "trial", "dataset", "model", "prior", "K", "lr", "seed", "epochs", "ended",
+                   "stop_reason", "config", "test_ll"]
+
+
 def k_points_frame(trials: pd.DataFrame) -> pd.DataFrame:
-    """The points of the K figure: every trial of a K prior that has a finite test LL."""
+    """The points of the K figure: every trial of a K prior that has a finite test LL.
+
+    `ended`: it trained to its own end (max epochs or early stopping); the others (stopped by the
+    scheduler) were cut at `epochs` and are only comparable with trials of the same budget.
+    `config`: every param but the seed and K, so seeds of one setting can be averaged per K.
+    """
     if trials.empty:
-        return pd.DataFrame(columns=["run_id", "trial", "dataset", "model", "prior", "K", "test_ll"])
+        return pd.DataFrame(columns=K_POINT_COLUMNS)
     keep = trials["has_ll"] & trials["prior"].isin(K_PRIORS) & trials["K"].notna()
-    points = trials.loc[keep, ["run_id", "trial", "dataset", "model", "prior", "K", "test_ll"]].copy()
+    points = trials.loc[keep].copy()
     points["K"] = points["K"].astype(int)
-    return points.reset_index(drop=True)
+    points["config"] = [tuple(sorted((k, v) for k, v in c.items() if k != "K")) for c in points["config_params"]]
+    return points[K_POINT_COLUMNS].reset_index(drop=True)
+
+
+def _lr_colouring(values: pd.Series):
+    """(norm, colormap) when the learning rate varies among the values, else None."""
+    from matplotlib import colormaps
+
+    lr = values[np.isfinite(values.astype(float))].astype(float)
+    if lr.nunique() < 2:
+        return None
+    return LogNorm(lr.min(), lr.max()), colormaps["viridis"]
+
+
+def _plain_ticks(bar) -> None:
+    """Colour-bar ticks as numbers people read (500, 2.3e-3), not 10^x."""
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: short(v, 2)))
+    bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: short(v, 2)))
+
+
+def _epoch_sizes(epochs: pd.Series | np.ndarray, top: float) -> np.ndarray:
+    """Marker area grows with the epochs trained (sqrt: 4x the epochs = 2x the area)."""
+    e = np.maximum(np.asarray(epochs, dtype=float), 1.0)
+    return 12.0 + 110.0 * np.sqrt(e / max(top, 1.0))
 
 
 def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None) -> Figure:
-    """Test LL against K (log axis): every trial a point, the best per K a line; one panel per
-    dataset, one series per (model, prior). `baselines` (dataset, model, test_ll): the best trial
-    of the standard prior, drawn as a horizontal line for reference. Trial points carry
-    gid='trials' (one PathCollection per series)."""
+    """Test LL against K (log axis), like with like; one panel per dataset.
+
+    - Trials that trained to their own end (filled markers, gid='ended') are comparable with each
+      other: the seeds of one setting are averaged per K (error bar: their std, gid='seed_spread'),
+      and a line (gid='best_ended') joins the best setting per K of each (model, prior).
+    - Trials the scheduler stopped (hollow markers, gid='stopped') ran a shorter budget: they are
+      drawn, never joined, and their budget is visible as the marker size.
+    - Marker area grows with the epochs trained; colour is the learning rate (colour bar) when it
+      varies, else the prior. Shape: the prior.
+    `baselines` (dataset, model, test_ll): the standard prior's best ended trial, a horizontal line.
+    """
     datasets = _order(points["dataset"], DATASET_ORDER)
     fig, axes = _panel_grid(len(datasets))
     models = set(points["model"])
+    colouring = _lr_colouring(points["lr"])
+    top = float(points["epochs"].max()) if len(points) else 1.0
+
+    def colour(frame: pd.DataFrame, prior: str):
+        if colouring is None:
+            return PRIOR_COLORS.get(prior, "#3465a4")
+        norm, cmap = colouring
+        return [cmap(norm(v)) for v in frame["lr"].astype(float)]
+
     for ax, dataset in zip(axes, datasets):
         here = points[points["dataset"] == dataset]
         for (model, prior), s in here.groupby(["model", "prior"], sort=False):
-            color = PRIOR_COLORS.get(prior)
-            line, marker = MODEL_STYLES.get(model, ("-", "o"))
+            marker = PRIOR_MARKERS.get(prior, "o")
             label = _series_label(model, prior, models)
-            ax.scatter(s["K"], s["test_ll"], s=18, alpha=0.45, color=color, marker=marker, gid="trials",
-                       edgecolors="none")
-            best = s.groupby("K")["test_ll"].max().sort_index()
-            ax.plot(best.index, best.values, line, marker=marker, color=color, ms=5, lw=1.5,
-                    label=f"{label} (best per K)")
+            ended, stopped = s[s["ended"]], s[~s["ended"]]
+            if len(ended):
+                ax.scatter(ended["K"], ended["test_ll"], s=_epoch_sizes(ended["epochs"], top), c=colour(ended, prior),
+                           marker=marker, alpha=0.55, edgecolors="k", linewidths=0.4, gid="ended",
+                           label=f"{label}: trained to its end")
+                # Seeds of one setting at one K: mean and spread.
+                agg = ended.groupby(["config", "K"], sort=False).agg(
+                    mean=("test_ll", "mean"), std=("test_ll", "std"), n=("test_ll", "size"),
+                    lr=("lr", "first")).reset_index()
+                spread = agg[agg["n"] > 1]
+                if len(spread):
+                    bars = ax.errorbar(spread["K"], spread["mean"], yerr=spread["std"], fmt="none", ecolor="k",
+                                       elinewidth=1.0, capsize=3)
+                    for collection in bars.lines[2]:
+                        collection.set_gid("seed_spread")
+                best = agg.groupby("K")["mean"].max().sort_index()
+                if len(best) > 1:
+                    line_style = MODEL_STYLES.get(model, ("-",))[0]
+                    ax.plot(best.index, best.values, line_style, color=PRIOR_COLORS.get(prior, "#3465a4"), lw=1.2,
+                            alpha=0.8, gid="best_ended", label=f"{label}: best setting per K (seed mean)")
+            if len(stopped):
+                ax.scatter(stopped["K"], stopped["test_ll"], s=_epoch_sizes(stopped["epochs"], top),
+                           marker=marker, facecolors="none", edgecolors=colour(stopped, prior), linewidths=1.0,
+                           alpha=0.8, gid="stopped", label=f"{label}: stopped by the scheduler (shorter budget)")
         if baselines is not None and not baselines.empty:
             for b in baselines[baselines["dataset"] == dataset].itertuples(index=False):
                 ax.axhline(b.test_ll, color=PRIOR_COLORS["standard"], lw=1,
@@ -399,8 +562,21 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None) 
         ax.set_ylabel("test log-likelihood (nats)")
         ax.set_title(dataset)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Test log-likelihood against K (points: trials)")
+        handles, labels = ax.get_legend_handles_labels()
+        for e in sorted({int(top), max(1, int(round(top / 10)))}):
+            handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="#bbbbbb", markeredgecolor="k",
+                                  markersize=math.sqrt(float(_epoch_sizes([e], top)[0]))))
+            labels.append(f"{e} epoch(s) trained")
+        ax.legend(handles, labels, fontsize=7)
+    if colouring is not None:
+        norm, cmap = colouring
+        from matplotlib.cm import ScalarMappable
+
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.8)
+        bar.set_label("learning rate")
+        _plain_ticks(bar)
+    fig.suptitle("Test log-likelihood against K (filled: trained to its end; hollow: stopped by the scheduler)",
+                 fontsize=10)
     return fig
 
 
@@ -426,66 +602,234 @@ def histograms_figure(per_image: list[tuple[str, str, str, np.ndarray]]) -> Figu
     return fig
 
 
+# Each image grid of the best-trial figure is drawn at least this wide: legible, and the same
+# scale as the grids the MLflow UI shows (trainables.vae.evaluate.image_grid's nearest-neighbour upscale).
+PANEL_PIXELS = 560
+
+
 def best_trial_figure(title: str, panels: list[tuple[str, np.ndarray]]) -> Figure:
-    """Image grids side by side at one pixel scale: (caption, grayscale image, [0, 1] or uint8)."""
+    """Image grids side by side, each at least PANEL_PIXELS wide, pixels kept square and sharp
+    (nearest neighbour); values mapped [0, 1] (or 0..255) -> black..white the same way in every panel."""
+    dpi = 100
     widths = [img.shape[1] for _, img in panels]
-    height = max(img.shape[0] for _, img in panels)
-    inches = 4.0 / max(widths)    # the widest grid gets 4 inches
-    fig = Figure(figsize=(inches * sum(widths) + 0.5 * len(panels), inches * height + 1.1), dpi=110,
-                 layout="constrained")
+    heights = [img.shape[0] for _, img in panels]
+    scale = max(1.0, PANEL_PIXELS / min(widths))          # screen pixels per image pixel
+    fig = Figure(figsize=(scale * sum(widths) / dpi + 0.3 * len(panels), scale * max(heights) / dpi + 0.9),
+                 dpi=dpi, layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(panels), width_ratios=widths, squeeze=False).ravel())
     for ax, (caption, img) in zip(axes, panels):
+        if img.ndim == 3:            # PNGs read back as RGB(A) of a gray grid
+            img = img[..., 0]
         vmax = 255 if img.dtype == np.uint8 else 1.0
         ax.imshow(img, cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(caption, fontsize=9)
+        ax.set_title(caption, fontsize=10)
         ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
-def learning_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure:
-    """Validation ELBO per epoch of every trial; one panel per dataset, colour = prior.
+def _curve_colouring(trials: pd.DataFrame):
+    """How learning curves are coloured: ('K', norm, cmap) when K varies among the trials of K
+    priors, else ('lr', norm, cmap) when the learning rate varies, else ('prior', None, None)."""
+    from matplotlib import colormaps
 
-    A cross (gid='asha') marks the last epoch of each trial ASHA stopped, a triangle (gid='nan')
-    the last finite epoch of each trial that diverged."""
+    ks = trials.loc[trials["prior"].isin(K_PRIORS), "K"].dropna().astype(float)
+    if ks.nunique() > 1:
+        return "K", LogNorm(ks.min(), ks.max()), colormaps["plasma"]
+    lr = _lr_colouring(trials["lr"])
+    if lr is not None:
+        return ("lr",) + lr
+    return "prior", None, None
+
+
+def curves_clip(values: np.ndarray) -> float:
+    """The lower y-limit of a learning-curve panel: the CURVES_LOW_PERCENTILE-th percentile of its
+    values, or 3 interquartile ranges below the lower quartile where that is higher (few points:
+    one diverging trial is more than 2% of them)."""
+    q1, q3 = np.percentile(values, [25, 75])
+    return float(max(np.percentile(values, CURVES_LOW_PERCENTILE), q1 - 3.0 * (q3 - q1)))
+
+
+def learning_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure:
+    """Validation ELBO per epoch of every trial; one panel per dataset.
+
+    Colour: K (continuous colour map and colour bar; the standard prior, which has no K, in gray)
+    when K varies, else the learning rate when it varies, else the prior. Line style: the model.
+    A cross (gid='scheduler') marks the last epoch of each trial the scheduler stopped, a triangle
+    (gid='nan') the last finite epoch of each trial that diverged. The y-axis starts at the
+    CURVES_LOW_PERCENTILE-th percentile of the panel's values, so one diverging trial cannot flatten
+    the others (`curves_clip`)."""
     info = trials.set_index("run_id")
     datasets = _order(info.loc[curves["run_id"].unique(), "dataset"], DATASET_ORDER)
     models = set(info["model"])
+    by, norm, cmap = _curve_colouring(info.loc[curves["run_id"].unique()].reset_index())
     fig, axes = _panel_grid(len(datasets), width=5.5)
     for ax, dataset in zip(axes, datasets):
         ids = [r for r in curves["run_id"].unique() if info.at[r, "dataset"] == dataset]
-        seen, asha, diverged, finals = set(), [], [], []
+        seen, stops, diverged = set(), [], []
         here = curves[curves["run_id"].isin(ids)]
         for run_id, c in here.groupby("run_id", sort=False):
             c = c.sort_values("epoch")
             model, prior = info.at[run_id, "model"], info.at[run_id, "prior"]
-            label = _series_label(model, prior, models)
-            ax.plot(c["epoch"], c["val_elbo"], color=PRIOR_COLORS.get(prior), lw=1, alpha=0.6,
+            value = info.at[run_id, by] if by != "prior" else None
+            if by == "prior":
+                color, label = PRIOR_COLORS.get(prior), _series_label(model, prior, models)
+            elif value is None or not _finite(float(value)):
+                color, label = PRIOR_COLORS["standard"], f"{_series_label(model, prior, models)} (no {by})"
+            else:
+                color, label = cmap(norm(float(value))), None
+            ax.plot(c["epoch"], c["val_elbo"], color=color, lw=1, alpha=0.7, gid=run_id,
                     ls=MODEL_STYLES.get(model, ("-",))[0], label=None if label in seen else label)
             seen.add(label)
             last = (c["epoch"].iloc[-1], c["val_elbo"].iloc[-1])
-            finals.append(last[1])
-            if info.at[run_id, "stop_reason"] == "asha":
-                asha.append(last)
-            elif info.at[run_id, "stop_reason"] == "nan":
+            if info.at[run_id, "stop_reason"] == STOP_SCHEDULER:
+                stops.append(last)
+            elif info.at[run_id, "stop_reason"] == STOP_NAN:
                 diverged.append(last)
-        if asha:
-            x, y = zip(*asha)
-            ax.scatter(x, y, marker="x", color="k", s=30, zorder=3, gid="asha", label="stopped by ASHA")
+        if stops:
+            x, y = zip(*stops)
+            ax.scatter(x, y, marker="x", color="k", s=30, zorder=3, gid="scheduler", label="stopped by the scheduler")
         if diverged:
             x, y = zip(*diverged)
             ax.scatter(x, y, marker="v", color="#cc0000", s=30, zorder=3, gid="nan", label="diverged (NaN)")
-        # The first epochs' ELBO is far below the rest: keep the final values readable.
-        lo, hi = min(finals), here["val_elbo"].max()
+        values = here["val_elbo"].to_numpy(dtype=float)
+        lo, hi = curves_clip(values), float(values.max())
         if hi > lo:
-            ax.set_ylim(max(here["val_elbo"].min(), lo - 1.5 * (hi - lo)) - 0.02 * (hi - lo), hi + 0.05 * (hi - lo))
+            ax.set_ylim(lo, hi + 0.05 * (hi - lo))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation ELBO (nats)")
         ax.set_title(dataset)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Learning curves (validation ELBO)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if by != "prior":
+        from matplotlib.cm import ScalarMappable
+
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.8)
+        bar.set_label("K (pseudo-inputs / components)" if by == "K" else "learning rate")
+        _plain_ticks(bar)
+    fig.suptitle("Learning curves (validation ELBO); the lowest values are cut (see the report)")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep's Optuna study: parameter importances and parallel coordinates
+
+
+def find_study(parent, tracking_uri: str):
+    """The Optuna study of a sweep (parent run), or None when the sweep did not use Optuna or its
+    study file is not on this machine. The driver tags the parent with the study's storage and
+    name; older sweeps are looked for at <folder of the MLflow database>/sweeps/<sweep>/optuna.db."""
+    import optuna
+
+    tags = parent.data.tags
+    storage, name = tags.get(tracking.TAG_STUDY_STORAGE), tags.get(tracking.TAG_STUDY_NAME)
+    if storage is None and tracking_uri.startswith("sqlite:///"):
+        candidate = Path(tracking_uri[len("sqlite:///"):]).parent / "sweeps" / (parent.info.run_name or "") / "optuna.db"
+        if candidate.is_file():
+            storage = f"sqlite:///{candidate}"
+    if storage is None:
+        return None
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        names = optuna.get_all_study_names(storage)
+        if name is None:
+            if len(names) != 1:
+                return None
+            name = names[0]
+        return optuna.load_study(study_name=name, storage=storage) if name in names else None
+    except Exception:   # an unreadable or foreign file: the report goes on without it
+        return None
+
+
+def study_importances(study) -> dict[str, float]:
+    """PED-ANOVA importances of the searched parameters from the study's COMPLETE trials ({} when
+    fewer than two have a value). Fast, and robust to few trials."""
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2 or not any(t.params for t in complete):
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # experimental-API and "too few trials" warnings
+        return dict(optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator()))
+
+
+def _axis_values(values: list, log: bool) -> tuple[np.ndarray, list[float], list[str]]:
+    """Values of one parallel-coordinates axis scaled to [0, 1], with tick positions and labels."""
+    if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values):
+        x = np.log10(np.asarray(values, dtype=float)) if log else np.asarray(values, dtype=float)
+        lo, hi = float(x.min()), float(x.max())
+        span = hi - lo or 1.0
+        ticks = np.linspace(lo, hi, 3) if hi > lo else np.array([lo])
+        labels = [short(10 ** t if log else t) for t in ticks]
+        return (x - lo) / span, list((ticks - lo) / span), labels
+    cats = sorted({str(v) for v in values})
+    pos = {c: (i / (len(cats) - 1) if len(cats) > 1 else 0.5) for i, c in enumerate(cats)}
+    return np.array([pos[str(v)] for v in values]), list(pos.values()), cats
+
+
+def optuna_figure(study, metric: str, importances: dict[str, float]) -> Figure:
+    """Left: PED-ANOVA importances (bars, gid='importance'). Right: one line per COMPLETE trial
+    across the searched parameters and the metric, coloured by the metric (gid='trial_lines')."""
+    import optuna
+    from matplotlib import colormaps
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    params = sorted({k for t in complete for k in t.params}, key=lambda k: -importances.get(k, 0.0))
+    fig = Figure(figsize=(13, 4.6), dpi=100, layout="constrained")
+    ax_imp, ax_par = fig.subplots(1, 2, width_ratios=[1, 2.4])
+    if importances:
+        names = list(importances)[::-1]
+        ax_imp.barh(names, [importances[n] for n in names], color="#3465a4", gid="importance")
+        ax_imp.set_xlabel("importance (PED-ANOVA, normalised)")
+    else:
+        ax_imp.text(0.5, 0.5, "too few completed trials", ha="center", va="center", transform=ax_imp.transAxes)
+        ax_imp.set_axis_off()
+    ax_imp.set_title("parameter importance")
+    if complete and params:
+        axes_names = params + [metric]
+        columns = []
+        for name in params:
+            values = [t.params.get(name) for t in complete]
+            present = [v for v in values if v is not None]
+            dist = next((t.distributions[name] for t in complete if name in t.distributions), None)
+            scaled, ticks, labels = _axis_values(present, bool(getattr(dist, "log", False)))
+            full = np.full(len(values), np.nan)
+            full[[i for i, v in enumerate(values) if v is not None]] = scaled
+            columns.append((full, ticks, labels))
+        metric_values = np.array([t.value for t in complete])
+        columns.append(_axis_values(list(metric_values), False))
+        norm = Normalize(metric_values.min(), metric_values.max())
+        cmap = colormaps["viridis"]
+        xs = np.arange(len(axes_names))
+        ys = np.stack([c[0] for c in columns], axis=1)        # [trials, axes]
+        lines = []
+        for row, value in sorted(zip(ys, metric_values), key=lambda rv: rv[1]):   # best drawn last
+            lines.append(ax_par.plot(xs, row, color=cmap(norm(value)), lw=1.2, alpha=0.8)[0])
+        for line in lines:
+            line.set_gid("trial_lines")
+        for x, (_, ticks, labels) in zip(xs, columns):
+            ax_par.axvline(x, color="k", lw=0.8)
+            for t, label in zip(ticks, labels):
+                ax_par.text(x + 0.03, t, label, fontsize=7, va="center")
+        ax_par.set_xticks(xs, axes_names)
+        ax_par.set_yticks([])
+        ax_par.set_xlim(-0.1, len(axes_names) - 0.6)
+        ax_par.set_ylim(-0.05, 1.05)
+        from matplotlib.cm import ScalarMappable
+
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_par, shrink=0.9).set_label(metric)
+        ax_par.set_title(f"parallel coordinates: {len(complete)} completed trial(s)")
+    else:
+        ax_par.text(0.5, 0.5, "no completed trial with parameters", ha="center", va="center",
+                    transform=ax_par.transAxes)
+        ax_par.set_axis_off()
+    fig.suptitle(f"Optuna study {study.study_name!r}")
     return fig
 
 
@@ -511,16 +855,23 @@ def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def _skipped_notes(trials: pd.DataFrame) -> list[str]:
+    """A note for every trial without a test LL: running, killed, diverged, errored, other."""
     notes = []
     for r in trials[~trials["has_ll"]].itertuples(index=False):
         what = f"trial {r.trial} ({r.dataset} / {r.model} / {r.prior}, run {r.run_id})"
         if r.status == "RUNNING":
             notes.append(f"{what} is still running (epoch {r.epochs}) and has no test_ll yet: "
                          "left out of the table and the test-LL figures")
-        elif r.stop_reason == "nan":
+        elif r.stop_reason == STOP_NAN:
             notes.append(f"{what} diverged (NaN){': ' + r.stop_detail if r.stop_detail else ''}: no test_ll")
-        elif r.stop_reason == "error":
-            notes.append(f"{what} ended with an error{': ' + r.stop_detail[:200] if r.stop_detail else ''}")
+        elif r.stop_reason == STOP_ERROR:
+            notes.append(f"{what} ended with an error{': ' + r.stop_detail[:300] if r.stop_detail else ''}")
+        elif r.status == "KILLED":
+            notes.append(f"{what} was killed at epoch {r.epochs} (an interrupted sweep): no test_ll; "
+                         "`sweeper run SPEC --resume` continues it")
+        elif r.stop_reason == STOP_SCHEDULER:
+            notes.append(f"{what} was stopped by the scheduler at epoch {r.epochs} and has no test_ll yet "
+                         "(its evaluation was cut short): `sweeper run SPEC --resume` finishes it")
         else:
             notes.append(f"{what} has status {r.status} and no test_ll: left out")
     return notes
@@ -554,6 +905,12 @@ class _Report:
     def save(self, fig: Figure, name: str) -> Path:
         path = self.result.out / name
         fig.savefig(path)
+        self.result.files.append(path)
+        return path
+
+    def write(self, frame: pd.DataFrame, name: str) -> Path:
+        path = self.result.out / name
+        frame.to_csv(path, index=False)
         self.result.files.append(path)
         return path
 
@@ -626,6 +983,9 @@ def make_report(experiment: str, tracking_uri: str | None = None, out: str | Pat
     ignored = len(runs) - len(parents) - len(trials) - orphans
     if ignored:
         rep.note(f"{ignored} run(s) are neither sweeps nor trials (no dataset/prior params): ignored")
+    for p in parents:
+        if p.data.tags.get(tracking.TAG_ERRORS):
+            rep.note(f"sweep {p.info.run_name}: {p.data.tags[tracking.TAG_ERRORS]}")
     result.notes.extend(_skipped_notes(trials))
     if log_to_parent and runs and not parents:
         rep.note("the experiment has no sweep (parent) run: the report is not logged to MLflow")
@@ -638,6 +998,9 @@ def make_report(experiment: str, tracking_uri: str | None = None, out: str | Pat
             sections += _histogram_section(rep, client, trials, Path(tmp))
             sections += _best_trials_section(rep, client, trials, Path(tmp))
         sections += _curves_section(rep, client, trials)
+    sections += _optuna_section(rep, parents, uri)
+    if not trials.empty:
+        sections += _trials_section(rep, trials)
 
     md_path = out_dir / "report.md"
     md_path.write_text(_markdown(result, parents, trials, sections))
@@ -659,14 +1022,15 @@ def _table_section(rep: _Report, trials: pd.DataFrame) -> list[str]:
     rep.result.table = table
     if table.empty:
         return []
-    path = rep.result.out / "table.csv"
-    table.to_csv(path, index=False)
-    rep.result.files.append(path)
+    rep.write(table, "table.csv")
     lines = ["## Test log-likelihood", "",
              "Mean ± std (ddof=1) over seeds of the test log-likelihood in nats (higher is better; repeats "
              "of a seed are averaged first). Where a (dataset, model, prior) holds several configurations, "
              "the one with the best mean validation ELBO is shown (chosen without the test set). "
-             "`diff` = ours − published. Also in [table.csv](table.csv).", "", markdown_table(table), ""]
+             "`published`: the paper's number where it has one, else the first sourced one; `diff` = ours − "
+             f"published. `check`: ⚠ where ours is more than {FLAG_NATS:g} nat below the best sourced "
+             "reference for that dataset, model and prior. Also in [table.csv](table.csv).", "",
+             markdown_table(table), ""]
     caveat = _comparability_note(trials)
     if caveat:
         lines += [f"Note: {caveat}.", ""]
@@ -681,13 +1045,19 @@ def _k_section(rep: _Report, trials: pd.DataFrame) -> list[str]:
             rep.note("no trial of a prior with pseudo-inputs/components (vamp, vamp_data, mog) has a test LL: "
                      "no K figure")
         return []
-    best = best_trials(trials)
-    baselines = best[best["prior"] == "standard"][["dataset", "model", "test_ll"]]
-    baselines = baselines[baselines["dataset"].isin(points["dataset"])]
+    best = best_trials(trials[trials["ended"]])
+    baselines = best[best["prior"] == "standard"][["dataset", "model", "test_ll"]] if not best.empty else None
+    if baselines is not None:
+        baselines = baselines[baselines["dataset"].isin(points["dataset"])]
     rep.save(ll_vs_k_figure(points, baselines), "ll_vs_K.png")
+    n_ended = int(points["ended"].sum())
     return ["## Test log-likelihood against K", "",
-            f"{len(points)} trial(s) as points, the best trial per K as a line; the standard prior's best "
-            "trial as a horizontal line.", "", "![LL against K](ll_vs_K.png)", ""]
+            f"{len(points)} trial(s): {n_ended} trained to their own end (filled; seeds of one setting averaged "
+            f"per K, error bars = their std; the line joins the best setting per K) and {len(points) - n_ended} "
+            "stopped early by the scheduler (hollow; a shorter budget, so never joined with the others). Marker "
+            "area grows with the epochs trained; colour is the learning rate where it varies. The standard "
+            "prior's best trial that trained to its end is the horizontal line.", "",
+            "![LL against K](ll_vs_K.png)", ""]
 
 
 def _histogram_section(rep: _Report, client, trials: pd.DataFrame, tmp: Path) -> list[str]:
@@ -729,14 +1099,18 @@ def _best_trials_section(rep: _Report, client, trials: pd.DataFrame, tmp: Path) 
         name = f"best_{_safe(r.dataset)}_{_safe(r.model)}_{_safe(r.prior)}.png"
         rep.save(best_trial_figure(title, panels), name)
         lines += [f"### {r.dataset} / {r.model} / {r.prior}", "", f"![{title}]({name})", ""]
-    return ["## Best trial per prior", ""] + lines if lines else []
+    if not lines:
+        return []
+    return ["## Best trial per prior", "",
+            "Pixel values are shown as black (0) to white (1) with the same mapping in every panel, "
+            "enlarged with nearest-neighbour pixels.", ""] + lines
 
 
 def _curves_section(rep: _Report, client, trials: pd.DataFrame) -> list[str]:
     rows = []
     for r in trials.itertuples(index=False):
         try:
-            history = client.get_metric_history(r.run_id, "val_elbo")
+            history = client.get_metric_history(r.run_id, METRIC_VAL_ELBO)
         except Exception as exc:
             rep.note(f"trial {r.trial}: cannot read its val_elbo history ({exc})")
             continue
@@ -747,10 +1121,55 @@ def _curves_section(rep: _Report, client, trials: pd.DataFrame) -> list[str]:
         rep.note("no trial has logged a validation ELBO yet: no learning curves")
         return []
     rep.save(learning_curves_figure(curves, trials), "learning_curves.png")
-    n_asha = int((trials["stop_reason"] == "asha").sum())
+    n_stopped = int((trials["stop_reason"] == STOP_SCHEDULER).sum())
+    by = _curve_colouring(trials[trials["run_id"].isin(curves["run_id"])])[0]
+    cut = 0
+    info = trials.set_index("run_id")
+    for _, here in curves.groupby(curves["run_id"].map(info["dataset"])):
+        values = here["val_elbo"].to_numpy(dtype=float)
+        cut += int((values < curves_clip(values)).sum())
     return ["## Learning curves", "",
-            f"Validation ELBO per epoch of {curves['run_id'].nunique()} trial(s); a cross marks where ASHA "
-            f"stopped a trial ({n_asha} trial(s)).", "", "![learning curves](learning_curves.png)", ""]
+            f"Validation ELBO per epoch of {curves['run_id'].nunique()} trial(s), coloured by "
+            f"{ {'K': 'K (colour bar; the standard prior in gray)', 'lr': 'learning rate (colour bar)', 'prior': 'prior'}[by] }"
+            f"; a cross marks where the scheduler stopped a trial ({n_stopped} trial(s)). Each panel's y-axis starts "
+            f"at the {CURVES_LOW_PERCENTILE:g}th percentile of its values, or 3 interquartile ranges below the lower "
+            f"quartile where that is higher, so that a diverging trial cannot flatten the others ({cut} of "
+            f"{len(curves)} points, mostly the first epochs, lie below it).", "", "![learning curves](learning_curves.png)", ""]
+
+
+def _optuna_section(rep: _Report, parents: list, tracking_uri: str) -> list[str]:
+    lines = []
+    for parent in parents:
+        study = find_study(parent, tracking_uri)
+        if study is None:
+            continue
+        rep.result.studies[parent.info.run_name] = study
+        importances = study_importances(study)
+        metric = (study.metric_names or [parent.data.params.get("metric.name", "value")])[0]
+        name = f"optuna_{_safe(parent.info.run_name or parent.info.run_id)}.png"
+        rep.save(optuna_figure(study, metric, importances), name)
+        import optuna
+
+        counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts()
+        states = ", ".join(f"{n} {s}" for s, n in counts.items())
+        ranked = ", ".join(f"{k} {v:.2f}" for k, v in importances.items()) or "too few completed trials"
+        lines += [f"### Sweep `{parent.info.run_name}`", "",
+                  f"Study `{study.study_name}` ({states}; optuna {optuna.__version__}). Importances from the "
+                  f"completed trials only (PED-ANOVA, normalised): {ranked}. Pruned trials stopped at lower "
+                  "budgets and have no final value; `optuna-dashboard` shows them with their intermediate "
+                  "values.", "", f"![Optuna study of {parent.info.run_name}]({name})", ""]
+    return ["## Search: the Optuna study", ""] + lines if lines else []
+
+
+def _trials_section(rep: _Report, trials: pd.DataFrame) -> list[str]:
+    rep.write(trials_table(trials), "trials.csv")
+    lines = ["## Trials", "",
+             "Every trial: why it stopped, after how many epochs (the best validation epoch, whose weights were "
+             "tested), its wall time (training and test evaluation), and its test LL. Also in "
+             "[trials.csv](trials.csv).", ""]
+    if len(trials) <= 200:
+        lines += [markdown_trials(trials), ""]
+    return lines
 
 
 def _markdown(result: ReportResult, parents: list, trials: pd.DataFrame, sections: list[str]) -> str:
@@ -761,7 +1180,8 @@ def _markdown(result: ReportResult, parents: list, trials: pd.DataFrame, section
         lines.append("- sweeps: " + ", ".join(f"`{p.info.run_name}` ({p.info.run_id}, {p.info.status})"
                                                for p in parents))
     if not trials.empty:
-        counts = trials["stop_reason"].replace("", "running/unknown").value_counts()
+        reasons = trials["stop_reason"].where(trials["stop_reason"] != "", trials["status"].str.lower())
+        counts = reasons.value_counts()
         lines.append(f"- trials: {len(trials)} ("
                      + ", ".join(f"{n} {reason}" for reason, n in counts.items())
                      + f"); {int(trials['has_ll'].sum())} with a test log-likelihood")

@@ -22,6 +22,7 @@ from ray import tune
 from sweeper import tracking
 from sweeper.errors import SweeperError
 from sweeper.spec import SweepSpec, load_spec
+from trainables.vae.catalog import STOP_ERROR
 
 STATE_FILE = "sweep.json"
 # What the trials need from the driver's environment: MLflow credentials and the data location.
@@ -116,7 +117,7 @@ class TrialRunsCallback(tune.Callback):
         if run is not None and run.info.status == "RUNNING":
             handle = tracking.RunHandle(self.args[0], run.info.run_id)
             detail = str(getattr(trial, "error_file", "") or "see the Ray trial log")
-            handle.set_tags({tracking.TAG_STOP: "error", "stop_detail": detail})
+            handle.set_tags({tracking.TAG_STOP: STOP_ERROR, "stop_detail": detail})
             handle.terminate("FAILED")
 
 
@@ -186,6 +187,11 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
             tags={tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: plan.sweep_id,
                   "mlflow.note.content": spec.description or f"sweep {spec.name}"}).info.run_id)
         parent.log_params({"spec_file": spec_path.name, **tracking.flatten("", spec.to_dict())})
+        if spec.search.algorithm == "optuna":
+            from sweeper.search import study_storage_url
+
+            parent.set_tags({tracking.TAG_STUDY_STORAGE: study_storage_url(plan.state_dir),
+                             tracking.TAG_STUDY_NAME: spec.name})
         parent.log_artifact(spec_path, "spec")
         if overrides:
             parent.log_text("\n".join(overrides) + "\n", "spec/overrides.txt")
@@ -198,7 +204,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
 
     sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
                  "parent_run_id": parent.run_id, "sweep_name": plan.sweep_id,
-                 "cpus_per_trial": max(1, int(spec.resources.cpu))}
+                 "cpus_per_trial": max(1, int(spec.resources.cpu)), "scheduler": spec.scheduler.type}
     pooled = spec.resources.pooled
     if pooled:
         sweep_cfg["pool"] = {"sweep_id": plan.sweep_id}

@@ -36,16 +36,12 @@ from ray.tune.search.variant_generator import RecursiveDependencyError
 
 from sweeper.errors import SweeperError
 from sweeper.spec import Parameter, SweepSpec
-from trainables.vae.train import STOP_COMPLETED, STOP_EARLY, STOP_NAN
+from trainables.vae.catalog import ENDED_BY_ITSELF, FAILED
 
 logger = logging.getLogger(__name__)
 
 STUDY_FILE = "optuna.db"
 
-# `stop_reason` values of the trainable's last result (trainables/vae/train.py); "error" is set
-# on the MLflow run of a trial whose step raised.
-COMPLETED_REASONS = frozenset({STOP_COMPLETED, STOP_EARLY})
-FAILED_REASONS = frozenset({STOP_NAN, "error"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +122,9 @@ def trial_end_state(result: Mapping[str, Any] | None, error: bool, metric: str,
     if not result:
         return TrialState.PRUNED
     reason = result.get("stop_reason")
-    if reason in FAILED_REASONS:
+    if reason in FAILED:
         return TrialState.FAIL
-    finished = reason in COMPLETED_REASONS
+    finished = reason in ENDED_BY_ITSELF
     budgets = [b for b in (result.get("config/max_epochs"), max_t) if b is not None]
     if not finished and budgets and result.get(TRAINING_ITERATION, 0) >= min(budgets):
         finished = True  # ASHA's max_t stop: the trial survived every rung, it ran its budget

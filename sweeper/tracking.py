@@ -27,6 +27,10 @@ TAG_SWEEP = "sweeper.sweep"
 TAG_ROLE = "sweeper.role"
 TAG_STOP = "stop_reason"
 TAG_ORPHANED = "sweeper.orphaned"   # a run of a trial that the interrupted sweep lost (see run.py)
+TAG_STUDY_STORAGE = "sweeper.optuna_storage"   # parent run: the sweep's Optuna study (storage URL ...
+TAG_STUDY_NAME = "sweeper.optuna_study"        # ... and study name), for the report and optuna-dashboard
+TAG_SCHEDULER = "sweeper.scheduler"            # trial run stopped by a scheduler: which one (asha, ...)
+TAG_ERRORS = "sweeper.errors"                  # parent run: which trials ended with an error
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:

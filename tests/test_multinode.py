@@ -140,7 +140,7 @@ def test_sweep_places_trials_on_both_nodes_and_logs_over_http(cluster, mlflow_se
         tags, metrics = run.data.tags, run.data.metrics
         assert tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.info.status == "FINISHED", (run.info.run_name, run.info.status, tags.get("stop_detail"))
-        assert tags["stop_reason"] in ("completed", "asha")
+        assert tags["stop_reason"] in ("completed", "scheduler")
         epochs = int(metrics["epoch"])
         history = client.get_metric_history(run.info.run_id, "val_elbo")
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), (run.info.run_name, history)

@@ -20,7 +20,8 @@ from mlflow.entities import Metric, Param
 
 from sweeper.cli import main
 from sweeper.errors import SweeperError
-from sweeper.report import (PUBLISHED, learning_curves_figure, ll_vs_k_figure, make_report, published_ll)
+from sweeper.report import (FLAG_NATS, PUBLISHED, best_reference, k_points_frame, learning_curves_figure,
+                            ll_vs_k_figure, make_report, published_ll, trials_frame)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -47,12 +48,12 @@ def add_parent(client, exp_id: str, name: str, start_time: int) -> str:
 
 def add_trial(client, exp_id: str, parent: str, *, prior: str, seed: int, K: int = 500,
               dataset: str = "frey_faces", val: list[float] = (), final: dict | None = None,
-              status: str = "FINISHED", stop: str = "completed", detail: str = "") -> str:
+              status: str = "FINISHED", stop: str = "completed", detail: str = "", lr: float = 0.0005) -> str:
     """A trial run as the trainable writes it: params as strings, val_elbo per epoch, final metrics."""
-    tags = {"mlflow.parentRunId": parent, "sweeper.role": "trial", "sweeper.trial_id": f"{prior}-{K}-{seed}"}
+    tags = {"mlflow.parentRunId": parent, "sweeper.role": "trial", "sweeper.trial_id": f"{prior}-{K}-{seed}-{lr}"}
     run = client.create_run(exp_id, run_name=f"trial_{prior}_{K}_{seed}", tags=tags)
     run_id = run.info.run_id
-    params = {"dataset": dataset, "model": "vae", "prior": prior, "K": K, "lr": 0.0005, "seed": seed,
+    params = {"dataset": dataset, "model": "vae", "prior": prior, "K": K, "lr": lr, "seed": seed,
               "max_epochs": 3, "test_samples": 5000, "data_root": "None", "device": "auto"}
     metrics = [Metric("val_elbo", v, 0, epoch) for epoch, v in enumerate(val, start=1)]
     metrics += [Metric("epoch", float(epoch), 0, epoch) for epoch in range(1, len(val) + 1)]
@@ -82,6 +83,13 @@ def test_published_numbers_prefer_the_paper_else_the_first_listed():
     assert all(p.ll < 0 for p in PUBLISHED)
 
 
+def test_the_best_reference_is_the_highest_sourced_number():
+    assert best_reference("static_mnist", "vae", "vamp").ll == -85.57          # the paper beats the re-runs
+    assert best_reference("frey_faces", "vae", "standard").ll == -1799.27     # a REF re-run beats SEED
+    assert best_reference("frey_faces", "vae", "vamp_data").source.startswith("SEED")
+    assert best_reference("caltech101", "vae", "mog") is None
+
+
 def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     uri, client, exp_id = new_store(tmp_path, "frey")
     old = add_parent(client, exp_id, "frey-old", start_time=1_000)
@@ -90,6 +98,7 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     for seed, (v, t) in enumerate([(-2310.0, -2300.0), (-2320.0, -2310.0)]):
         ll[add_trial(client, exp_id, old, prior="standard", seed=seed, val=[-3000.0, -2500.0, v],
                      final={"test_ll": t, "test_bits_per_dim": -t / (560 * math.log(2))})] = t
+    # "asha": what older sweeps called any scheduler stop
     asha = add_trial(client, exp_id, new, prior="standard", seed=2, val=[-3100.0], stop="asha",
                      final={"test_ll": -2400.0})
     # K=10 has the better test LL but the worse validation ELBO: the table must show K=100.
@@ -114,11 +123,14 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     assert std.test_ll_mean == pytest.approx(statistics.mean(tests))
     assert std.test_ll_std == pytest.approx(statistics.stdev(tests))
     assert (std.n_seeds, std.n_trials, std.n_configs) == (3, 3, 1)     # K is ignored for `standard`
-    assert std.published_ll == -2281.16 and std.published_source.startswith("SEED")
-    assert std.diff_ll == pytest.approx(statistics.mean(tests) + 2281.16)
+    assert std.published_ll == -1799.27 and std.published_source.startswith("REF re-run")
+    assert std.diff_ll == pytest.approx(statistics.mean(tests) + 1799.27)
+    # More than FLAG_NATS below the best reference: flagged, with the reference beside it.
+    assert std.flag and std.best_reference_ll == -1799.27
+    assert std.below_best_reference == pytest.approx(-1799.27 - statistics.mean(tests))
     # bits/dim: the logged metric where there is one, else from the test LL
     assert std.bits_per_dim_mean == pytest.approx(statistics.mean(-t / (560 * math.log(2)) for t in tests))
-    assert std.published_bits_per_dim == pytest.approx(2281.16 / (560 * math.log(2)))
+    assert std.published_bits_per_dim == pytest.approx(1799.27 / (560 * math.log(2)))
     vamp = table.loc["vamp"]
     assert vamp.config == "K=100" and vamp.n_configs == 2 and vamp.n_seeds == 2
     assert vamp.test_ll_mean == pytest.approx(-2261.0) and vamp.test_ll_std == pytest.approx(math.sqrt(2))
@@ -126,26 +138,135 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
 
     notes = "\n".join(result.notes)
     assert running in notes and "still running" in notes
+    assert result.trials.set_index("run_id").at[asha, "stop_reason"] == "scheduler"
     assert nan in notes and "diverged" in notes and "lower the learning rate" in notes
     assert "1 run(s) are neither sweeps nor trials" in notes
     assert "1 run(s) of trials lost by an interrupted sweep" in notes and lost not in set(result.trials["run_id"])
     assert "no per_image_ll.csv" in notes                 # these runs have no artifacts
     md = (tmp_path / "out" / "report.md").read_text()
     assert running in md and "still running" in md and "| frey_faces | vae | vamp | -2261.00 ± 1.41 |" in md
+    below = -1799.27 - statistics.mean(tests)
+    assert f"⚠ {below:.2f} nats below -1799.27 (REF re-run (RobertYCXu/vae_vampprior))" in md
     # The running and the NaN trial are left out of the K figure but their curves are drawn.
     assert len(result.k_points) == 4 and running not in set(result.k_points["run_id"])
     assert {running, nan} <= set(result.curves["run_id"])
     assert result.curves["val_elbo"].notna().all()
     figure = learning_curves_figure(result.curves, result.trials)
-    marks = {c.get_gid(): len(c.get_offsets()) for ax in figure.axes for c in ax.collections}
-    assert marks == {"asha": 1, "nan": 1}
+    marks = {c.get_gid(): len(c.get_offsets()) for ax in figure.axes for c in ax.collections if c.get_gid()}
+    assert marks == {"scheduler": 1, "nan": 1}
     names = {p.name for p in result.files}
-    assert names == {"table.csv", "ll_vs_K.png", "learning_curves.png", "report.md"}
+    assert names == {"table.csv", "trials.csv", "ll_vs_K.png", "learning_curves.png", "report.md"}
+    listed = pd.read_csv(tmp_path / "out" / "trials.csv", dtype=str, keep_default_na=False).set_index("run_id")
+    assert listed.at[nan, "stop_reason"] == "nan" and listed.at[asha, "epochs"] == "1"
+    assert listed.at[asha, "K"] == "" and listed.at[asha, "lr"] == "0.0005"   # blank, not the unused default
     # several sweeps in the experiment: the newest gets the report
     assert result.logged_to == new
     logged = {a.path for a in client.list_artifacts(new, "report")}
     assert logged == {f"report/{n}" for n in names}
     assert not client.list_artifacts(old)
+
+
+def test_the_K_figure_compares_like_with_like_and_curves_are_coloured_by_K(tmp_path):
+    """Mixed budgets: trials that ran to their end are averaged over seeds and joined per K; the
+    scheduler's short trials are drawn apart (hollow), never on the line, sized by their epochs."""
+    uri, client, exp_id = new_store(tmp_path, "mnist")
+    parent = add_parent(client, exp_id, "mnist-1", start_time=1)
+    ended = {}
+    for K, lls in ((10, (-86.4, -86.0)), (100, (-85.9, -85.7))):
+        for seed, ll in enumerate(lls):
+            ended[add_trial(client, exp_id, parent, prior="vamp", K=K, seed=seed, dataset="static_mnist",
+                            val=[-120.0, -95.0, -90.0 - seed], stop="early_stopping",
+                            final={"test_ll": ll})] = (K, ll)
+    # A low-lr trial the scheduler cut after 1 epoch at K=30: a low LL that must not make a dip in the line.
+    stopped = add_trial(client, exp_id, parent, prior="vamp", K=30, seed=0, dataset="static_mnist", lr=1e-4,
+                        val=[-150.0], stop="scheduler", final={"test_ll": -140.0})
+    # A diverging trial: its -1e6 must not squash the other curves.
+    add_trial(client, exp_id, parent, prior="vamp", K=10, seed=5, dataset="static_mnist",
+              val=[-130.0, -1e6, float("nan")], status="FAILED", stop="nan")
+    result = make_report("mnist", uri, tmp_path / "out", log_to_parent=False)
+
+    points = result.k_points.set_index("run_id")
+    assert bool(points.at[stopped, "ended"]) is False and all(points.loc[list(ended), "ended"])
+    figure = ll_vs_k_figure(result.k_points)
+    ax = figure.axes[0]
+    by_gid = {}
+    for c in ax.collections:
+        by_gid.setdefault(c.get_gid(), []).append(c)
+    ended_xy = sorted((float(x), float(y)) for c in by_gid["ended"] for x, y in c.get_offsets())
+    assert ended_xy == sorted((float(K), ll) for K, ll in ended.values())
+    stopped_xy = [(float(x), float(y)) for c in by_gid["stopped"] for x, y in c.get_offsets()]
+    assert stopped_xy == [(30.0, -140.0)]
+    assert by_gid["stopped"][0].get_facecolors().size == 0 or by_gid["stopped"][0].get_facecolors()[0][3] == 0
+    # Marker area grows with the epochs: the 1-epoch trial is drawn smaller than the 3-epoch ones.
+    assert by_gid["stopped"][0].get_sizes().max() < by_gid["ended"][0].get_sizes().min()
+    # The line joins the seed means per K of the ended trials only: no point at K=30.
+    line = [l for l in ax.get_lines() if l.get_gid() == "best_ended"]
+    assert len(line) == 1
+    assert list(line[0].get_xdata()) == [10, 100]
+    assert list(line[0].get_ydata()) == pytest.approx([-86.2, -85.8])
+    # Seed spread: at each K an error bar of +-std of the two seeds around their mean.
+    (spread,) = by_gid["seed_spread"]
+    bars = sorted(v for seg in spread.get_segments() for v in (float(seg[0][0]), float(seg[0][1]), float(seg[1][1])))
+    sd10, sd100 = statistics.stdev([-86.4, -86.0]), statistics.stdev([-85.9, -85.7])
+    assert bars == pytest.approx(sorted([10, -86.2 - sd10, -86.2 + sd10, 100, -85.8 - sd100, -85.8 + sd100]))
+    # lr varies (5e-4 and 1e-4): a colour bar for it.
+    assert any(a.get_ylabel() == "learning rate" for a in figure.axes)
+
+    curves = learning_curves_figure(result.curves, result.trials)
+    assert len([a for a in curves.axes if a.get_ylabel().startswith("K")]) == 1   # coloured by K, colour bar
+    colour = {l.get_gid(): l.get_color() for l in curves.axes[0].get_lines()}
+    k_of = result.trials.set_index("run_id")["K"]
+    by_k = {}
+    for run_id in ended:
+        by_k.setdefault(int(k_of[run_id]), set()).add(tuple(colour[run_id]))
+    assert len(by_k[10]) == 1 and len(by_k[100]) == 1 and by_k[10] != by_k[100]
+    low, high = curves.axes[0].get_ylim()
+    assert low > -1e5 and high > -95                             # the -1e6 of the diverged trial is cut
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "points, mostly the first epochs, lie below it" in md
+    # Within FLAG_NATS of the paper's -85.57: not flagged.
+    row = result.table.iloc[0]
+    assert not row.flag and row.best_reference_ll == -85.57 and row.below_best_reference < FLAG_NATS
+    assert "within 1 nat of the best reference (-85.57)" in md
+
+
+def test_the_optuna_study_gives_importances_and_parallel_coordinates(tmp_path):
+    import optuna
+
+    uri, client, exp_id = new_store(tmp_path, "searched")
+    parent = add_parent(client, exp_id, "searched-1", start_time=1)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    client.set_tag(parent, "sweeper.optuna_storage", storage)
+    client.set_tag(parent, "sweeper.optuna_study", "searched")
+    study = optuna.create_study(study_name="searched", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_metric_names(["val_elbo"])
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 1e-4, 3e-3, log=True)
+        K = trial.suggest_int("K", 10, 1000, log=True)
+        return -90.0 - 100.0 * abs(math.log10(lr) + 3) + 0.001 * K    # lr matters, K barely
+
+    study.optimize(objective, n_trials=30)
+    pruned = study.ask()
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    result = make_report("searched", uri, tmp_path / "out", log_to_parent=False)
+
+    png = tmp_path / "out" / "optuna_searched-1.png"
+    assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC
+    from sweeper.report import optuna_figure, study_importances
+
+    found = result.studies["searched-1"]
+    importances = study_importances(found)
+    assert set(importances) == {"lr", "K"} and importances["lr"] > importances["K"]
+    figure = optuna_figure(found, "val_elbo", importances)
+    imp_ax, par_ax = figure.axes[:2]
+    assert len([p for p in imp_ax.patches]) == 2
+    lines = [l for l in par_ax.get_lines() if l.get_gid() == "trial_lines"]
+    assert len(lines) == 30                                       # completed trials only
+    assert [t.get_text() for t in par_ax.get_xticklabels()] == ["lr", "K", "val_elbo"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Search: the Optuna study" in md and "30 COMPLETE, 1 PRUNED" in md and "](optuna_searched-1.png)" in md
 
 
 def test_only_nan_trials_give_notes_and_the_learning_curves(tmp_path):
@@ -157,7 +278,7 @@ def test_only_nan_trials_give_notes_and_the_learning_curves(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.exception is None
     assert "no trial has a test log-likelihood yet" in result.output and "diverged (NaN)" in result.output
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["learning_curves.png", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["learning_curves.png", "report.md", "trials.csv"]
 
 
 def test_an_empty_experiment_gives_a_clear_message(tmp_path):
@@ -234,7 +355,7 @@ def trial_runs(uri: str) -> list:
 def test_every_file_is_produced_valid_and_logged_to_the_sweep(sweep, report):
     outcome, _ = sweep
     out = report.out
-    expected = {"table.csv", "ll_vs_K.png", "ll_histograms.png", "learning_curves.png", "report.md",
+    expected = {"table.csv", "trials.csv", "ll_vs_K.png", "ll_histograms.png", "learning_curves.png", "report.md",
                 "best_static_mnist_vae_standard.png", "best_static_mnist_vae_vamp.png"}
     assert {p.name for p in report.files} == expected
     assert {p.name for p in out.iterdir()} == expected
@@ -295,20 +416,21 @@ def test_the_K_figure_has_one_point_per_trial(sweep, report):
     assert len(points) == len(vamp)
     assert {r.run_id: (r.K, r.test_ll) for r in points.itertuples()} == vamp
     figure = ll_vs_k_figure(points)
-    offsets = [(float(x), float(y)) for ax in figure.axes for c in ax.collections if c.get_gid() == "trials"
-               for x, y in c.get_offsets()]
+    offsets = [(float(x), float(y)) for ax in figure.axes for c in ax.collections
+               if c.get_gid() in ("ended", "stopped") for x, y in c.get_offsets()]
     assert sorted(offsets) == sorted(vamp.values())
     assert figure.axes[0].get_xscale() == "log"
 
 
 @pytest.mark.slow
-def test_learning_curves_cover_every_trial_and_mark_asha_stops(sweep, report):
+def test_learning_curves_cover_every_trial_and_mark_scheduler_stops(sweep, report):
     outcome, _ = sweep
     runs = trial_runs(outcome.tracking_uri)
     assert set(report.curves["run_id"]) == {r.info.run_id for r in runs}
     for r in runs:   # one point per epoch the run logged
         assert (report.curves["run_id"] == r.info.run_id).sum() == int(r.data.metrics["epoch"])
-    stopped = sum(r.data.tags["stop_reason"] == "asha" for r in runs)
+    stopped = [r for r in runs if r.data.tags["stop_reason"] == "scheduler"]
+    assert stopped and all(r.data.tags["sweeper.scheduler"] == "asha" for r in stopped)
     figure = learning_curves_figure(report.curves, report.trials)
-    marked = sum(len(c.get_offsets()) for ax in figure.axes for c in ax.collections if c.get_gid() == "asha")
-    assert marked == stopped
+    marked = sum(len(c.get_offsets()) for ax in figure.axes for c in ax.collections if c.get_gid() == "scheduler")
+    assert marked == len(stopped)

@@ -66,13 +66,13 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
             steps = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
             assert any("pseudo_inputs+step+1+" in p for p in steps)     # the step slider has epoch 1
         reasons.append(run.data.tags["stop_reason"])
-    assert "asha" in reasons and set(reasons) <= {"asha", "completed"}
+    assert "scheduler" in reasons and set(reasons) <= {"scheduler", "completed"}
     # ASHA-stopped trials are PRUNED in the Optuna study kept in the sweep's folder.
     study_db = next((tmp_path / "sweeps").glob("quickstart-*/optuna.db"))
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{study_db}")
     states = [t.state for t in study.trials]
     assert len(states) == 5
-    assert states.count(optuna.trial.TrialState.PRUNED) == reasons.count("asha")
+    assert states.count(optuna.trial.TrialState.PRUNED) == reasons.count("scheduler")
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert all(t.intermediate_values for t in pruned)
 
@@ -108,10 +108,10 @@ def test_a_batched_sweep_pools_the_trials_and_each_stays_a_whole_trial(tmp_path,
         assert any("pseudo_inputs+step+1+" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
         reasons.append(run.data.tags["stop_reason"])
     assert max(pool_sizes) >= 2          # trials really shared batched rounds
-    assert "asha" in reasons and set(reasons) <= {"asha", "completed"}
+    assert "scheduler" in reasons and set(reasons) <= {"scheduler", "completed"}
     study_db = next((tmp_path / "sweeps").glob("pooled-*/optuna.db"))
     study = optuna.load_study(study_name="pooled", storage=f"sqlite:///{study_db}")
-    assert [t.state for t in study.trials].count(optuna.trial.TrialState.PRUNED) == reasons.count("asha")
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.PRUNED) == reasons.count("scheduler")
 
 
 def test_a_nan_trial_ends_with_its_reason_and_the_sweep_finishes(tmp_path, data_env):

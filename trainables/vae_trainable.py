@@ -23,13 +23,13 @@ from trainables.pool import get_pool, poolable
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.evaluate import image_grid
-from trainables.vae.train import STOP_NAN, Trainer, final_evaluation
+from trainables.vae.catalog import STOP_ERROR, STOP_NAN, STOP_SCHEDULER
+from trainables.vae.train import Trainer, final_evaluation
 
 # The key of the trial config that carries sweep bookkeeping, not training settings.
 SWEEP_KEY = "sweeper"
 CHECKPOINT_FILE = "trainer.pt"
 N_GRID_IMAGES = 100
-STOP_SCHEDULER = "asha"
 
 _SPLITS: dict[tuple[str, str | None], Splits] = {}
 
@@ -147,8 +147,12 @@ def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint"
     with checkpoint.as_directory() as directory:
         trainer = trainer_from_state(config, read_checkpoint(directory)["trainer"])
     cfg, sweep = split_config(config)
-    trainer.stop_detail = f"stopped by the scheduler after epoch {trainer.epoch}"
-    return finalize(trainer, _open_run(sweep, trial_id, trial_name, cfg), STOP_SCHEDULER)
+    scheduler = sweep.get("scheduler", "")
+    trainer.stop_detail = f"stopped by the scheduler ({scheduler}) after epoch {trainer.epoch}"
+    run = _open_run(sweep, trial_id, trial_name, cfg)
+    if run is not None:
+        run.set_tags({tracking.TAG_SCHEDULER: scheduler})
+    return finalize(trainer, run, STOP_SCHEDULER)
 
 
 class VAETrainable(tune.Trainable):
@@ -199,7 +203,7 @@ class VAETrainable(tune.Trainable):
             metrics = self.trainer.step() if self.pool is None else ray.get(self.pool.step.remote(self.trial_id))
         except Exception as exc:
             if self.run is not None:
-                self.run.set_tags({tracking.TAG_STOP: "error", "stop_detail": f"{type(exc).__name__}: {exc}"[:5000]})
+                self.run.set_tags({tracking.TAG_STOP: STOP_ERROR, "stop_detail": f"{type(exc).__name__}: {exc}"[:5000]})
                 self.run.terminate("FAILED")
             raise
         epoch = metrics["epoch"]

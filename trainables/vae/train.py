@@ -19,9 +19,7 @@ from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, load_dataset
 from trainables.vae.model import LatentVariableModel, build_model
 
-STOP_COMPLETED = "completed"
-STOP_EARLY = "early_stopping"
-STOP_NAN = "nan"
+from trainables.vae.catalog import STOP_COMPLETED, STOP_EARLY, STOP_NAN  # noqa: F401 (re-exported)
 SUBSET_SEED = 1234   # train/val/test_subset draw the same images in every trial
 
 
