@@ -18,7 +18,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SweeperError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"{getattr(exc, 'prefix', 'error: ')}{exc}", err=True)
             ctx.exit(exc.exit_code)
 
 
@@ -123,7 +123,7 @@ def validate(spec: Path, overrides: tuple[str, ...]) -> None:
     """Check a sweep spec and list every problem; nothing is started."""
     from sweeper.run import validate as validate_spec
 
-    checked = validate_spec(spec, overrides)
+    checked = validate_spec(spec, overrides, echo=click.echo)
     click.echo(f"{spec}: ok ({checked.total_trials} trial(s), search {checked.search.algorithm}, "
                f"scheduler {checked.scheduler.type})")
 
@@ -146,8 +146,6 @@ def run(spec: Path, overrides: tuple[str, ...], **options) -> None:
     outcome = run_sweep(spec, overrides, **options, echo=click.echo)
     click.echo(f"\nMLflow: experiment {outcome.experiment_id}, parent run {outcome.parent_run_id} "
                f"({outcome.tracking_uri}); browse with `sweeper ui`")
-    if outcome.errors:
-        click.echo(f"{len(outcome.errors)} trial(s) ended with an error; see their runs' stop_detail", err=True)
 
 
 @main.command()

@@ -31,5 +31,16 @@ class SpecError(SweeperError):
         super().__init__(f"{source}: {len(self.problems)} problem(s) in the sweep spec:\n{lines}")
 
 
+class SweepInterrupted(SweeperError):
+    """The user interrupted a sweep (Ctrl-C); the message says how to continue it."""
+
+    exit_code = 130   # 128 + SIGINT, as shells report an interrupted command
+    prefix = ""
+
+
+class SweepFailed(SweeperError):
+    """The sweep ran to its end but some trials ended with an error (listed in the message)."""
+
+
 class TrainingDiverged(SweeperError):
     """The loss became NaN or infinite; the message names the epoch and the quantity."""

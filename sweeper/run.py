@@ -10,7 +10,10 @@ run, the same child runs, the searcher's study and ASHA's rungs.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +23,10 @@ import ray
 from ray import tune
 
 from sweeper import tracking
-from sweeper.errors import SweeperError
+from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
 from sweeper.spec import SweepSpec, load_spec
-from trainables.vae.catalog import STOP_ERROR
+from trainables.vae.catalog import (METRIC_TEST_LL, METRIC_VAL_ELBO, STOP_ERROR, STOP_SCHEDULER, short,
+                                    stop_reason)
 
 STATE_FILE = "sweep.json"
 # What the trials need from the driver's environment: MLflow credentials and the data location.
@@ -54,7 +58,7 @@ class SweepOutcome:
     tracking_uri: str
     experiment_path: str
     summary: Any = None           # pandas.DataFrame of the trials, best first
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)   # one line per trial that ended with an error
 
 
 def _is_uri(path: str) -> bool:
@@ -83,11 +87,9 @@ def plan_sweep(spec: SweepSpec, *, storage_path: str | None, tracking_uri: str |
 
 
 def _datasets_of(spec: SweepSpec) -> set[str]:
-    names = {spec.base_config()["dataset"]}
-    for p in spec.parameters:
-        if p.name == "dataset" and p.values:
-            names.update(p.values)
-    return names
+    """The datasets the sweep's trials will load: the searched ones, else the fixed one."""
+    searched = {v for p in spec.parameters if p.name == "dataset" and p.values for v in p.values}
+    return searched or {spec.base_config()["dataset"]}
 
 
 def _init_ray(address: str | None) -> dict[str, float]:
@@ -106,19 +108,113 @@ def _init_ray(address: str | None) -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-class TrialRunsCallback(tune.Callback):
-    """Driver-side bookkeeping that a dying trial cannot do itself: close an errored trial's run."""
+def local_resources() -> dict[str, float]:
+    """What a local Ray would find on this machine: its CPUs and its CUDA GPUs."""
+    import torch
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str):
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def check_local_data(spec: SweepSpec, *, download: bool) -> list[str]:
+    """The spec's datasets on this machine, before anything starts: a corrupt file is an error
+    (as in `sweeper data verify`); a missing one is downloaded (`download`) or named in the
+    returned notes."""
+    from trainables.vae.data import dataset_state, fetch, resolve_root
+
+    root = spec.trial.get("data_root")
+    notes = []
+    for name in sorted(_datasets_of(spec)):
+        if download:
+            fetch(name, root)   # DataError: corrupt (delete it), or offline (where to put the file)
+            continue
+        state = dataset_state(name, root)
+        if state == "corrupt":
+            fetch(name, root)   # raises the corrupt-file message; never overwrites the file
+        elif state == "missing":
+            notes.append(f"dataset {name} is not in {resolve_root(root)} yet: `sweeper run` downloads it "
+                         f"(or `sweeper data fetch {name}` now)")
+    return notes
+
+
+class TrialRunsCallback(tune.Callback):
+    """Driver-side bookkeeping that a trial cannot do itself.
+
+    - A trial that errored: its run is closed as FAILED with the first line of the error and
+      where the traceback is (a trial that failed before opening its run gets one, so every
+      trial has a run).
+    - A trial the scheduler stopped: its run is tagged at once (`stop_reason: scheduler`). That
+      tag, not Tune's trial state, is what the driver evaluates on the test set later, so a trial
+      merely interrupted by Ctrl-C (which Tune also ends as TERMINATED) is never evaluated, and a
+      resumed sweep finishes any evaluation the interrupt cut short.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, scheduler: str,
+                 sweep_name: str):
         self.args = (tracking_uri, experiment_id, parent_run_id)
+        self.scheduler = scheduler
+        self.sweep_name = sweep_name
+
+    # Trials Tune ran in this driver process (some never report a result), per parent run. Kept
+    # on the class: `Tuner.restore` unpickles its own copy of the callback.
+    _SEEN: dict[str, set[str]] = {}
+
+    @classmethod
+    def seen_in(cls, parent_run_id: str) -> set[str]:
+        return cls._SEEN.setdefault(parent_run_id, set())
+
+    @property
+    def seen(self) -> set[str]:
+        return self.seen_in(self.args[2])
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.seen.add(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.seen.add(trial.trial_id)
         run = tracking.find_child(*self.args, trial_id=trial.trial_id)
-        if run is not None and run.info.status == "RUNNING":
+        first, where = error_summary(trial)
+        if run is None:
+            handle = tracking.RunHandle(self.args[0], _with_retry_create(self.args, trial, self.sweep_name))
+        elif run.info.status == "RUNNING" or run.data.tags.get(tracking.TAG_STOP) != STOP_ERROR:
             handle = tracking.RunHandle(self.args[0], run.info.run_id)
-            detail = str(getattr(trial, "error_file", "") or "see the Ray trial log")
-            handle.set_tags({tracking.TAG_STOP: STOP_ERROR, "stop_detail": detail})
-            handle.terminate("FAILED")
+        else:
+            return
+        handle.set_tags({tracking.TAG_STOP: STOP_ERROR, "stop_detail": f"{first} (traceback: {where})"})
+        handle.terminate("FAILED")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.seen.add(trial.trial_id)
+        result = trial.last_result or {}
+        if result.get("stop_reason"):
+            return   # it ended by itself and was finalized in its last step
+        run = tracking.find_child(*self.args, trial_id=trial.trial_id)
+        if run is not None and not run.data.tags.get(tracking.TAG_STOP):
+            tracking.RunHandle(self.args[0], run.info.run_id).set_tags({
+                tracking.TAG_STOP: STOP_SCHEDULER, tracking.TAG_SCHEDULER: self.scheduler,
+                "stop_detail": f"stopped by the scheduler ({self.scheduler}) after epoch "
+                               f"{result.get('training_iteration', '?')}"})
+
+
+def _with_retry_create(args, trial, sweep_name: str) -> str:
+    """A run for a trial that failed before opening its own (an error in its setup)."""
+    tracking_uri, experiment_id, parent_run_id = args
+    params = {k: v for k, v in trial.config.items() if not isinstance(v, dict)}
+    run = tracking.open_trial_run(tracking_uri, experiment_id, parent_run_id, trial_id=trial.trial_id,
+                                  trial_name=trial_name(trial), params=params, sweep_name=sweep_name)
+    return run.run_id
+
+
+def error_summary(trial) -> tuple[str, str]:
+    """(the error's last line, e.g. 'ValueError: ...', and the file with its whole traceback)."""
+    path = getattr(trial, "error_file", None) or ""
+    first = "see the trial's log"
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        if lines:
+            first = lines[-1][:300]
+    except OSError:
+        pass
+    return first, str(path) or "the Ray trial folder"
 
 
 class PoolLeaveCallback(tune.Callback):
@@ -139,33 +235,122 @@ class PoolLeaveCallback(tune.Callback):
             pool.leave.remote(trial.trial_id)   # fire and forget: the driver does not wait
 
 
+class Interrupts:
+    """Ctrl-C during a sweep, in the driver's main thread.
+
+    The first Ctrl-C while Tune runs asks Tune to stop (SIGUSR1, Tune's own graceful stop: it
+    finishes its loop step, saves the experiment state and stops the trials within seconds); at
+    any other moment it raises `KeyboardInterrupt` at once. A second Ctrl-C always raises at
+    once. Tune's SIGINT handler is off (TUNE_DISABLE_SIGINT_HANDLER), so these are the only ones.
+    """
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+        self.count = 0
+        self.in_fit = False
+        self.message: str | None = None     # set once the sweep has something to resume
+        self._previous: Any = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.count > 0
+
+    def __enter__(self) -> "Interrupts":
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:      # not the main thread (an embedding program): leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1 and self.in_fit and hasattr(signal, "SIGUSR1"):
+            self.echo("\nInterrupted: stopping the sweep (a few seconds; Ctrl-C again to exit at once) ...")
+            os.kill(os.getpid(), signal.SIGUSR1)   # Tune's graceful stop (ray/tune/tune.py)
+            return
+        raise KeyboardInterrupt
+
+
+class _DropRayHints(logging.Filter):
+    """Tune's own hints on an interrupted run name its Python API (`Tuner.restore(...)`); the
+    driver prints the `sweeper run ... --resume` command instead."""
+
+    DROPPED = ("Experiment has been interrupted", "Trials did not complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(str(record.msg).startswith(d) for d in self.DROPPED)
+
+
+def resume_command(spec_arg: str, overrides: Sequence[str], options: dict[str, Any]) -> str:
+    """The command that continues this sweep: the same spec, --set values and options."""
+    args = ["sweeper", "run", spec_arg]
+    for text in overrides:
+        args += ["--set", text]
+    for name in ("num_samples", "max_concurrent", "address", "tracking_uri", "storage_path"):
+        if options.get(name) is not None:
+            args += [f"--{name.replace('_', '-')}", str(options[name])]
+    return shlex.join(args + ["--resume"])
+
+
 def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_samples: int | None = None,
               max_concurrent: int | None = None, address: str | None = None,
               tracking_uri: str | None = None, storage_path: str | None = None, resume: bool = False,
               workdir: str | Path | None = None, echo: Callable[[str], None] = print) -> SweepOutcome:
-    """Validate the spec, start (or resume) the sweep, wait for it, return its summary."""
+    """Validate the spec, start (or resume) the sweep, wait for it, return its summary.
+
+    Raises `SweepInterrupted` (exit 130) on Ctrl-C, with the command that resumes the sweep, and
+    `SweepFailed` (exit 1) when the sweep ended but some trials errored (listed)."""
     workdir = Path(workdir or os.getcwd()).resolve()
+    spec_arg = str(spec_path)
     spec_path = Path(spec_path).expanduser().resolve()
-    spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent)
+    options = {"num_samples": num_samples, "max_concurrent": max_concurrent, "address": address,
+               "tracking_uri": tracking_uri, "storage_path": storage_path}
+    # Everything that can be known before Ray starts: the spec, this machine's GPUs, the data.
+    local = None if address else local_resources()
+    spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
+                     cluster_resources=local)
     plan = plan_sweep(spec, storage_path=storage_path, tracking_uri=tracking_uri, resume=resume, workdir=workdir)
+    if not address:  # one download in the driver instead of one per trial process
+        check_local_data(spec, download=True)
+    command = resume_command(spec_arg, overrides, options)
 
-    cluster = _init_ray(address)
-    try:
-        # Now that the cluster is known: can a trial ever get its resources?
-        spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
-                         cluster_resources=cluster)
-        if not address:  # one download in the driver instead of one per trial process
-            from trainables.vae.data import fetch
+    with Interrupts(echo) as interrupts:
+        try:
+            cluster = _init_ray(address)
+            try:
+                # Now that the cluster is known: can a trial ever get its resources?
+                spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
+                                 cluster_resources=cluster)
+                _warn_concurrency(spec, cluster, echo)
+                return _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command)
+            finally:
+                ray.shutdown()
+        except KeyboardInterrupt:
+            # A second Ctrl-C while the first one's stop was under way, or one before the sweep began.
+            raise SweepInterrupted(interrupts.message or "interrupted before the sweep started; nothing "
+                                   "was launched") from None
 
-            for name in sorted(_datasets_of(spec)):
-                fetch(name, spec.trial.get("data_root"))
-        return _run(spec, spec_path, overrides, plan, resume, echo)
-    finally:
-        ray.shutdown()
+
+def _warn_concurrency(spec: SweepSpec, cluster: dict[str, float], echo: Callable[[str], None]) -> None:
+    """Say when max_concurrent asks for more trials at once than the cluster can run."""
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    fits = [cluster.get("CPU", 0) / cpu] if cpu else []
+    if gpu:
+        fits.append(cluster.get("GPU", 0) / gpu)
+    at_once = int(min(fits)) if fits else spec.max_concurrent
+    if spec.max_concurrent > at_once:
+        echo(f"note: max_concurrent is {spec.max_concurrent} but the cluster has room for {at_once} trial(s) "
+             f"at once ({short(cluster.get('CPU', 0))} CPU, {short(cluster.get('GPU', 0))} GPU; each trial "
+             f"reserves {short(cpu)} CPU, {short(gpu)} GPU): the others wait")
 
 
 def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: SweepPlan, resume: bool,
-         echo: Callable[[str], None]) -> SweepOutcome:
+         echo: Callable[[str], None], interrupts: Interrupts, command: str) -> SweepOutcome:
     from sweeper.search import SchedulerStateCallback, make_scheduler, make_search_alg, param_space
     from trainables.pool import remove_pools
     from trainables.vae_trainable import SWEEP_KEY, VAETrainable
@@ -216,6 +401,9 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
     # Tune saves the experiment's state (which trials exist) every >= 10 s by default; a trial that
     # started since then is unknown to a resumed sweep (mark_lost_trials). Every 2 s narrows that.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    reporter = _reporter(spec)   # also on resume: the same console as a fresh run
+    ray_hints = _DropRayHints()
+    logging.getLogger("ray.tune.tune").addFilter(ray_hints)
     status = "FAILED"
     try:
         if resume:
@@ -235,43 +423,76 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
                     name=plan.sweep_id, storage_path=plan.storage,
                     failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                     # Every epoch by default: a retried or resumed trial continues exactly where it
-                    # was. At the end too, so an ASHA-stopped trial has its last epoch's checkpoint.
+                    # was. At the end too, so a scheduler-stopped trial has its last epoch's checkpoint.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
                                                             checkpoint_frequency=spec.checkpoint_frequency),
                     callbacks=[SchedulerStateCallback(scheduler),
-                               TrialRunsCallback(plan.tracking_uri, experiment_id, parent.run_id),
+                               TrialRunsCallback(plan.tracking_uri, experiment_id, parent.run_id,
+                                                 spec.scheduler.type, plan.sweep_id),
                                *([PoolLeaveCallback(plan.sweep_id)] if pooled else [])],
-                    progress_reporter=_reporter(spec), verbose=1),
+                    progress_reporter=reporter, verbose=1),
             )
-        results = tuner.fit()
+        interrupts.in_fit = True
+        try:
+            results = tuner.fit()
+        finally:
+            interrupts.in_fit = False
+        if interrupts.interrupted:
+            raise KeyboardInterrupt
         if pooled:
             remove_pools(plan.sweep_id)    # frees the devices before the stopped trials are evaluated
-        mark_lost_trials(results, plan, spec, experiment_id, parent.run_id, echo)
-        outcome.errors = [str(r.error) for r in results if r.error is not None]
+        mark_lost_trials(results, plan, spec, experiment_id, parent.run_id, echo,
+                         seen=TrialRunsCallback.seen_in(parent.run_id))
+        outcome.errors = [f"{trial_name_of(r)}: {error_line(r)} (traceback: {Path(r.path) / 'error.txt'})"
+                          for r in results if r.error is not None]
         evaluate_stopped_trials(results, plan.tracking_uri, experiment_id, parent.run_id, spec, echo)
-        status = "FINISHED"
+        status = "FINISHED" if not outcome.errors else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        raise
+        interrupts.message = f"sweep {plan.sweep_id} interrupted; continue it with:\n  {command}"
+        closed = tracking.close_stale_children(plan.tracking_uri, experiment_id, parent.run_id)
+        parent.terminate("KILLED")
+        raise SweepInterrupted(
+            f"sweep {plan.sweep_id} interrupted; {len(closed)} running trial run(s) closed as KILLED, "
+            f"finished trials are kept. Continue it with:\n  {command}") from None
     finally:
+        logging.getLogger("ray.tune.tune").removeFilter(ray_hints)
         if pooled and ray.is_initialized():
             remove_pools(plan.sweep_id)
-        outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo)
-        parent.terminate(status)
+        if status != "KILLED":
+            outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo,
+                                        errors=outcome.errors)
+            parent.terminate(status)
+    if outcome.errors:
+        parent.set_tags({tracking.TAG_ERRORS: f"{len(outcome.errors)} trial(s) ended with an error: "
+                                              + "; ".join(outcome.errors)[:4000]})
+        raise SweepFailed(f"{len(outcome.errors)} trial(s) of sweep {plan.sweep_id} ended with an error "
+                          "(the other trials finished):\n  - " + "\n  - ".join(outcome.errors))
     return outcome
 
 
+def trial_name_of(result) -> str:
+    return Path(result.path).name if result.path else "trial"
+
+
+def error_line(result) -> str:
+    """The last line of a trial's error ('ConfigError: ...'): Ray wraps it in its own exception."""
+    lines = [line.strip() for line in str(result.error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(result.error).__name__)[:300]
+
+
 def mark_lost_trials(results, plan: SweepPlan, spec: SweepSpec, experiment_id: str, parent_run_id: str,
-                     echo: Callable[[str], None]) -> None:
+                     echo: Callable[[str], None], seen: set[str] = frozenset()) -> None:
     """Runs and study trials of trials that Tune lost: tag them, and end them as failed.
 
     Tune saves the experiment's state every few seconds; a trial that started (opened its MLflow
     run, took an Optuna suggestion) after the last save and before the driver died is unknown
     to the resumed sweep, which starts another trial in its place. Its run is tagged
     `sweeper.orphaned` (and left out of the summary and the report); its Optuna trial, still
-    RUNNING in the study, becomes FAIL so the sampler does not wait for it.
+    RUNNING in the study, becomes FAIL so the sampler does not wait for it. Only after a sweep
+    that ran to its end: after an interrupt, RUNNING study trials belong to trials that continue.
     """
-    known = set()
+    known = set(seen)   # trials without any result (errored in their setup) are known too
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id")
         if trial_id is None and result.path:
@@ -291,23 +512,29 @@ def evaluate_stopped_trials(results, tracking_uri: str, experiment_id: str, pare
                             spec: SweepSpec, echo: Callable[[str], None]) -> None:
     """Test-evaluate, from their last checkpoints, the trials the scheduler stopped (Ray tasks).
 
-    Idempotent: a trial whose run already has its test_ll is skipped, so a resumed sweep
-    finishes what an interrupted one left.
+    Which trials: those whose run the driver tagged `stop_reason: scheduler` when the scheduler
+    stopped them (`TrialRunsCallback`) and that have no test_ll yet. So it is idempotent, a
+    resumed sweep finishes what an interrupt cut short, and a trial that Ctrl-C merely ended is
+    never evaluated half-trained.
     """
     from trainables.vae_trainable import evaluate_stopped_trial
 
+    by_id = {}
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if trial_id and result.error is None and result.checkpoint is not None:
+            by_id[str(trial_id)] = result
     task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(evaluate_stopped_trial)
     pending = []
-    for result in results:
-        metrics = result.metrics or {}
-        if result.error is not None or metrics.get("stop_reason") or result.checkpoint is None:
-            continue   # errored, or it finished by itself and was evaluated in its last step
-        trial_id = metrics["trial_id"]
-        run = tracking.find_child(tracking_uri, experiment_id, parent_run_id, trial_id)
-        if run is not None and "test_ll" in run.data.metrics:
+    for run in tracking.child_runs(tracking_uri, experiment_id, parent_run_id):
+        tags = run.data.tags
+        if (stop_reason(tags.get(tracking.TAG_STOP)) != STOP_SCHEDULER or METRIC_TEST_LL in run.data.metrics
+                or tracking.TAG_ORPHANED in tags):
             continue
-        name = run.info.run_name if run is not None else f"trial_{trial_id}"
-        pending.append(task.remote(result.config, result.checkpoint, trial_id, name))
+        result = by_id.get(tags.get(tracking.TAG_TRIAL, ""))
+        if result is None:
+            continue
+        pending.append(task.remote(result.config, result.checkpoint, tags[tracking.TAG_TRIAL], run.info.run_name))
     if pending:
         echo(f"evaluating {len(pending)} trial(s) stopped by the scheduler on the test set ...")
         ray.get(pending)
@@ -325,13 +552,13 @@ def _reporter(spec: SweepSpec):
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Checkpointing every epoch is deliberate (exact resume); Ray warns about it every few seconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    metrics = {"training_iteration": "epoch", spec.metric.name: spec.metric.name, "test_ll": "test_ll"}
+    metrics = {"training_iteration": "epoch", spec.metric.name: spec.metric.name, METRIC_TEST_LL: METRIC_TEST_LL}
     return CLIReporter(metric_columns=metrics, parameter_columns=[p.name for p in spec.parameters],
                        max_report_frequency=30, sort_by_metric=True, max_progress_rows=20)
 
 
 def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tracking.RunHandle,
-              echo: Callable[[str], None]):
+              echo: Callable[[str], None], errors: Sequence[str] = ()):
     """The trials' child runs as a table (best test LL first), printed and logged to the parent."""
     import pandas as pd
 
@@ -341,32 +568,58 @@ def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tr
         if tracking.TAG_ORPHANED in t:
             continue      # not a trial of the sweep (see mark_lost_trials)
         row = {"trial": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
-               "stop_reason": t.get(tracking.TAG_STOP, ""), "epochs": int(m.get("epoch", 0))}
+               "stop_reason": stop_reason(t.get(tracking.TAG_STOP)), "epochs": int(m.get("epoch", 0))}
         # A conditional parameter that did not apply shows blank, not the config's default.
         row.update({q.name: p.get(q.name) if q.applies(p) else None for q in spec.parameters})
-        for key in ("val_elbo", "test_ll", "test_elbo", "active_units", "test_bits_per_dim"):
+        for key in (METRIC_VAL_ELBO, METRIC_TEST_LL, "test_elbo", "active_units", "test_bits_per_dim"):
             if key in m:
                 row[key] = m[key]
         rows.append(row)
     if not rows:
-        echo("no trial runs were recorded")
+        echo("no trial opened an MLflow run" + (" (every trial failed in its setup; see below)" if errors else ""))
         return pd.DataFrame()
     table = pd.DataFrame(rows)
-    sort_key = "test_ll" if "test_ll" in table else spec.metric.name
+    sort_key = METRIC_TEST_LL if METRIC_TEST_LL in table else spec.metric.name
     if sort_key in table:
         table = table.sort_values(sort_key, ascending=False, na_position="last")
-    shown = [c for c in ("trial", "stop_reason", "epochs", *[q.name for q in spec.parameters], "val_elbo",
-                         "test_ll", "test_bits_per_dim", "active_units") if c in table]
-    echo(f"\n{len(table)} trial(s); best first:\n" + table[shown].head(10).to_string(index=False))
+    shown = [c for c in ("trial", "stop_reason", "epochs", *[q.name for q in spec.parameters], METRIC_VAL_ELBO,
+                         METRIC_TEST_LL, "test_bits_per_dim", "active_units") if c in table]
+    echo(f"\n{len(table)} trial(s); best first:\n" + _readable(table[shown]).head(10).to_string(index=False))
     parent.log_text(table.to_csv(index=False), "summary.csv")
-    parent.log_text(table[shown].to_markdown(index=False) if _has_tabulate() else table[shown].to_string(index=False),
-                    "summary.md")
+    parent.log_text(_readable(table[shown]).to_markdown(index=False) if _has_tabulate()
+                    else _readable(table[shown]).to_string(index=False), "summary.md")
     best = table.iloc[0]
-    if "test_ll" in table and pd.notna(best.get("test_ll")):
-        parent.log_metrics({"best_test_ll": best["test_ll"], "trials": len(table),
-                            **({"best_val_elbo": best["val_elbo"]} if pd.notna(best.get("val_elbo")) else {})})
+    if METRIC_TEST_LL in table and pd.notna(best.get(METRIC_TEST_LL)):
+        parent.log_metrics({"best_test_ll": best[METRIC_TEST_LL], "trials": len(table),
+                            **({"best_val_elbo": best[METRIC_VAL_ELBO]} if pd.notna(best.get(METRIC_VAL_ELBO)) else {})})
         parent.set_tags({"best_run_id": best["run_id"], "best_trial": best["trial"]})
     return table
+
+
+def _readable(table):
+    """Numbers as people read them: parameters to 3 significant digits, metrics to 2 decimals,
+    blank (not NaN/None) where a value does not apply."""
+    out = table.copy().astype(object)
+    for column in out:
+        values = []
+        for v in out[column]:
+            if v is None or (isinstance(v, float) and v != v):
+                values.append("")
+            elif column in (METRIC_VAL_ELBO, METRIC_TEST_LL, "test_elbo"):
+                values.append(f"{float(v):.2f}")
+            elif column == "test_bits_per_dim":
+                values.append(f"{float(v):.4f}")
+            elif column == "active_units":
+                values.append(str(int(float(v))))
+            elif isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                try:
+                    values.append(short(float(v)))    # MLflow params are strings: '0.00233826...'
+                except ValueError:
+                    values.append(v)
+            else:
+                values.append(v)
+        out[column] = values
+    return out
 
 
 def _has_tabulate() -> bool:
@@ -377,6 +630,12 @@ def _has_tabulate() -> bool:
     return True
 
 
-def validate(spec_path: str | Path, overrides: Sequence[str] = (), **kw) -> SweepSpec:
-    """`sweeper validate`: the spec checks only, nothing started."""
-    return load_spec(spec_path, overrides, **kw)
+def validate(spec_path: str | Path, overrides: Sequence[str] = (), *, address: str | None = None,
+             echo: Callable[[str], None] = print, **kw) -> SweepSpec:
+    """`sweeper validate`: the spec checks only, nothing started. Without an `address`, also
+    against this machine (its GPUs; its datasets: corrupt is an error, missing a note)."""
+    spec = load_spec(spec_path, overrides, cluster_resources=None if address else local_resources(), **kw)
+    if not address:
+        for note in check_local_data(spec, download=False):
+            echo(f"note: {note}")
+    return spec

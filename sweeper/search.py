@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,11 +37,14 @@ from ray.tune.search.variant_generator import RecursiveDependencyError
 
 from sweeper.errors import SweeperError
 from sweeper.spec import Parameter, SweepSpec
-from trainables.vae.catalog import ENDED_BY_ITSELF, FAILED
+from trainables.vae.catalog import ENDED_BY_ITSELF, FAILED, RESULT_RUN_ID
 
 logger = logging.getLogger(__name__)
 
 STUDY_FILE = "optuna.db"
+# Optuna trial user attributes that link a study trial to its Tune trial and its MLflow run.
+USER_ATTR_TUNE_TRIAL = "tune_trial_id"
+USER_ATTR_MLFLOW_RUN = "mlflow_run_id"
 
 
 
@@ -151,13 +155,41 @@ class PruningAwareOptunaSearch(OptunaSearch):
         self._storage_url = storage_url
         self._max_t = max_t  # the scheduler's epoch budget: reaching it is not being pruned
         self._last_step: dict[str, int] = {}  # last epoch reported per Ray trial
+        self._linked_runs: set[str] = set()   # Ray trials whose MLflow run id the study has
         super().__init__(space, metric=metric, mode=mode, sampler=sampler,
                          study_name=study_name, storage=_storage(storage_url))
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        # optuna-dashboard then labels the objective by its name instead of "Objective 0".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names([self._metric])
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if config is not None and ot_trial is not None:
+            # Links the study to Tune and MLflow (optuna-dashboard shows user attributes).
+            ot_trial.set_user_attr(USER_ATTR_TUNE_TRIAL, trial_id)
+        if isinstance(config, dict):
+            # A parameter whose condition failed is None ("does not apply": the trial uses its
+            # default), so every trial has every column (Ray's progress table looks them all up).
+            for p in self._space.parameters:
+                config.setdefault(p.name, None)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
             return
+        run_id = result.get(RESULT_RUN_ID)
+        if run_id and trial_id not in self._linked_runs:
+            try:
+                ot_trial.set_user_attr(USER_ATTR_MLFLOW_RUN, run_id)
+                self._linked_runs.add(trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
         self._report(trial_id, ot_trial, result)
 
     def _report(self, trial_id: str, ot_trial: optuna.Trial, result: Mapping[str, Any]) -> None:
@@ -202,6 +234,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
             state = pickle.load(f)
         trial_ids: dict[str, int] = state.pop("_ot_trials")
         self.__dict__.update(state)
+        self.__dict__.setdefault("_linked_runs", set())
         self._storage = _storage(self._storage_url)
         # NopPruner as in OptunaSearch: the scheduler prunes, Optuna's pruner is never asked.
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
@@ -309,7 +342,7 @@ def _tune_domain(p: Parameter) -> Any:
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """`Tuner(param_space=...)`: the fixed trial keys; for `random` also the searched ones as
-    Ray Tune domains (a conditional one yields the trial default when its condition fails)."""
+    Ray Tune domains (a conditional one yields None, "does not apply", when its condition fails)."""
     space: dict[str, Any] = dict(spec.trial)
     if spec.search.algorithm != "random":
         return space  # Optuna suggests the rest; Ray merges them into the trial's config
@@ -317,7 +350,7 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     for p in spec.parameters:
         domain = _tune_domain(p)
         if p.when:
-            domain = ConditionalDomain(domain, p.when, base[p.name], base)
+            domain = ConditionalDomain(domain, p.when, None, base)   # None: does not apply
         space[p.name] = domain
     return space
 

@@ -259,6 +259,18 @@ def per_image_csv(per_image_ll: Iterable[float]) -> str:
     return buf.getvalue()
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could bind host:port now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def launch_ui(tracking_uri: str | None, port: int, echo=print) -> None:
     """Replace this process by `mlflow ui` bound to 127.0.0.1 (never on all interfaces)."""
     import shutil
@@ -270,6 +282,9 @@ def launch_ui(tracking_uri: str | None, port: int, echo=print) -> None:
                            "(`sweeper run SPEC`) or pass --tracking-uri")
     if uri.startswith("http"):
         raise SweeperError(f"{uri} is an MLflow server: open it in a browser instead")
+    if not port_free(port):
+        raise SweeperError(f"port {port} on 127.0.0.1 is in use (another `sweeper ui` or MLflow server?); "
+                           f"pass another one, e.g. `sweeper ui --port {port + 1}`")
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     args = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     root = artifact_root_for(uri)

@@ -70,7 +70,7 @@ def check_sample(config: dict) -> None:
     assert 100 <= config["hidden_dim"] <= 300 and isinstance(config["hidden_dim"], int)
     assert config["warmup"] in (0, 5)
     if config["prior"] == "standard":
-        assert "K" not in config
+        assert config.get("K") is None     # does not apply: absent (Optuna's space) or None (the trial's)
     else:
         assert 10 <= config["K"] <= 1000 and isinstance(config["K"], int)
 
@@ -245,10 +245,13 @@ def test_param_space_for_random_search() -> None:
             for _, s in generate_variants({"config": space}, random_state=None)]
     for config in many:
         if config["prior"] == "standard":
-            assert config["K"] == 500  # condition false: the trial config's default
-            config = {k: v for k, v in config.items() if k != "K"}
+            assert config["K"] is None  # condition false: does not apply, the trial keeps its default
         check_sample(config)
     assert {c["prior"] for c in many} == {"standard", "vamp", "mog"}
+    from trainables.vae_trainable import split_config
+
+    cfg, _ = split_config({**next(c for c in many if c["prior"] == "standard"), "sweeper": {}})
+    assert cfg.prior == "standard" and cfg.K == 500              # None: the default applies
     assert {c["K"] for c in many if c["prior"] != "standard"} - {500}
     again = [s["config"] for _, s in generate_variants({"config": space}, random_state=7)]
     assert again == configs  # search.seed reproduces the sweep

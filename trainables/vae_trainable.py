@@ -10,6 +10,7 @@ kills a stopping actor after a timeout, so a long test LL cannot run in `cleanup
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from trainables.pool import get_pool, poolable
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.evaluate import image_grid
-from trainables.vae.catalog import STOP_ERROR, STOP_NAN, STOP_SCHEDULER
+from trainables.vae.catalog import RESULT_RUN_ID, STOP_ERROR, STOP_NAN, STOP_SCHEDULER
 from trainables.vae.train import Trainer, final_evaluation
 
 # The key of the trial config that carries sweep bookkeeping, not training settings.
@@ -44,9 +45,10 @@ def _cached_splits(name: str, root: str | None) -> Splits:
 
 
 def split_config(config: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
-    """Trial dict -> (frozen training config, sweep bookkeeping)."""
+    """Trial dict -> (frozen training config, sweep bookkeeping). A None value is a searched
+    parameter that does not apply to this trial (K of the standard prior): the default stays."""
     sweep = dict(config.get(SWEEP_KEY) or {})
-    return TrainConfig.from_dict({k: v for k, v in config.items() if k != SWEEP_KEY}), sweep
+    return TrainConfig.from_dict({k: v for k, v in config.items() if k != SWEEP_KEY and v is not None}), sweep
 
 
 def trial_device(cfg: TrainConfig) -> str | None:
@@ -79,6 +81,27 @@ def _open_run(sweep: dict[str, Any], trial_id: str, trial_name: str, cfg: TrainC
     # Which node ran the trial (the last one, if a retry moved it): for cluster debugging.
     run.set_tags({"sweeper.node_id": ray.get_runtime_context().get_node_id()})
     return run
+
+
+# Ray Train logs "Checkpoint successfully created at: ..." at every save; forwarded to the
+# driver, that is a line per trial per epoch in the user's console.
+RAY_CHECKPOINT_LOGGER = "ray.train._internal.storage"
+CHECKPOINT_LOG = "checkpoints.log"
+
+
+def keep_checkpoint_lines_in(folder: str | Path) -> None:
+    """Write Ray's per-checkpoint log lines to <folder>/checkpoints.log (the trial's folder),
+    not to the console. A reused actor points them at its new trial's folder."""
+    log = logging.getLogger(RAY_CHECKPOINT_LOGGER)
+    for handler in [h for h in log.handlers if getattr(h, "sweeper_checkpoint_log", False)]:
+        log.removeHandler(handler)
+        handler.close()
+    handler = logging.FileHandler(Path(folder) / CHECKPOINT_LOG, delay=True)
+    handler.sweeper_checkpoint_log = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def log_pseudo_inputs(run: tracking.RunHandle, u: torch.Tensor, image_shape: tuple[int, ...], step: int) -> None:
@@ -168,6 +191,7 @@ class VAETrainable(tune.Trainable):
         self._start(config)
 
     def _start(self, config: dict[str, Any]) -> None:
+        keep_checkpoint_lines_in(self.logdir)
         self.config_dict = config
         self.cfg, self.sweep = split_config(config)
         pool = self.sweep.get("pool")
@@ -217,6 +241,8 @@ class VAETrainable(tune.Trainable):
         # No stop_reason in the result until the trial ends by itself: its absence in the last
         # result tells the driver and the searcher that the scheduler stopped the trial.
         result = {k: v for k, v in metrics.items() if v is not None}
+        if self.run is not None:
+            result[RESULT_RUN_ID] = self.run.run_id
         if metrics["stop_reason"] is not None:
             trainer = self.trainer
             if self.pool is not None:

@@ -46,6 +46,8 @@ METRIC_EPOCH_SECONDS = "epoch_seconds"
 METRIC_TEST_LL = "test_ll"                  # nats, importance sampling with test_samples
 METRIC_TEST_BPD = "test_bits_per_dim"       # gray data
 METRIC_BEST_EPOCH = "best_epoch"
+# A trial's Tune results also carry its MLflow run id (the searcher links its study trial to it).
+RESULT_RUN_ID = "mlflow_run_id"
 
 
 def rescored_metric(samples: int) -> str:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sweeper.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adam_normgrad")
+# torch device strings a trial may name: auto picks CUDA when the trial reserved a GPU.
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N (e.g. cuda:0) or mps"
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class TrainConfig:
                 close = difflib.get_close_matches(value, registry, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 out.append(f"{name}: unknown {name} {value!r}; {hint}choose one of {sorted(registry)}")
+        if not DEVICE_PATTERN.fullmatch(str(self.device)):
+            out.append(f"device: {self.device!r} is not a device; use {DEVICE_FORMS}")
         if self.optimizer not in OPTIMIZERS:
             out.append(f"optimizer: unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
         for name in ("K", "latent_dim", "hidden_dim", "batch_size", "max_epochs", "test_samples"):
