@@ -34,7 +34,7 @@ def configs(M: int, K: int, device: torch.device, max_epochs: int) -> list[Train
 
 
 def measure_pool(M: int, splits, device: torch.device, epochs: int, K: int) -> dict:
-    pool = TrialPool(device, seed=0, splits=splits)
+    pool = TrialPool(device, splits=splits)
     for m, cfg in enumerate(configs(M, K, device, epochs + 2)):
         pool.join(f"t{m}", cfg)
     key = pool.group_of("t0")
@@ -74,7 +74,7 @@ def measure_ray(M: int, splits, epochs: int, K: int) -> dict:
             return time.perf_counter() - t0
 
     device = torch.device("cpu")
-    pool = ray.remote(PoolActor).options(max_concurrency=1000).remote("cpu", 600.0, 0, splits)
+    pool = ray.remote(PoolActor).options(max_concurrency=1000).remote("cpu", 600.0, splits)
     trials = [Trial.remote(pool, f"t{m}", c.to_dict()) for m, c in enumerate(configs(M, K, device, epochs + 3))]
     # Every trial joins before any asks for a round: a round waits for every member.
     ray.get([t.ready.remote() for t in trials])

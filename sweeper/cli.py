@@ -1,6 +1,7 @@
 """The `sweeper` command line: each command parses, validates and calls one function.
 
-Domain errors (`SweeperError`) become one message on stderr and an exit code, here, in one place.
+Domain errors (`errors.USER_ERRORS`: the sweeper's and the VAE library's) become one message on
+stderr and an exit code, here, in one place.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from pathlib import Path
 
 import click
 
-from sweeper.errors import SweeperError
+from sweeper.errors import USER_ERRORS
 
 
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except SweeperError as exc:
+        except USER_ERRORS as exc:
             click.echo(f"{getattr(exc, 'prefix', 'error: ')}{exc}", err=True)
             ctx.exit(exc.exit_code)
 

@@ -1,22 +1,16 @@
-"""Domain errors. The CLI turns every `SweeperError` into one clear message and an exit code."""
+"""Domain errors. The CLI turns every one of `USER_ERRORS` (the sweeper's and the VAE library's
+own) into one clear message and an exit code, in one place (cli._Group)."""
 
 from __future__ import annotations
+
+# The library's errors (it imports nothing from here); re-exported so the sweeper has one place.
+from trainables.vae.errors import ConfigError, DataError, TrainingDiverged, VAEError  # noqa: F401
 
 
 class SweeperError(Exception):
     """A problem the user can fix; the message says what and how."""
 
     exit_code = 1
-
-
-class DataError(SweeperError):
-    """A dataset is missing, corrupt, or cannot be downloaded."""
-
-
-class ConfigError(SweeperError):
-    """A trial or model configuration is invalid."""
-
-    exit_code = 2
 
 
 class SpecError(SweeperError):
@@ -42,5 +36,5 @@ class SweepFailed(SweeperError):
     """The sweep ran to its end but some trials ended with an error (listed in the message)."""
 
 
-class TrainingDiverged(SweeperError):
-    """The loss became NaN or infinite; the message names the epoch and the quantity."""
+# What the CLI reports as a message and an exit code instead of a traceback.
+USER_ERRORS = (SweeperError, VAEError)

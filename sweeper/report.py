@@ -236,7 +236,7 @@ def trials_frame(runs: Iterable) -> pd.DataFrame:
     rows = []
     for run in runs:
         p, m, t = run.data.params, run.data.metrics, run.data.tags
-        if (t.get(tracking.TAG_ROLE) == "sweep" or tracking.TAG_ORPHANED in t
+        if (t.get(tracking.TAG_ROLE) == tracking.ROLE_SWEEP or tracking.TAG_ORPHANED in t
                 or "dataset" not in p or "prior" not in p):
             continue
         prior = p["prior"]
@@ -966,7 +966,7 @@ def make_report(experiment: str, tracking_uri: str | None = None, out: str | Pat
     rep = _Report(result)
 
     runs = _all_runs(client, exp.experiment_id)
-    parents = sorted((r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == "sweep"),
+    parents = sorted((r for r in runs if r.data.tags.get(tracking.TAG_ROLE) == tracking.ROLE_SWEEP),
                      key=lambda r: r.info.start_time or 0)
     trials = trials_frame(runs)
     result.trials = trials

@@ -369,7 +369,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
     else:
         parent = tracking.RunHandle(plan.tracking_uri, tracking.client(plan.tracking_uri).create_run(
             experiment_id, run_name=plan.sweep_id,
-            tags={tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: plan.sweep_id,
+            tags={tracking.TAG_ROLE: tracking.ROLE_SWEEP, tracking.TAG_SWEEP: plan.sweep_id,
                   "mlflow.note.content": spec.description or f"sweep {spec.name}"}).info.run_id)
         parent.log_params({"spec_file": spec_path.name, **tracking.flatten("", spec.to_dict())})
         if spec.search.algorithm == "optuna":

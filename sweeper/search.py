@@ -258,8 +258,10 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     seed = spec.search.seed
     if spec.search.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    # Optuna 5's TPE defaults are multivariate with a constant liar, which suits parallel trials.
-    return optuna.samplers.TPESampler(seed=seed)
+    # Every option the sweep's behaviour rests on, explicit (the constraints file pins Optuna):
+    # multivariate TPE with a constant liar suits parallel trials; 10 random startup trials.
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=False, constant_liar=True,
+                                      n_startup_trials=10, n_ei_candidates=24)
 
 
 def make_search_alg(spec: SweepSpec, study_dir: str | Path) -> Searcher | SearchAlgorithm:

@@ -32,15 +32,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from sweeper.errors import SpecError
+from trainables.vae.catalog import EPOCH_METRICS
 
 # What the trainable reports every epoch that a sweep may optimise, with the direction that
-# means "better" (an ELBO is a log-likelihood bound; a loss is its negative).
-REPORTED_METRICS: dict[str, str] = {
-    "val_elbo": "max",
-    "val_loss": "min",
-    "train_elbo": "max",
-    "train_loss": "min",
-}
+# means "better" (the catalog's, shared with the trainable and the report).
+REPORTED_METRICS = EPOCH_METRICS
 MODES = ("max", "min")
 
 # distribution -> the keys that define it (besides `distribution` and `when`)

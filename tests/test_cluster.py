@@ -256,3 +256,19 @@ def test_the_documented_sweep_command_uses_real_options():
         used = set(re.findall(r"(?<=\s)--[a-z][a-z-]*", line.split("sweeper run", 1)[1]))
         assert used <= known, f"unknown options {used - known} in: {line.strip()}"
         assert {"--address", "--tracking-uri", "--storage-path"} <= used
+
+
+def test_one_constraints_file_pins_the_tested_ray_optuna_mlflow_everywhere():
+    """The searcher and the resumable scheduler use private attributes of Ray and Optuna: the
+    versions they were tested with are pinned once and used by CI, the README and the cluster."""
+    from importlib.metadata import version
+
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert {"ray", "optuna", "mlflow"} <= set(pins)
+    for package, pinned in pins.items():
+        assert version(package) == pinned, f"installed {package} {version(package)} is not the pinned {pinned}"
+    for path in (".ci/run", "README.md"):
+        assert '-e ".[dev]" -c constraints.txt' in (ROOT / path).read_text(), path
+    cluster = (ROOT / "cluster.yaml").read_text()
+    assert cluster.count("-c ~/vampprior-sweeper/constraints.txt") == 2       # head and workers

@@ -18,7 +18,7 @@ import pytest
 import scipy.io
 import torch
 
-from sweeper.errors import DataError
+from trainables.vae.errors import DataError
 from trainables.vae import data as D
 from trainables.vae.data import (
     DATASETS, DataFile, DatasetSpec, bytes_digest, dataset_state, download_file, fetch, file_digest,
@@ -59,33 +59,46 @@ def test_registry_holds_the_six_datasets_with_their_metadata():
             assert f.urls and f.checksums
 
 
-def test_new_dataset_is_one_decorated_class():
+def test_new_dataset_is_a_catalog_line_and_one_decorated_class(monkeypatch):
+    from trainables.vae.catalog import DATASETS as FACTS, DatasetFacts
+
+    class Tiny(DatasetSpec):
+        files = {"x": DataFile("Tiny/x.bin", ("http://example.invalid/x.bin",), {"sha256": "0" * 64})}
+        pseudo_init = (0.5, 0.1)
+        split_sizes = (1, 1, 1)
+
+        def parse(self, blobs):
+            return {"x": np.frombuffer(blobs["x"], np.uint8).reshape(3, 4)}
+
+        def split(self, raw):
+            return raw["x"][:1], raw["x"][1:2], raw["x"][2:]
+
+    with pytest.raises(ValueError, match="no entry in trainables.vae.catalog.DATASETS"):
+        register_dataset("tiny_for_test")(Tiny)
+    monkeypatch.setitem(FACTS, "tiny_for_test", DatasetFacts("tiny_for_test", "bernoulli", (1, 2, 2), "static"))
+    monkeypatch.setitem(FACTS, "tiny_bad", DatasetFacts("tiny_bad", "gaussian", (1, 2, 2), "static"))
     try:
-        @register_dataset("tiny_for_test")
-        class Tiny(DatasetSpec):
-            files = {"x": DataFile("Tiny/x.bin", ("http://example.invalid/x.bin",), {"sha256": "0" * 64})}
-            likelihood = "bernoulli"
-            image_shape = (1, 2, 2)
-            binarization = "static"
-            pseudo_init = (0.5, 0.1)
-            split_sizes = (1, 1, 1)
-
-            def parse(self, blobs):
-                return {"x": np.frombuffer(blobs["x"], np.uint8).reshape(3, 4)}
-
-            def split(self, raw):
-                return raw["x"][:1], raw["x"][1:2], raw["x"][2:]
-
-        assert DATASETS["tiny_for_test"].info.input_dim == 4
+        register_dataset("tiny_for_test")(Tiny)
+        info = DATASETS["tiny_for_test"].info
+        assert info.likelihood == "bernoulli" and info.input_dim == 4        # the catalog's facts
         train, val, test = DATASETS["tiny_for_test"].build({"x": bytes([0, 1] * 6)})
         assert train.dtype == torch.float32 and train.shape == (1, 4)
         with pytest.raises(ValueError, match="registered twice"):
             register_dataset("tiny_for_test")(Tiny)
         with pytest.raises(ValueError, match="likelihood"):
-            register_dataset("tiny_bad")(type("Bad", (Tiny,), {"likelihood": "gaussian"}))
+            register_dataset("tiny_bad")(type("Bad", (Tiny,), {}))
     finally:
         DATASETS.pop("tiny_for_test", None)
         DATASETS.pop("tiny_bad", None)
+
+
+def test_every_registered_dataset_and_prior_is_in_the_catalog():
+    from trainables.vae import catalog
+    from trainables.vae.priors import PRIORS, MixturePrior
+
+    assert set(DATASETS) == set(catalog.DATASETS) and list(catalog.DATASETS) == list(catalog.DATASET_ORDER)
+    assert set(PRIORS) == set(catalog.PRIOR_ORDER)
+    assert catalog.K_PRIORS == {n for n, cls in PRIORS.items() if issubclass(cls, MixturePrior)}
 
 
 def test_unknown_dataset_names_the_choices_and_a_close_match():

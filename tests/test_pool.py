@@ -9,14 +9,14 @@ import pytest
 import ray
 import torch
 
-from sweeper.errors import ConfigError
 from test_batched import config, synthetic
+from trainables.vae.errors import ConfigError
 from trainables.pool import PoolActor, TrialPool, group_key
 from trainables.vae.train import Trainer
 
 
 def pool_with(splits, **members) -> TrialPool:
-    pool = TrialPool("cpu", seed=0, splits=splits)
+    pool = TrialPool("cpu", splits=splits)
     for trial_id, cfg in members.items():
         pool.join(trial_id, cfg)
     return pool
@@ -24,7 +24,7 @@ def pool_with(splits, **members) -> TrialPool:
 
 def slot_params(pool: TrialPool, trial_id: str) -> dict[str, torch.Tensor]:
     group = pool.groups[pool.group_of(trial_id)]
-    return {k: v.detach().clone() for k, v in group.trainer.model.single_state(group.slots.index(trial_id)).items()}
+    return {k: v.detach().clone() for k, v in group.trainer.extract(group.slots.index(trial_id)).state_dict().items()}
 
 
 def test_trials_of_one_architecture_train_as_one_batch_each_with_its_own_metrics():
@@ -131,13 +131,16 @@ def test_a_late_leave_of_an_earlier_incarnation_does_not_remove_the_trial():
     assert pool.groups == {}
 
 
-def test_other_architectures_get_their_own_group_and_2_level_models_are_refused():
+def test_other_architectures_get_their_own_group_and_2_level_models_pool_too():
     splits = synthetic(100)
-    pool = pool_with(splits, a=config(prior="vamp"), b=config(prior="mog"), c=config(prior="vamp", hidden_dim=8))
-    assert len({pool.group_of(t) for t in "abc"}) == 3
+    pool = pool_with(splits, a=config(prior="vamp"), b=config(prior="mog"), c=config(prior="vamp", hidden_dim=8),
+                     d=config(model="hvae", seed=1), e=config(model="hvae", K=3, seed=2))
+    assert len({pool.group_of(t) for t in "abcd"}) == 4 and pool.group_of("d") == pool.group_of("e")
     assert group_key(config(prior="vamp", K=3, lr=1e-2, seed=7)) == group_key(config(prior="vamp", K=9))
-    with pytest.raises(ConfigError, match="only 'vae' is batched"):
-        pool.join("d", config(model="hvae"))
+    metrics = pool.run_round(pool.group_of("d"))
+    assert set(metrics) == {"d", "e"} and all(m["pool_size"] == 2 for m in metrics.values())
+    alone = Trainer(config(model="hvae", seed=1), splits, "cpu").step()
+    assert metrics["d"]["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-5)   # a slot is its trial
 
 
 # -- the Ray actor ------------------------------------------------------------------------------
@@ -150,7 +153,7 @@ def local_ray():
 
 def _actor(wait_s: float):
     """A PoolActor on synthetic data (the sweep's pools load the trials' dataset)."""
-    return ray.remote(PoolActor).options(max_concurrency=100).remote("cpu", wait_s, 0, synthetic(100))
+    return ray.remote(PoolActor).options(max_concurrency=100).remote("cpu", wait_s, synthetic(100))
 
 
 def test_the_actor_runs_a_round_once_every_member_asked_for_it(local_ray):

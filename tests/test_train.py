@@ -58,7 +58,11 @@ def test_early_stopping_counts_after_warmup_and_restores_the_best_epoch(mnist, m
     """Scripted validation losses: the best is epoch 3 (the first at beta = 1 is epoch 2)."""
     scripted = iter([100.0, 50.0, 60.0, 40.0, 45.0, 47.0, 41.0])  # epochs 1..7
     trainer = Trainer(small(warmup=2, early_stopping=3, max_epochs=50), mnist)
-    monkeypatch.setattr(trainer, "evaluate_elbo", lambda x: {"loss": next(scripted), "elbo": 0.0, "rec": 0.0, "kl": 0.0})
+    def fake_val(x, noise=None):
+        loss = next(scripted)
+        return {"loss": loss, "elbo": -loss, "rec": 0.0, "kl": 0.0}
+
+    monkeypatch.setattr(trainer, "evaluate_elbo", fake_val)
     snapshots = {}
     while not trainer.done:
         trainer.step()
@@ -95,13 +99,13 @@ def test_dynamic_binarization_resamples_every_batch(shared_datasets):
     assert not torch.all((trainer.x_train == 0) | (trainer.x_train == 1))   # gray training images
     seen = []
     original = trainer.model.elbo
-    trainer.model.elbo = lambda x, beta=1.0: (seen.append(x.clone()), original(x, beta))[1]
+    trainer.model.elbo = lambda x, beta=1.0, noise=None: (seen.append(x.clone()), original(x, beta, noise))[1]
     trainer.step()
     assert all(torch.all((x == 0) | (x == 1)) for x in seen)
 
 
 def test_config_rejects_unknown_keys_and_bad_values():
-    from sweeper.errors import ConfigError
+    from trainables.vae.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"trial.max_epoch: unknown key; did you mean 'max_epochs'"):
         TrainConfig.from_dict({"max_epoch": 3})

@@ -3,8 +3,9 @@
 At batch 100 one VAE's training step is bound by kernel launches: trials that share a GPU as
 separate processes only time-slice it (benchmarks/RESULTS.md). A `TrialPool` instead holds the
 trials of one device as slots of one `BatchedTrainer` per architecture group (same dataset,
-prior family, sizes; K, lr, seed, warm-up, optimizer and early stopping may differ), so one
-batched step trains every slot. Each Tune trial stays a trial - its own searcher suggestion,
+prior, sizes; K, lr, seed, warm-up, optimizer and early stopping may differ), so one
+batched step trains every slot. A slot trains exactly as its trial would alone: its data order,
+noise and binarisation come from generators of its own (trainables/vae/batched.py). Each Tune trial stays a trial - its own searcher suggestion,
 its own ASHA decisions, its own MLflow run and checkpoints - and only sends "train my next
 epoch" to the pool; an epoch ("round") runs once every trial of the group has asked for it.
 
@@ -32,7 +33,6 @@ from typing import Any
 
 import torch
 
-from sweeper.errors import ConfigError
 from trainables.vae.batched import SHARED_FIELDS, BatchedTrainer
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, load_dataset
@@ -46,11 +46,6 @@ N_PSEUDO_INPUTS = 100   # pseudo-inputs returned for a trial's image grid
 def group_key(config: TrainConfig) -> tuple:
     """Trials with equal keys can share one BatchedTrainer (see batched.SHARED_FIELDS)."""
     return tuple(getattr(config, name) for name in SHARED_FIELDS if name != "device")
-
-
-def poolable(config: TrainConfig) -> bool:
-    """Only 1-level VAEs are batched; a 2-level trial trains on its own (plain Trainer)."""
-    return config.model == "vae"
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
@@ -83,7 +78,7 @@ class _Group:
 class TrialPool:
     """The trials of one device, as slots of one BatchedTrainer per group (see module doc)."""
 
-    def __init__(self, device: torch.device | str | None = None, seed: int = 0, splits: Splits | None = None):
+    def __init__(self, device: torch.device | str | None = None, splits: Splits | None = None):
         self.device = resolve_device(str(device)) if device is not None else resolve_device("auto")
         self.groups: dict[tuple, _Group] = {}
         self._member_group: dict[str, tuple] = {}
@@ -93,8 +88,6 @@ class TrialPool:
         self._joins = 0
         self.rounds = 0
         self.model_epochs = 0
-        # One noise stream for the pool (the slots share it); rebuilds do not reseed it.
-        torch.manual_seed(seed)
 
     # -- membership ------------------------------------------------------------------------
     def join(self, trial_id: str, config: TrainConfig | Mapping[str, Any],
@@ -105,8 +98,6 @@ class TrialPool:
         earlier incarnation of the same trial (a retried actor's cleanup) must not remove this one.
         """
         cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
-        if not poolable(cfg):
-            raise ConfigError(f"trial {trial_id}: model {cfg.model!r} cannot be pooled; only 'vae' is batched")
         key = group_key(cfg)
         old = self._member_group.get(trial_id)
         if old is not None and old != key:
@@ -186,11 +177,9 @@ class TrialPool:
         group.trainer, group.slots = None, []
         group.pending = dict(states)
         self._free_device_memory()
-        # Building seeds the global RNG per model (as Trainer does); the pool's noise stream goes on.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            trainer = BatchedTrainer(configs, self._splits_for(configs[0]), self.device,
-                                     states=[_to(states.get(t), self.device) if states.get(t) is not None else None
-                                             for t in slots])
+        trainer = BatchedTrainer(configs, self._splits_for(configs[0]), self.device,
+                                 states=[_to(states.get(t), self.device) if states.get(t) is not None else None
+                                         for t in slots])
         group.trainer, group.slots = trainer, slots
         group.pending.clear()
         group.rebuilds += 1
@@ -234,10 +223,8 @@ class TrialPool:
     def pseudo_inputs(self, trial_id: str, n: int = N_PSEUDO_INPUTS) -> torch.Tensor | None:
         """The trial's first n pseudo-inputs, [n, D] on the CPU (None without a VampPrior)."""
         group = self.groups[self.group_of(trial_id)]
-        trainer = self._trainer(group)
-        if trainer.model.prior_family != "vamp":
-            return None
-        return trainer.model.pseudo_inputs(group.slots.index(trial_id))[:n].detach().cpu()
+        u = self._trainer(group).pseudo_inputs(group.slots.index(trial_id))
+        return None if u is None else u[:n].detach().cpu()
 
     def stats(self) -> dict[str, Any]:
         return {"device": str(self.device), "rounds": self.rounds, "model_epochs": self.model_epochs,
@@ -256,8 +243,8 @@ class PoolActor:
     with that state).
     """
 
-    def __init__(self, device: str = "auto", wait_s: float = 120.0, seed: int = 0, splits: Splits | None = None):
-        self.pool = TrialPool(device, seed, splits)
+    def __init__(self, device: str = "auto", wait_s: float = 120.0, splits: Splits | None = None):
+        self.pool = TrialPool(device, splits)
         if self.pool.device.type == "cpu":
             # Ray starts a 0-CPU actor with one thread; a CPU pool does the compute of all its
             # trials (whose processes only wait for it), so it uses the node's cores.

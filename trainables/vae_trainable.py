@@ -19,8 +19,8 @@ import ray
 import torch
 from ray import tune
 
-from sweeper import tracking
-from trainables.pool import get_pool, poolable
+from trainables import tracking
+from trainables.pool import get_pool
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.evaluate import image_grid
@@ -184,7 +184,7 @@ class VAETrainable(tune.Trainable):
     Pooled (the sweep's `resources.batched`): the trial's epochs run as one slot of its
     device's `TrialPool` (trainables/pool.py), batched with the other trials there; this process
     only asks for each epoch, logs, checkpoints the slot's state (same format) and, when the
-    trial ends by itself, finalizes it locally from that state. A 2-level model trains alone.
+    trial ends by itself, finalizes it locally from that state.
     """
 
     def setup(self, config: dict[str, Any]) -> None:
@@ -195,7 +195,7 @@ class VAETrainable(tune.Trainable):
         self.config_dict = config
         self.cfg, self.sweep = split_config(config)
         pool = self.sweep.get("pool")
-        self.pool = get_pool(pool["sweep_id"], pool.get("wait_s", 120.0)) if pool and poolable(self.cfg) else None
+        self.pool = get_pool(pool["sweep_id"], pool.get("wait_s", 120.0)) if pool else None
         self.pool_member: str | None = None
         self.final_state: dict[str, Any] | None = None   # a finished pooled trial's (it left the pool)
         if self.pool is not None:
@@ -231,8 +231,8 @@ class VAETrainable(tune.Trainable):
                 self.run.terminate("FAILED")
             raise
         epoch = metrics["epoch"]
-        # A retry from a checkpoint replays the epochs after it (exactly, for a trial on its own;
-        # a pooled trial's noise comes from its pool); the run has them, so they are not logged twice.
+        # A retry from a checkpoint replays the epochs after it exactly (pooled or not: a trial's
+        # randomness is its own); the run has them, so they are not logged twice.
         if self.run is not None and epoch > self.logged_through:
             self.run.log_metrics(metrics, step=epoch)
             every = self.cfg.image_every

@@ -71,15 +71,15 @@ class DatasetFacts:
         return c * h * w
 
 
-# In the paper's order. trainables/vae/data.py registers a loader for each (a test keeps the two equal).
-DATASETS: Mapping[str, DatasetFacts] = MappingProxyType({f.name: f for f in (
+# In the paper's order; trainables/vae/data.py registers a loader for each and takes these facts from here.
+DATASETS: dict[str, DatasetFacts] = {f.name: f for f in (
     DatasetFacts("static_mnist", "bernoulli", (1, 28, 28), "static"),
     DatasetFacts("dynamic_mnist", "bernoulli", (1, 28, 28), "dynamic"),
     DatasetFacts("fashion_mnist", "bernoulli", (1, 28, 28), "dynamic"),
     DatasetFacts("omniglot", "bernoulli", (1, 28, 28), "dynamic"),
     DatasetFacts("caltech101", "bernoulli", (1, 28, 28), "static"),
     DatasetFacts("frey_faces", "logistic256", (1, 28, 20), None),
-)})
+)}
 DATASET_ORDER = tuple(DATASETS)
 MODEL_ORDER = ("vae", "hvae")
 PRIOR_ORDER = ("standard", "vamp", "vamp_data", "mog")

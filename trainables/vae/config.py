@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sweeper.errors import ConfigError
+from trainables.vae.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adam_normgrad")
 # torch device strings a trial may name: auto picks CUDA when the trial reserved a GPU.

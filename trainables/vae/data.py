@@ -1,30 +1,25 @@
-"""The datasets of the VampPrior study: a registry, checksummed download and cache, and loaders.
+"""The datasets of the VampPrior study: a registry of dataset classes and their loaders.
 
 Each dataset is one class decorated with `@register_dataset(name)`: it names its official files
 (URLs and pinned checksums), parses them exactly as the paper's reference code (REF,
-jmtomczak/vae_vampprior `utils/load_data.py`) does, and knows how the model should treat it
-(likelihood, image shape, binarization, pseudo-input init). Adding a dataset is one class + a test.
+jmtomczak/vae_vampprior `utils/load_data.py`) does, and knows its splits and pseudo-input init.
+How the model treats it (likelihood, image shape, binarisation) is its entry in
+`trainables.vae.catalog.DATASETS`, which the report and the CLI read without loading anything.
+Adding a dataset is one catalog line, one class and a test. The files themselves (checksums,
+data root, download, cache) are `trainables/vae/download.py`'s.
 
 Public API:
     load_dataset(name, root=None, *, download=True) -> Splits
     fetch(name, root=None, *, base_url=None, progress=None) -> list[Path]
-    download_file(urls, dest, checksums, *, size=None, progress=None, timeout=...) -> Path
     dataset_state(name, root=None) -> "ok" | "missing" | "corrupt"
     file_states(name, root=None) -> list[FileState]
     verify(root=None) -> dict[str, DatasetReport]
-    resolve_root(root=None) -> Path
-    file_digest(path, kind) / bytes_digest(data, kind)
-    DATASETS, register_dataset, DatasetSpec, DataFile, DatasetInfo, Splits
+    DATASETS, register_dataset, get_spec, DatasetSpec, DatasetInfo, Splits
+    (and from download.py: resolve_root, download_file, file_digest, bytes_digest, DataFile)
 
-Data root: an explicit `root` > env `SWEEPER_DATA_DIR` > the per-user cache folder
-(`platformdirs.user_cache_path("sweeper") / "datasets"`). Inside it the layout of REF and
-torchvision: `MNIST_static/`, `MNIST/raw/`, `FashionMNIST/raw/`, `Caltech101Silhouettes/`,
-`Freyfaces/`, `OMNIGLOT/`. A file may be stored gzipped as `NAME.gz`; its official checksum is then
-checked on the decompressed bytes.
-
-Mirrors: env `SWEEPER_DATA_MIRROR=<base URL>` (or `fetch(..., base_url=...)`) replaces the official
-URLs by `<base URL>/<path in the layout>`, e.g. `<base>/Freyfaces/frey_rawface.mat`; the mirror
-must serve the official (uncompressed) files. Useful for clusters without internet and for tests.
+Data root layout (REF's and torchvision's): `MNIST_static/`, `MNIST/raw/`, `FashionMNIST/raw/`,
+`Caltech101Silhouettes/`, `Freyfaces/`, `OMNIGLOT/`. A file may be stored gzipped as `NAME.gz`;
+its official checksum is then checked on the decompressed bytes.
 
 Nothing here ever unpickles: .amat is text, idx is raw bytes, .mat is read by `scipy.io.loadmat`.
 """
@@ -33,15 +28,8 @@ from __future__ import annotations
 
 import difflib
 import gzip
-import hashlib
-import http.client
 import io
 import math
-import os
-import sys
-import tempfile
-import urllib.error
-import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,14 +39,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sweeper.errors import DataError
+from trainables.vae import catalog
+from trainables.vae.download import (  # noqa: F401 (re-exported: the data API in one import)
+    CHECKSUM_KINDS,
+    DATA_DIR_ENV,
+    MIRROR_ENV,
+    STATES,
+    CorruptFile,
+    DataFile,
+    FileState,
+    bytes_digest,
+    download_file,
+    file_digest,
+    file_digests,
+    file_state,
+    locate,
+    official_bytes,
+    resolve_root,
+    urls_of,
+)
+from trainables.vae.errors import DataError
 
-DATA_DIR_ENV = "SWEEPER_DATA_DIR"
-MIRROR_ENV = "SWEEPER_DATA_MIRROR"
 LIKELIHOODS = ("bernoulli", "logistic256")
 BINARIZATIONS = ("static", "dynamic", None)
-CHECKSUM_KINDS = ("sha256", "md5", "git-blob-sha1")
-STATES = ("ok", "missing", "corrupt")
 
 # REF calls np.random.seed(777) right before binarizing val, then test, once. Using the same
 # legacy generator (its stream is frozen by numpy's compatibility policy) in the same order gives
@@ -67,67 +70,11 @@ BINARIZE_SEED = 777
 # REF shuffles Frey Faces and OMNIGLOT train with numpy's global state before splitting; we use a
 # fixed seed on the same frozen legacy generator so the split is identical everywhere.
 SPLIT_SEED = 0
-DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation, not for the whole file
-_CHUNK = 1 << 20
-
-
-# --------------------------------------------------------------------------------------------------
-# Checksums
-# --------------------------------------------------------------------------------------------------
-def _hasher(kind: str, size: int):
-    if kind == "sha256":
-        return hashlib.sha256()
-    if kind == "md5":
-        return hashlib.md5(usedforsecurity=False)
-    if kind == "git-blob-sha1":
-        # Git's blob id: sha1 over a "blob <size>\0" header and the content (`git hash-object`).
-        h = hashlib.sha1(usedforsecurity=False)
-        h.update(b"blob %d\0" % size)
-        return h
-    raise ValueError(f"unknown checksum kind {kind!r}; choose one of {CHECKSUM_KINDS}")
-
-
-def bytes_digest(data: bytes, kind: str) -> str:
-    """Hex digest of `data`; `kind` is "sha256", "md5" or "git-blob-sha1" (= `git hash-object`)."""
-    h = _hasher(kind, len(data))
-    h.update(data)
-    return h.hexdigest()
-
-
-def file_digests(path: str | Path, kinds: Iterable[str]) -> dict[str, str]:
-    """Digests of one file for several kinds, reading it once in chunks."""
-    path = Path(path)
-    hashers = {kind: _hasher(kind, path.stat().st_size) for kind in kinds}
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            for h in hashers.values():
-                h.update(chunk)
-    return {kind: h.hexdigest() for kind, h in hashers.items()}
-
-
-def file_digest(path: str | Path, kind: str) -> str:
-    """Hex digest of one file (see `bytes_digest` for the kinds)."""
-    return file_digests(path, [kind])[kind]
-
-
-def _mismatches(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
-    return [f"{kind} expected {want}, got {actual[kind]}"
-            for kind, want in expected.items() if actual[kind] != want.lower()]
 
 
 # --------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DataFile:
-    """One official file: where it lives in the data root, where to get it, how to check it."""
-
-    path: str                     # relative to the data root, '/'-separated, official file name
-    urls: tuple[str, ...]         # official URL first, then mirrors, tried in order
-    checksums: Mapping[str, str]  # kind -> hex digest of the official bytes (see CHECKSUM_KINDS)
-    size: int | None = None       # bytes of the official file, when pinned
-
-
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model and a trainer need to know about a dataset."""
@@ -210,6 +157,11 @@ def register_dataset(name: str) -> Callable[[_S], _S]:
         # Programmer errors in a spec fail at import, not in the middle of a sweep.
         if name in DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
+        facts = catalog.DATASETS.get(name)
+        if facts is None:
+            raise ValueError(f"dataset {name!r} has no entry in trainables.vae.catalog.DATASETS; add its "
+                             "likelihood, image shape and binarization there")
+        cls.likelihood, cls.image_shape, cls.binarization = facts.likelihood, facts.image_shape, facts.binarization
         if cls.likelihood not in LIKELIHOODS:
             raise ValueError(f"{name}: likelihood {cls.likelihood!r} not in {LIKELIHOODS}")
         if cls.binarization not in BINARIZATIONS:
@@ -339,9 +291,6 @@ class StaticMNIST(DatasetSpec):
         "val": _amat("valid", 15_680_000, "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2"),
         "test": _amat("test", 15_680_000, "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c"),
     }
-    likelihood = "bernoulli"
-    image_shape = (1, 28, 28)
-    binarization = "static"
     pseudo_init = (0.05, 0.01)
     split_sizes = (50_000, 10_000, 10_000)
 
@@ -375,9 +324,6 @@ class _IdxDataset(DatasetSpec):
     trainer binarizes it per batch ("dynamic" binarization).
     """
 
-    likelihood = "bernoulli"
-    image_shape = (1, 28, 28)
-    binarization = "dynamic"
     pseudo_init = (0.05, 0.01)
     split_sizes = (50_000, 10_000, 10_000)
 
@@ -454,9 +400,6 @@ class Caltech101Silhouettes(DatasetSpec):
         {"md5": "4483e9c14b188fd09937f9ea6f9ea777",
          "sha256": "eb6735e8d84b1850fabc5590124aab1755e90c9fd28123585324398405e1e42a"},
         872_124)}
-    likelihood = "bernoulli"
-    image_shape = (1, 28, 28)
-    binarization = "static"
     pseudo_init = (0.5, 0.02)   # REFERENCE.md: Caltech and Frey 0.5 / 0.02
     split_sizes = (4_100, 2_264, 2_307)
     _keys = ("train_data", "val_data", "test_data")
@@ -488,9 +431,6 @@ class FreyFaces(DatasetSpec):
         {"md5": "5aeb024d42b8a6091f30e5eb18c8a48d",
          "sha256": "265a83a23adb081755cd3de375509828e690324d1d60f076b8ecebc840d59c64"},
         1_100_584)}
-    likelihood = "logistic256"
-    image_shape = (1, 28, 20)
-    binarization = None
     pseudo_init = (0.5, 0.02)   # REFERENCE.md: Caltech and Frey 0.5 / 0.02
     split_sizes = (1_565, 200, 200)
 
@@ -521,9 +461,6 @@ class Omniglot(DatasetSpec):
         ("https://raw.githubusercontent.com/yburda/iwae/master/datasets/OMNIGLOT/chardata.mat",
          "https://github.com/yburda/iwae/raw/master/datasets/OMNIGLOT/chardata.mat"),
         {"git-blob-sha1": "016a3536ffe5e1d38e42563a18d7a78bfaf643ec"})}
-    likelihood = "bernoulli"
-    image_shape = (1, 28, 28)
-    binarization = "dynamic"
     pseudo_init = (0.05, 0.01)
     split_sizes = (23_000, 1_345, 8_070)
     n_val = 1_345  # REF: load_omniglot(n_validation=1345)
@@ -547,26 +484,6 @@ class Omniglot(DatasetSpec):
 # --------------------------------------------------------------------------------------------------
 # Data root and file state
 # --------------------------------------------------------------------------------------------------
-def resolve_root(root: str | Path | None = None) -> Path:
-    """Explicit `root` > env SWEEPER_DATA_DIR > the per-user cache folder; absolute."""
-    if root is None or str(root) == "":
-        root = os.environ.get(DATA_DIR_ENV) or None
-    if root is None:
-        from platformdirs import user_cache_path
-
-        root = user_cache_path("sweeper", appauthor=False) / "datasets"
-    return Path(root).expanduser().resolve()
-
-
-@dataclass(frozen=True)
-class FileState:
-    """State of one official file in a data root; `path` is where it is (or would be)."""
-
-    path: Path
-    state: str        # "ok", "missing" or "corrupt"
-    detail: str = ""  # why it is corrupt
-
-
 @dataclass(frozen=True)
 class DatasetReport:
     """A dataset's metadata and the state of its files in one data root."""
@@ -576,59 +493,15 @@ class DatasetReport:
     files: tuple[FileState, ...]
 
 
-class _Corrupt(Exception):
-    pass
-
-
-def _locate(f: DataFile, root: Path) -> tuple[Path, bool] | None:
-    """(path, stored gzipped as a stand-in) of the file in `root`, or None when absent."""
-    plain = root / f.path
-    if plain.is_file():
-        return plain, False
-    packed = plain.with_name(plain.name + ".gz")
-    if packed.is_file():
-        return packed, True
-    return None
-
-
-def _official_bytes(f: DataFile, path: Path, packed: bool) -> bytes:
-    """The official file's bytes (decompressing a NAME.gz stand-in), checked; `_Corrupt` if not."""
-    if not packed and f.size is not None and path.stat().st_size != f.size:
-        raise _Corrupt(f"{path.stat().st_size} bytes, expected {f.size}")  # cheap: no read
-    try:
-        data = path.read_bytes()
-        if packed:
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise _Corrupt(f"unreadable ({type(exc).__name__}: {exc})") from None
-    if f.size is not None and len(data) != f.size:
-        raise _Corrupt(f"{len(data)} bytes, expected {f.size}")
-    bad = _mismatches(f.checksums, {kind: bytes_digest(data, kind) for kind in f.checksums})
-    if bad:
-        raise _Corrupt("; ".join(bad))
-    return data
-
-
 def _corrupt_message(name: str, path: Path, detail: str) -> str:
     return (f"{name}: {path} is corrupt ({detail}). Delete it and run `sweeper data fetch {name}` "
             "(or put a good copy there by hand).")
 
 
-def _file_state(f: DataFile, root: Path) -> FileState:
-    found = _locate(f, root)
-    if found is None:
-        return FileState(root / f.path, "missing")
-    try:
-        _official_bytes(f, *found)
-    except _Corrupt as exc:
-        return FileState(found[0], "corrupt", str(exc))
-    return FileState(found[0], "ok")
-
-
 def file_states(name: str, root: str | Path | None = None) -> list[FileState]:
     """State of each file of dataset `name` in the data root (reads and checksums present files)."""
     spec, root = get_spec(name), resolve_root(root)
-    return [_file_state(f, root) for f in spec.files.values()]
+    return [file_state(f, root) for f in spec.files.values()]
 
 
 def _overall(states: Iterable[FileState]) -> str:
@@ -650,101 +523,6 @@ def verify(root: str | Path | None = None) -> dict[str, DatasetReport]:
     return reports
 
 
-# --------------------------------------------------------------------------------------------------
-# Download
-# --------------------------------------------------------------------------------------------------
-def _stream(url: str, tmp, label: str, size: int | None, progress: bool, timeout: float) -> None:
-    from tqdm import tqdm
-
-    request = urllib.request.Request(url, headers={"User-Agent": "vampprior-sweeper"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        announced = int(response.headers.get("Content-Length") or 0)
-        received = 0
-        with tqdm(total=announced or size, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                  file=sys.stderr, disable=not progress) as bar:
-            while chunk := response.read(_CHUNK):
-                tmp.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-        if announced and received != announced:
-            # http.client returns a short body silently when the server closes early; say so.
-            raise ConnectionError(f"connection closed after {received} of {announced} bytes")
-
-
-def _download_one(url: str, dest: Path, checksums: Mapping[str, str], size: int | None,
-                  progress: bool, timeout: float) -> None:
-    # A unique temp file in the destination folder: os.replace is then an atomic rename on the
-    # same file system, and a crash leaves at worst a hidden .part, never a half file at `dest`.
-    tmp = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False)
-    tmp_path = Path(tmp.name)
-    try:
-        with tmp:
-            _stream(url, tmp, dest.name, size, progress, timeout)
-        actual = file_digests(tmp_path, checksums)
-        bad = _mismatches(checksums, actual)
-        if bad:
-            raise _Corrupt(f"checksum mismatch for {dest.name} downloaded from {url}: {'; '.join(bad)}; "
-                           "the download was discarded")
-        os.replace(tmp_path, dest)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def download_file(urls: Sequence[str], dest: str | Path, checksums: Mapping[str, str], *,
-                  size: int | None = None, progress: bool | None = None,
-                  timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Download the first URL that works to `dest`, verify `checksums`, rename atomically.
-
-    A file lock on `<dest>.lock` makes concurrent processes download once: the others wait,
-    then find the finished file. `progress`: a tqdm bar on stderr (default: when stderr is a tty).
-    Raises `DataError` naming each URL tried and where to put the file by hand.
-    """
-    from filelock import FileLock
-
-    dest = Path(dest)
-    progress = sys.stderr.isatty() if progress is None else progress
-    manual = (f"Download it by hand and put it at {dest} "
-              f"(expected {', '.join(f'{k} {v}' for k, v in checksums.items())}).")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(f"{dest}.lock")
-        lock.acquire()
-    except OSError as exc:
-        raise DataError(f"cannot write to {dest.parent} ({exc}); set SWEEPER_DATA_DIR or --root to a "
-                        f"writable folder, or: {manual}") from None
-    try:
-        if dest.is_file():  # another process finished while we waited for the lock
-            bad = _mismatches(checksums, file_digests(dest, checksums))
-            if bad:
-                raise DataError(f"{dest} is corrupt ({'; '.join(bad)}). Delete it and fetch again.")
-            return dest
-        failures = []
-        for url in urls:
-            try:
-                _download_one(url, dest, checksums, size, progress, timeout)
-                return dest
-            except _Corrupt as exc:
-                failures.append(str(exc))
-            except urllib.error.HTTPError as exc:
-                failures.append(f"{url}: HTTP {exc.code} {exc.reason}")
-            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-                # URLError wraps the socket error (refused, DNS, timeout) in .reason
-                failures.append(f"{url}: {getattr(exc, 'reason', None) or exc}")
-        tried = "\n  - ".join(failures) if failures else "(no URL given)"
-        raise DataError(f"could not download {dest.name}:\n  - {tried}\n{manual}")
-    finally:
-        # Remove the lock file so a failed download leaves nothing behind. Safe: whoever gets
-        # the lock next re-checks `dest` before downloading, so a finished file is never fetched
-        # twice; at worst two processes retry a failed download at once, each into its own temp.
-        Path(f"{dest}.lock").unlink(missing_ok=True)
-        lock.release()
-
-
-def _urls(f: DataFile, base_url: str | None) -> tuple[str, ...]:
-    base = base_url or os.environ.get(MIRROR_ENV) or None
-    return (f"{base.rstrip('/')}/{f.path}",) if base else f.urls
-
-
 def fetch(name: str, root: str | Path | None = None, *, base_url: str | None = None,
           progress: bool | None = None) -> list[Path]:
     """Make sure every file of dataset `name` is present and valid in the data root; return paths.
@@ -755,11 +533,11 @@ def fetch(name: str, root: str | Path | None = None, *, base_url: str | None = N
     spec, root = get_spec(name), resolve_root(root)
     paths = []
     for f in spec.files.values():
-        state = _file_state(f, root)
+        state = file_state(f, root)
         if state.state == "corrupt":
             raise DataError(_corrupt_message(name, state.path, state.detail))
         if state.state == "missing":
-            download_file(_urls(f, base_url), root / f.path, f.checksums, size=f.size, progress=progress)
+            download_file(urls_of(f, base_url), root / f.path, f.checksums, size=f.size, progress=progress)
         paths.append(state.path)
     return paths
 
@@ -776,17 +554,17 @@ def load_dataset(name: str, root: str | Path | None = None, *, download: bool = 
     spec, root = get_spec(name), resolve_root(root)
     blobs = {}
     for role, f in spec.files.items():
-        found = _locate(f, root)
+        found = locate(f, root)
         if found is None:
             if not download:
                 raise DataError(f"{name}: {root / f.path} is missing (it may also be gzipped as "
                                 f"{Path(f.path).name}.gz). Run `sweeper data fetch {name}` or put the "
                                 "official file there by hand.")
-            download_file(_urls(f, None), root / f.path, f.checksums, size=f.size)
+            download_file(urls_of(f, None), root / f.path, f.checksums, size=f.size)
             found = (root / f.path, False)
         try:
-            blobs[role] = _official_bytes(f, *found)
-        except _Corrupt as exc:
+            blobs[role] = official_bytes(f, *found)
+        except CorruptFile as exc:
             raise DataError(_corrupt_message(name, found[0], str(exc))) from None
     train, val, test = spec.build(blobs)
     sizes = (len(train), len(val), len(test))

@@ -87,15 +87,18 @@ def _compiled_or_eager(model: LatentVariableModel):
 
 
 @torch.no_grad()
-def elbo(model: LatentVariableModel, x: Tensor, *, batch_size: int = 1000) -> dict[str, Tensor]:
-    """Per-example ELBO, reconstruction term and KL at beta = 1: dict of [N]."""
+def elbo(model: LatentVariableModel, x: Tensor, *, batch_size: int = 1000,
+         noise: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-example ELBO, reconstruction term and KL at beta = 1: dict of [N]. `noise`
+    [N, 1, noise_dim] fixes each image's sample (default: drawn from the global generator)."""
     was_training = model.training
     model.eval()
     parts: dict[str, list[Tensor]] = {"elbo": [], "rec": [], "kl": []}
     try:
         with model.prior.cached():
             for i in range(0, x.shape[0], batch_size):
-                terms = model.elbo(x[i:i + batch_size])
+                terms = model.elbo(x[i:i + batch_size], 1.0,
+                                   noise[i:i + batch_size] if noise is not None else None)
                 for key in parts:
                     parts[key].append(terms[key])
     finally:

@@ -3,6 +3,11 @@
 Every model computes, for x [B, D] and S samples from q, the three log-densities
 log p(x|z), log p(z) and log q(z|x) as [B, S]; the ELBO (S = 1) and the importance-sampled
 log-likelihood (S large) are both built from them, so they cannot drift apart.
+
+The reparameterisation noise may be passed in (`noise`, [B, S, noise_dim]); trainers draw it
+from a generator of their own, so a run is reproducible from its seed alone, and many copies of
+a model can train as one (`torch.func.vmap` in trainables/vae/batched.py) without sharing a
+random stream. Without it the models draw from torch's global generator (evaluation).
 """
 
 from __future__ import annotations
@@ -24,6 +29,18 @@ MODELS: dict[str, type["LatentVariableModel"]] = {}
 register_model = registrar(MODELS)
 
 
+# REF's Linear layers that ours concatenate along their output dim (one matmul for both): a
+# parameter's `ref_parts` says how many. REF's AdamNormGrad scales each of REF's tensors to unit
+# norm on its own (train.unit_norm_gradients_ reads this).
+REF_PARTS = "ref_parts"
+
+
+def concatenated(linear: nn.Linear, parts: int) -> nn.Linear:
+    for p in linear.parameters():
+        setattr(p, REF_PARTS, parts)
+    return linear
+
+
 class GatedDense(nn.Module):
     """h(x) * sigmoid(g(x)); h and g share one Linear of width 2*out (one matmul, same math).
 
@@ -32,7 +49,7 @@ class GatedDense(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.linear = nn.Linear(in_dim, 2 * out_dim)
+        self.linear = concatenated(nn.Linear(in_dim, 2 * out_dim), 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.glu(self.linear(x), dim=-1)
@@ -50,7 +67,7 @@ class GaussianHead(nn.Module):
 
     def __init__(self, hidden_dim: int, latent_dim: int):
         super().__init__()
-        self.linear = nn.Linear(hidden_dim, 2 * latent_dim)
+        self.linear = concatenated(nn.Linear(hidden_dim, 2 * latent_dim), 2)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
         mean, logvar = self.linear(h).chunk(2, dim=-1)
@@ -65,12 +82,14 @@ def he_init(module: nn.Module) -> None:
             nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / m.in_features))
 
 
-def reparameterize(mean: Tensor, logvar: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+def reparameterize(mean: Tensor, logvar: Tensor, samples: int, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """z = mean + sigma * eps for `samples` draws: [B, Z] -> ([B, S, Z], log q(z|x) [B, S]).
 
-    log q is computed from eps: (z - mean)^2 / sigma^2 = eps^2 exactly, with fewer operations.
+    eps [B, S, Z] ~ N(0, I) (default: drawn here). log q is computed from eps:
+    (z - mean)^2 / sigma^2 = eps^2 exactly, with fewer operations.
     """
-    eps = torch.randn(mean.shape[0], samples, mean.shape[1], device=mean.device, dtype=mean.dtype)
+    if eps is None:
+        eps = torch.randn(mean.shape[0], samples, mean.shape[1], device=mean.device, dtype=mean.dtype)
     z = mean.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps
     log_q = -0.5 * (LOG_2PI + logvar.unsqueeze(1) + eps.pow(2)).sum(-1)
     return z, log_q
@@ -97,15 +116,25 @@ class LatentVariableModel(nn.Module):
         self.hidden_dim = hidden_dim
         self.likelihood_name = likelihood
 
-    def log_densities(self, x: Tensor, samples: int = 1) -> LogDensities:  # pragma: no cover
+    @property
+    def noise_dim(self) -> int:
+        """Standard-normal draws per image and sample (the width of `noise`)."""
+        return self.latent_dim
+
+    def log_densities(self, x: Tensor, samples: int = 1, noise: Tensor | None = None) -> LogDensities:  # pragma: no cover
         raise NotImplementedError
 
-    def elbo(self, x: Tensor, beta: float = 1.0) -> dict[str, Tensor]:
-        """One-sample ELBO per example: dict(elbo, rec, kl), each [B]; `loss` is the beta-weighted batch mean."""
-        d = self.log_densities(x, 1)
+    def elbo(self, x: Tensor, beta: float | Tensor = 1.0, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """One-sample ELBO per example: dict(elbo, rec, kl), each [B]; `loss` is the beta-weighted
+        batch mean. `noise` [B, 1, noise_dim] fixes the sample (default: drawn)."""
+        d = self.log_densities(x, 1, noise)
         rec = d.log_p_x[:, 0]
         kl = (d.log_q_z - d.log_p_z)[:, 0]  # REF: single-sample estimate log q - log p
         return {"elbo": rec - kl, "rec": rec, "kl": kl, "loss": -(rec - beta * kl).mean()}
+
+    def forward(self, x: Tensor, beta: float | Tensor = 1.0, noise: Tensor | None = None) -> dict[str, Tensor]:
+        """The ELBO terms (`elbo`): what `torch.func.functional_call` runs for batched training."""
+        return self.elbo(x, beta, noise)
 
     def importance_log_weights(self, x: Tensor, samples: int) -> Tensor:
         """log p(x, z_s) - log q(z_s | x) for S samples z_s ~ q(z|x): [B, S]."""
@@ -155,9 +184,9 @@ class VAE(LatentVariableModel):
             x = x.unsqueeze(1)
         return self.p_x.log_prob(x, self.p_x_params(z))
 
-    def log_densities(self, x: Tensor, samples: int = 1) -> LogDensities:
+    def log_densities(self, x: Tensor, samples: int = 1, noise: Tensor | None = None) -> LogDensities:
         mean, logvar = self.q_z(x)                                     # [B, Z]
-        z, log_q_z = reparameterize(mean, logvar, samples)             # [B, S, Z], [B, S]
+        z, log_q_z = reparameterize(mean, logvar, samples, noise)      # [B, S, Z], [B, S]
         return LogDensities(self.log_p_x(x, z), self.prior.log_prob(z), log_q_z)
 
     def latent_means(self, x: Tensor) -> dict[str, Tensor]:
@@ -215,11 +244,17 @@ class HierarchicalVAE(LatentVariableModel):
         h = torch.cat((self.p_x_z1(z1), self.p_x_z2(z2)), dim=-1)
         return self.p_x(self.p_x_joint(h))
 
-    def log_densities(self, x: Tensor, samples: int = 1) -> LogDensities:
+    @property
+    def noise_dim(self) -> int:
+        return 2 * self.latent_dim          # z2, then z1
+
+    def log_densities(self, x: Tensor, samples: int = 1, noise: Tensor | None = None) -> LogDensities:
+        eps2, eps1 = noise.chunk(2, dim=-1) if noise is not None else (None, None)   # each [B, S, Z]
         z2_mean, z2_logvar = self.q_z2(x)                                       # [B, Z]
-        z2, log_q_z2 = reparameterize(z2_mean, z2_logvar, samples)              # [B, S, Z], [B, S]
+        z2, log_q_z2 = reparameterize(z2_mean, z2_logvar, samples, eps2)        # [B, S, Z], [B, S]
         z1_mean, z1_logvar = self.q_z1(self.q_z1_x(x).unsqueeze(1), z2)         # [B, S, Z]
-        eps1 = torch.randn_like(z1_mean)
+        if eps1 is None:
+            eps1 = torch.randn_like(z1_mean)
         z1 = z1_mean + torch.exp(0.5 * z1_logvar) * eps1
         log_q_z1 = -0.5 * (LOG_2PI + z1_logvar + eps1.pow(2)).sum(-1)           # log N(z1; q), via eps
         p_z1_mean, p_z1_logvar = self.p_z1(z2)

@@ -1,8 +1,9 @@
 """Priors p(z) over the top latent: a registry of small modules with `log_prob` and `sample`.
 
 The model only calls `prior.log_prob(z) -> [...]` and `prior.sample(n) -> [n, Z]`. A new prior is
-one decorated class (and its test). Mixture priors share one matmul form of the [N, K]
-component log-densities, so no [N, K, Z] tensor is built.
+one decorated class (and its test). Mixture priors are torch.distributions' `MixtureSameFamily`
+structure: mixture weights as logits (uniform for the paper's priors) over K diagonal Gaussians;
+they share one matmul form of the [N, K] component log-densities, so no [N, K, Z] tensor is built.
 """
 
 from __future__ import annotations
@@ -50,19 +51,23 @@ def log_standard_normal(z: Tensor) -> Tensor:
     return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
 
 
-def mixture_log_prob(z: Tensor, mean: Tensor, logvar: Tensor) -> Tensor:
-    """log (1/K) sum_k N(z; mean_k, diag(exp(logvar_k))) for z [..., Z], components [K, Z].
+def mixture_log_prob(z: Tensor, mean: Tensor, logvar: Tensor, logits: Tensor | None = None) -> Tensor:
+    """log sum_k w_k N(z; mean_k, diag(exp(logvar_k))) for z [..., Z], components [K, Z].
 
-    The quadratic form sum_d (z_d - m_kd)^2 / v_kd is expanded into three matmuls, so the
-    [N, K] component densities cost O(N K Z) flops but only O(N K) memory.
+    w = softmax(logits) [K] (None: uniform, log w_k = -log K); a component with logit -inf has
+    no density and gets no gradient (padding). The quadratic form sum_d (z_d - m_kd)^2 / v_kd is
+    expanded into three matmuls, so the [N, K] component densities cost O(N K Z) flops but only
+    O(N K) memory.
     """
     K, Z = mean.shape
     flat = z.reshape(-1, Z)                                    # [N, Z]
     precision = torch.exp(-logvar)                             # [K, Z]
     const = Z * LOG_2PI + logvar.sum(1) + (mean.pow(2) * precision).sum(1)  # [K]
     quad = flat.pow(2) @ precision.T - 2.0 * (flat @ (mean * precision).T)  # [N, K]
-    log_comp = -0.5 * (quad + const)                           # [N, K]
-    log_p = torch.logsumexp(log_comp, dim=1) - math.log(K)     # [N]
+    log_weight = (torch.log_softmax(logits, dim=-1) if logits is not None
+                  else torch.full((K,), -math.log(K), dtype=z.dtype, device=z.device))   # [K]
+    log_comp = -0.5 * (quad + const) + log_weight              # [N, K]
+    log_p = torch.logsumexp(log_comp, dim=1)                   # [N]
     return log_p.reshape(z.shape[:-1])
 
 
@@ -105,11 +110,21 @@ class StandardNormal(Prior):
 
 
 class MixturePrior(Prior):
-    """Uniform mixture of K diagonal Gaussians; subclasses say where the components come from."""
+    """A mixture of K diagonal Gaussians with weights softmax(mixture_logits) (uniform: zeros);
+    subclasses say where the components come from.
+
+    COMPONENT_TENSORS: the parameters and buffers indexed by component (first dim K). Padding a
+    prior to more components (`pad_components_`) adds components with logit -inf: the same
+    density, and models with different K then have equal shapes (batched training stacks them).
+    """
+
+    COMPONENT_TENSORS: tuple[str, ...] = ("mixture_logits",)
 
     def __init__(self, ctx: PriorContext):
         super().__init__(ctx)
         self.K = ctx.K
+        # Not persistent: uniform weights are not learned, and checkpoints stay as they were.
+        self.register_buffer("mixture_logits", torch.zeros(ctx.K), persistent=False)   # [K]
         self._cache: tuple[Tensor, Tensor] | None = None
 
     def components(self) -> tuple[Tensor, Tensor]:
@@ -123,13 +138,35 @@ class MixturePrior(Prior):
 
     def log_prob(self, z: Tensor) -> Tensor:
         mean, logvar = self.components()
-        return mixture_log_prob(z, mean, logvar)
+        return mixture_log_prob(z, mean, logvar, self.mixture_logits)
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         mean, logvar = self.components()
-        k = torch.randint(0, self.K, (n,), device=mean.device)  # uniform over components
+        k = torch.distributions.Categorical(logits=self.mixture_logits).sample((n,))   # [n]
         return mean[k] + torch.exp(0.5 * logvar[k]) * torch.randn_like(mean[k])
+
+    @torch.no_grad()
+    def pad_components_(self, K: int) -> None:
+        """Grow to K components in place: the new ones are zeros with mixture logit -inf (no
+        density, no gradient), so log_prob and sample are unchanged."""
+        extra = K - self.mixture_logits.shape[0]
+        if extra < 0:
+            raise ValueError(f"cannot pad {self.mixture_logits.shape[0]} components down to {K}")
+        if extra == 0:
+            return
+        for name in self.COMPONENT_TENSORS:
+            old = getattr(self, name)
+            fill = -math.inf if name == "mixture_logits" else 0.0
+            new = torch.cat([old.detach(), old.new_full((extra, *old.shape[1:]), fill)])
+            if isinstance(old, nn.Parameter):
+                setattr(self, name, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                setattr(self, name, new)
+
+    def unpadded(self, name: str, tensor: Tensor) -> Tensor:
+        """`tensor` (this prior's `name`, maybe padded) cut back to the model's own K components."""
+        return tensor[: self.K] if name in self.COMPONENT_TENSORS else tensor
 
     @contextlib.contextmanager
     def cached(self) -> Iterator[None]:
@@ -146,6 +183,8 @@ class MixturePrior(Prior):
 class MixtureOfGaussians(MixturePrior):
     """K learned means and log-variances, uniform weights."""
 
+    COMPONENT_TENSORS = ("means", "logvars", "mixture_logits")
+
     def __init__(self, ctx: PriorContext):
         super().__init__(ctx)
         self.means = nn.Parameter(torch.randn(ctx.K, ctx.latent_dim))
@@ -159,6 +198,8 @@ class MixtureOfGaussians(MixturePrior):
 @register_prior("vamp")
 class VampPrior(MixturePrior):
     """p(z) = 1/K sum_k q(z | u_k): the aggregated posterior of K learned pseudo-inputs."""
+
+    COMPONENT_TENSORS = ("pseudo_params", "mixture_logits")
 
     def __init__(self, ctx: PriorContext):
         super().__init__(ctx)

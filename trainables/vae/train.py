@@ -3,24 +3,31 @@
 `Trainer` owns one run: `step()` trains one epoch and validates (the Ray Tune trainable calls it
 once per Tune iteration), `finish()` restores the best weights, `state_dict()` checkpoints
 everything needed to continue exactly (model, optimizer, RNGs, early-stopping state).
+
+Everything random in a run comes from two generators of its own, seeded from its seed: one
+for the order of the training images, one for the reparameterisation noise and the dynamic
+binarisation (`EpochDraws`). So a run is reproducible from its configuration alone, also when
+it trains as one slot of a batched pool (trainables/vae/batched.py draws the same way per slot).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from sweeper.errors import ConfigError
+from trainables.vae.catalog import STOP_COMPLETED, STOP_EARLY, STOP_NAN
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, load_dataset
-from trainables.vae.model import LatentVariableModel, build_model
+from trainables.vae.errors import ConfigError, TrainingDiverged
+from trainables.vae.model import REF_PARTS, LatentVariableModel, build_model
 
-from trainables.vae.catalog import STOP_COMPLETED, STOP_EARLY, STOP_NAN  # noqa: F401 (re-exported)
 SUBSET_SEED = 1234   # train/val/test_subset draw the same images in every trial
+NOISE_SEED_OFFSET = 0x5EED   # the noise generator's seed is the trial's seed + this (the order's is the seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,13 +44,28 @@ def kl_weight(epoch: int, warmup: int) -> float:
     return 1.0 if warmup == 0 else min(1.0, epoch / warmup)
 
 
-def _normalize_gradients(params: list[torch.nn.Parameter]) -> None:
-    """REF's AdamNormGrad: each parameter's gradient is scaled to unit L2 norm before Adam."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norms = torch._foreach_norm(grads)
-        torch._foreach_add_(norms, 1e-7)
-        torch._foreach_div_(grads, norms)
+def ref_parts(named_params: Sequence[tuple[str, torch.nn.Parameter]]) -> list[int]:
+    """Per parameter, how many of REF's tensors it concatenates (model.REF_PARTS; 1 if none)."""
+    return [getattr(p, REF_PARTS, 1) for _, p in named_params]
+
+
+@torch.no_grad()
+def unit_norm_gradients_(grads: Sequence[Tensor], parts: Sequence[int], lead: int = 0,
+                         mask: Tensor | None = None) -> None:
+    """REF's AdamNormGrad, in place: each of REF's parameter tensors gets a unit-L2-norm gradient.
+
+    A gradient concatenating `parts` REF tensors along its first dim (after `lead` leading
+    batch dims: 1 for the [M, ...] stacked gradients of batched training) is normalised part by
+    part. `mask` [M] (batched only): which models use AdamNormGrad; the others keep their gradient.
+    """
+    for g, n in zip(grads, parts):
+        if g is None:
+            continue
+        pieces = g.reshape(*g.shape[:lead], n, -1)                             # [..., n, rest]
+        norm = torch.linalg.vector_norm(pieces, dim=-1, keepdim=True) + 1e-7   # [..., n, 1]
+        if mask is not None:
+            norm = torch.where(mask.view(-1, *([1] * (norm.dim() - 1))), norm, torch.ones_like(norm))
+        pieces.div_(norm)
 
 
 def fixed_subset(x: Tensor, n: int | None, device: torch.device,
@@ -58,81 +80,200 @@ def fixed_subset(x: Tensor, n: int | None, device: torch.device,
     return x.to(device, dtype).contiguous()
 
 
+@dataclass
+class DeviceData:
+    """A run's data, resident on its device: an epoch is index arithmetic, no loader, no copies.
+    Subsets are fixed random ones, the same in every run (`fixed_subset`)."""
+
+    info: Any                   # DatasetInfo
+    train: Tensor               # [N, D]
+    val: Tensor
+    test: Tensor
+
+    @property
+    def dynamic(self) -> bool:
+        """Training images are re-binarised every epoch (`EpochDraws`)."""
+        return self.info.binarization == "dynamic"
+
+    @classmethod
+    def load(cls, config: TrainConfig, splits: Splits | None, device: torch.device,
+             dtype: torch.dtype = torch.float32) -> "DeviceData":
+        splits = splits if splits is not None else load_dataset(config.dataset, config.data_root)
+        return cls(splits.info, fixed_subset(splits.train, config.train_subset, device, dtype),
+                   fixed_subset(splits.val, config.val_subset, device, dtype),
+                   fixed_subset(splits.test, config.test_subset, device, dtype))
+
+
+def run_generators(seed: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(image order, noise) generators of a run with this seed, on `device`."""
+    order = torch.Generator(device=device)
+    order.manual_seed(seed)
+    noise = torch.Generator(device=device)
+    noise.manual_seed(seed + NOISE_SEED_OFFSET)
+    return order, noise
+
+
+@dataclass
+class EpochDraws:
+    """Everything random in one training epoch of one run, drawn up front from its generators:
+    the image order, the binarised images (dynamic binarisation) and the noise of each step."""
+
+    order: Tensor              # [N] the epoch's order of the training images
+    images: Tensor | None      # [N, D] this epoch's binary images (dynamic binarisation), else None
+    noise: Tensor              # [N, 1, noise_dim]: step i uses noise[i*B : (i+1)*B]
+
+    @staticmethod
+    def draw(x_train: Tensor, dynamic: bool, noise_dim: int, order: torch.Generator,
+             noise: torch.Generator) -> "EpochDraws":
+        n = x_train.shape[0]
+        perm = torch.randperm(n, device=x_train.device, generator=order)
+        images = None
+        if dynamic:
+            # A Bernoulli draw per pixel: u < p.
+            u = torch.rand(x_train.shape, device=x_train.device, dtype=x_train.dtype, generator=noise)
+            images = (u < x_train).to(x_train.dtype)
+        eps = torch.randn(n, 1, noise_dim, device=x_train.device, dtype=x_train.dtype, generator=noise)
+        return EpochDraws(perm, images, eps)
+
+
+def draw_noise(n: int, noise_dim: int, like: Tensor, generator: torch.Generator) -> Tensor:
+    """[n, 1, noise_dim] standard normal noise (the validation ELBO's)."""
+    return torch.randn(n, 1, noise_dim, device=like.device, dtype=like.dtype, generator=generator)
+
+
+@dataclass
+class Progress:
+    """A run's epoch count and how it stops: the NaN guard, early stopping (REF: only epochs at
+    full KL weight count, patience `early_stopping`), max epochs. The single trainer and every
+    slot of a batched trainer keep one each; `update` is the whole rule."""
+
+    epoch: int = 0
+    best_val_loss: float = math.inf
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    stop_reason: str | None = None
+    stop_detail: str = ""
+
+    def update(self, metrics: dict[str, Any], config: TrainConfig) -> bool:
+        """After an epoch's metrics (epoch, beta, train_loss, val_loss): set `stop_reason` when the
+        run ends; True when this epoch is its new best (its weights should be kept)."""
+        improved = False
+        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
+        if bad:
+            self.stop_reason = STOP_NAN
+            self.stop_detail = (f"{' and '.join(bad)} became {metrics[bad[0]]} at epoch {self.epoch} "
+                                f"(lr={config.lr}); lower the learning rate")
+        elif metrics["beta"] >= 1.0:     # REF: warm-up epochs never look "best"
+            if metrics["val_loss"] < self.best_val_loss:
+                self.best_val_loss, self.best_epoch, self.bad_epochs = metrics["val_loss"], self.epoch, 0
+                improved = True
+            else:
+                self.bad_epochs += 1
+                if config.early_stopping and self.bad_epochs >= config.early_stopping:
+                    self.stop_reason = STOP_EARLY
+                    self.stop_detail = (f"no better validation loss for {self.bad_epochs} epochs; "
+                                        f"best {self.best_val_loss:.3f} at epoch {self.best_epoch}")
+        if self.stop_reason is None and self.epoch >= config.max_epochs:
+            self.stop_reason = STOP_COMPLETED
+        return improved
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "best_val_loss": self.best_val_loss, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "stop_reason": self.stop_reason, "stop_detail": self.stop_detail}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Progress":
+        return cls(int(state["epoch"]), float(state["best_val_loss"]), state["best_epoch"],
+                   int(state["bad_epochs"]), state["stop_reason"], state.get("stop_detail", ""))
+
+
+def epoch_metrics(epoch: int, beta: float, train: Sequence[float], val: Sequence[float], seconds: float) -> dict[str, Any]:
+    """Trainer.step's metrics from the mean (elbo, rec, kl) of the training and validation images."""
+    (t_elbo, t_rec, t_kl), (v_elbo, v_rec, v_kl) = train, val
+    return {"epoch": epoch, "beta": beta, "train_elbo": t_elbo, "train_rec": t_rec, "train_kl": t_kl,
+            "train_loss": -(t_rec - beta * t_kl), "val_elbo": v_elbo, "val_rec": v_rec, "val_kl": v_kl,
+            "val_loss": -v_elbo, "epoch_seconds": seconds}
+
+
 class Trainer:
     """One training run of one configuration on one device."""
 
     def __init__(self, config: TrainConfig, splits: Splits | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         self.config = config
         self.device = torch.device(device) if device is not None else resolve_device(config.device)
-        splits = splits if splits is not None else load_dataset(config.dataset, config.data_root)
-        self.info = splits.info
+        data = DeviceData.load(config, splits, self.device, dtype)
+        self.info, self.dynamic = data.info, data.dynamic
+        self.x_train, self.x_val, self.x_test = data.train, data.val, data.test   # [N, D] each
 
-        # All data lives on the device: an epoch is index arithmetic, no loader, no copies.
-        self.x_train = fixed_subset(splits.train, config.train_subset, self.device)   # [N, D]
-        self.x_val = fixed_subset(splits.val, config.val_subset, self.device)
-        self.x_test = fixed_subset(splits.test, config.test_subset, self.device)
-        self.dynamic = self.info.binarization == "dynamic"
-
-        torch.manual_seed(config.seed)
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(config.seed)
-        self.model: LatentVariableModel = build_model(
-            model=config.model, prior=config.prior, input_shape=self.info.image_shape,
-            likelihood=self.info.likelihood, latent_dim=config.latent_dim,
-            hidden_dim=config.hidden_dim, K=config.K, pseudo_init=self.info.pseudo_init,
-            init_data=self.x_train.cpu() if config.prior == "vamp_data" else None,
-            fixed_pseudo_inputs=config.fixed_pseudo_inputs, prob_clamp=config.prob_clamp,
-        ).to(self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        torch.manual_seed(config.seed)          # the weights' initialisation
+        self.generator, self.noise_generator = run_generators(config.seed, self.device)
+        self.model: LatentVariableModel = build_trial_model(config, self.info, self.x_train).to(self.device, dtype)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.parts = ref_parts(named)
         # On CUDA: one fused kernel for the whole update, and capturable for the CUDA graph.
         self.optimizer = torch.optim.Adam(
             self.params, lr=config.lr,
             **({"fused": True, "capturable": True} if self.device.type == "cuda" else {"foreach": True}))
+        # This epoch's binary images (dynamic binarisation); a fixed buffer, so a graph can read it.
+        self.x_epoch = torch.empty_like(self.x_train) if self.dynamic else self.x_train
         self._graph: _GraphedStep | None = None   # built at the first epoch on CUDA
-        self.epoch = 0
-        self.best_val_loss = math.inf
-        self.best_epoch: int | None = None
+        self.progress = Progress()
         self.best_state: dict[str, Tensor] | None = None
-        self.bad_epochs = 0
-        self.stop_reason: str | None = None
-        self.stop_detail = ""
+
+    # The run's counters (Progress) under Trainer's old names.
+    epoch = property(lambda self: self.progress.epoch)
+    best_val_loss = property(lambda self: self.progress.best_val_loss)
+    best_epoch = property(lambda self: self.progress.best_epoch)
+    bad_epochs = property(lambda self: self.progress.bad_epochs)
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.progress.stop_reason
+
+    @property
+    def stop_detail(self) -> str:
+        return self.progress.stop_detail
+
+    @stop_detail.setter
+    def stop_detail(self, value: str) -> None:
+        self.progress.stop_detail = value
 
     # -- one epoch -------------------------------------------------------------------------
-    def _batch_step(self, idx: Tensor, beta: float | Tensor) -> Tensor:
-        """Forward, backward and update on x_train[idx] (grads must be None or zero); [3] sums."""
-        x = self.x_train[idx]                                              # [B, D]
-        if self.dynamic:
-            # A Bernoulli draw as rand < p: the default generator, so a CUDA graph can capture it.
-            x = (torch.rand_like(x) < x).to(x.dtype)
-        terms = self.model.elbo(x, beta)
+    def _batch_step(self, idx: Tensor, beta: float | Tensor, noise: Tensor) -> Tensor:
+        """Forward, backward and update on x_epoch[idx] (grads must be None or zero); [3] sums."""
+        x = self.x_epoch[idx]                                              # [B, D]
+        terms = self.model.elbo(x, beta, noise)
         terms["loss"].backward()
         if self.config.optimizer == "adam_normgrad":
-            _normalize_gradients(self.params)
+            unit_norm_gradients_([p.grad for p in self.params], self.parts)
         self.optimizer.step()
         return torch.stack([terms["elbo"].detach().sum(), terms["rec"].detach().sum(),
                             terms["kl"].detach().sum()])
 
-    def _train_epoch(self, beta: float) -> dict[str, float]:
+    def _train_epoch(self, beta: float) -> list[float]:
+        """One epoch; the mean (elbo, rec, kl) per training image."""
         self.model.train()
         n = self.x_train.shape[0]
         B = self.config.batch_size
-        perm = torch.randperm(n, device=self.device, generator=self.generator)
-        totals = torch.zeros(3, device=self.device)   # sums of elbo, rec, kl (kept on device)
+        draws = EpochDraws.draw(self.x_train, self.dynamic, self.model.noise_dim, self.generator,
+                                self.noise_generator)
+        if draws.images is not None:
+            self.x_epoch.copy_(draws.images)
+        totals = torch.zeros(3, device=self.device, dtype=self.x_train.dtype)   # sums of elbo, rec, kl
         graphed = self._graphed_step() if n >= B else None
         for start in range(0, n, B):
-            idx = perm[start:start + B]
+            idx, noise = draws.order[start:start + B], draws.noise[start:start + B]
             if graphed is not None and idx.shape[0] == B:
-                totals += graphed(idx, beta)
+                totals += graphed(idx, beta, noise)
                 continue
             if graphed is not None:   # the last, smaller batch runs eagerly on the same tensors
                 torch._foreach_zero_([p.grad for p in self.params if p.grad is not None])
             else:
                 self.optimizer.zero_grad(set_to_none=True)
-            totals += self._batch_step(idx, beta)
-        elbo_sum, rec_sum, kl_sum = (totals / n).tolist()
-        return {"train_elbo": elbo_sum, "train_rec": rec_sum, "train_kl": kl_sum,
-                "train_loss": -(rec_sum - beta * kl_sum)}
+            totals += self._batch_step(idx, beta, noise)
+        return (totals / n).tolist()
 
     def _graphed_step(self) -> "_GraphedStep | None":
         if not (self.config.cuda_graphs and self.device.type == "cuda"):
@@ -142,11 +283,12 @@ class Trainer:
         return self._graph
 
     @torch.no_grad()
-    def evaluate_elbo(self, x: Tensor) -> dict[str, float]:
-        """Mean ELBO terms at beta = 1 (the validation loss of early stopping)."""
+    def evaluate_elbo(self, x: Tensor, noise: Tensor | None = None) -> dict[str, float]:
+        """Mean ELBO terms at beta = 1 (the validation loss of early stopping); `noise` [N, 1,
+        noise_dim] fixes the samples (default: drawn from the global generator)."""
         from trainables.vae.evaluate import elbo
 
-        terms = elbo(self.model, x)
+        terms = elbo(self.model, x, noise=noise)
         out = {k: float(v.mean()) for k, v in terms.items()}
         out["loss"] = -out["elbo"]
         return out
@@ -155,44 +297,20 @@ class Trainer:
         """Train one epoch, validate, update early stopping. Sets `stop_reason` when done."""
         if self.stop_reason is not None:
             raise RuntimeError(f"training already stopped ({self.stop_reason})")
-        self.epoch += 1
+        self.progress.epoch += 1
         beta = kl_weight(self.epoch, self.config.warmup)
         t0 = time.perf_counter()
-        metrics: dict[str, Any] = {"epoch": self.epoch, "beta": beta}
-        metrics.update(self._train_epoch(beta))
-        val = self.evaluate_elbo(self.x_val)
-        metrics.update({f"val_{k}": v for k, v in val.items()})
+        train = self._train_epoch(beta)
+        val_noise = draw_noise(self.x_val.shape[0], self.model.noise_dim, self.x_val, self.noise_generator)
+        val = self.evaluate_elbo(self.x_val, val_noise)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        metrics["epoch_seconds"] = time.perf_counter() - t0
-
-        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
-        if bad:
-            self.stop_reason = STOP_NAN
-            self.stop_detail = (f"{' and '.join(bad)} became {metrics[bad[0]]} at epoch {self.epoch} "
-                                f"(lr={self.config.lr}); lower the learning rate")
-        else:
-            self._early_stopping(metrics["val_loss"], beta)
-        if self.stop_reason is None and self.epoch >= self.config.max_epochs:
-            self.stop_reason = STOP_COMPLETED
+        metrics = epoch_metrics(self.epoch, beta, train, (val["elbo"], val["rec"], val["kl"]),
+                                time.perf_counter() - t0)
+        if self.progress.update(metrics, self.config):
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         metrics["stop_reason"] = self.stop_reason
         return metrics
-
-    def _early_stopping(self, val_loss: float, beta: float) -> None:
-        # REF: only epochs at full KL weight count, so warm-up epochs never look "best".
-        if beta < 1.0:
-            return
-        if val_loss < self.best_val_loss:
-            self.best_val_loss = val_loss
-            self.best_epoch = self.epoch
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
-            if self.config.early_stopping and self.bad_epochs >= self.config.early_stopping:
-                self.stop_reason = STOP_EARLY
-                self.stop_detail = (f"no better validation loss for {self.bad_epochs} epochs; "
-                                    f"best {self.best_val_loss:.3f} at epoch {self.best_epoch}")
 
     @property
     def done(self) -> bool:
@@ -208,17 +326,13 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
-            "best_val_loss": self.best_val_loss,
-            "best_epoch": self.best_epoch,
+            **self.progress.state(),
             "best_state": self.best_state,
-            "bad_epochs": self.bad_epochs,
-            "stop_reason": self.stop_reason,
-            "stop_detail": self.stop_detail,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "generator": self.generator.get_state(),
+                "noise": self.noise_generator.get_state(),
             },
             "config": self.config.to_dict(),
         }
@@ -236,23 +350,38 @@ class Trainer:
                 st = self.optimizer.state.get(p)
                 if st and "step" in st and (flags["fused"] or flags["capturable"]):
                     st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
-        self.epoch = state["epoch"]
-        self.best_val_loss = state["best_val_loss"]
-        self.best_epoch = state["best_epoch"]
+        self.progress = Progress.from_state(state)
         self.best_state = ({k: v.to(self.device) for k, v in state["best_state"].items()}
                            if state["best_state"] is not None else None)
-        self.bad_epochs = state["bad_epochs"]
-        self.stop_reason = state["stop_reason"]
-        self.stop_detail = state.get("stop_detail", "")
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        restore_generators(state["rng"], self.generator, self.noise_generator, self.config.seed, self.epoch)
+
+
+def restore_generators(rng: dict[str, Any], order: torch.Generator, noise: torch.Generator, seed: int,
+                       epoch: int) -> None:
+    """A checkpoint's generator states into a run's generators. Saved on another device type
+    (CPU and CUDA generators keep different states), or before the noise had a generator of its
+    own: the streams go on from seeds derived from the run's seed and epoch instead."""
+    for generator, key, offset in ((order, "generator", 0), (noise, "noise", NOISE_SEED_OFFSET)):
+        saved = rng.get(key)
         try:
-            self.generator.set_state(state["rng"]["generator"].cpu())
+            if saved is None:
+                raise RuntimeError("not saved")
+            generator.set_state(saved.cpu())
         except RuntimeError:
-            # Saved on another device type (CPU and CUDA generators keep different states): the
-            # data order goes on from a seed of its own instead.
-            self.generator.manual_seed(self.config.seed + 7919 * self.epoch)
+            generator.manual_seed(seed + offset + 7919 * epoch)
+
+
+def build_trial_model(config: TrainConfig, info, x_train: Tensor) -> LatentVariableModel:
+    """The model of a run, as its configuration says (on the CPU; the caller moves it)."""
+    return build_model(
+        model=config.model, prior=config.prior, input_shape=info.image_shape,
+        likelihood=info.likelihood, latent_dim=config.latent_dim,
+        hidden_dim=config.hidden_dim, K=config.K, pseudo_init=info.pseudo_init,
+        init_data=x_train.cpu() if config.prior == "vamp_data" else None,
+        fixed_pseudo_inputs=config.fixed_pseudo_inputs, prob_clamp=config.prob_clamp)
 
 
 def capture_cuda_graph(step: Callable[[], Tensor], params: Sequence[torch.nn.Parameter], device: torch.device,
@@ -296,12 +425,16 @@ class _GraphedStep:
 
     At batch 100 an eager step is bound by kernel launches, not arithmetic; a replay launches
     the ~hundreds of kernels at once. Each replay reads the batch through a static index buffer
-    into the resident training data and returns its ELBO sums in a static output.
+    into the resident training data (this epoch's binarised copy for dynamic data), its noise
+    from a static buffer, and returns its ELBO sums in a static output.
     """
 
     def __init__(self, trainer: Trainer):
         dev = trainer.device
-        self.idx = torch.arange(trainer.config.batch_size, device=dev)   # static: which images
+        B = trainer.config.batch_size
+        self.idx = torch.arange(B, device=dev)                            # static: which images
+        self.noise = torch.zeros(B, 1, trainer.model.noise_dim, device=dev,
+                                 dtype=trainer.x_train.dtype)             # static: the step's noise
         self.beta = torch.ones((), device=dev)                            # static: the KL weight
         self._beta_value = 1.0
 
@@ -311,11 +444,12 @@ class _GraphedStep:
             # keep_vars: the Parameter objects themselves (stable ids), not fresh detached views
             return list(trainer.model.state_dict(keep_vars=True).values()) + opt
 
-        self.graph, self.sums = capture_cuda_graph(lambda: trainer._batch_step(self.idx, self.beta),
+        self.graph, self.sums = capture_cuda_graph(lambda: trainer._batch_step(self.idx, self.beta, self.noise),
                                                    trainer.params, dev, state)   # sums: static [3]
 
-    def __call__(self, idx: Tensor, beta: float) -> Tensor:
+    def __call__(self, idx: Tensor, beta: float, noise: Tensor) -> Tensor:
         self.idx.copy_(idx)
+        self.noise.copy_(noise)
         if self._beta_value != beta:
             self.beta.fill_(beta)
             self._beta_value = beta
@@ -374,8 +508,6 @@ def run_training(config: TrainConfig, echo: Callable[[str], None] = print) -> di
              f"val loss {m['val_loss']:9.3f}  ({m['epoch_seconds']:.1f} s)")
     echo(f"stopped: {trainer.stop_reason}" + (f" ({trainer.stop_detail})" if trainer.stop_detail else ""))
     if trainer.stop_reason == STOP_NAN:
-        from sweeper.errors import TrainingDiverged
-
         raise TrainingDiverged(trainer.stop_detail)
     trainer.finish()
     final = final_evaluation(trainer)
