@@ -144,9 +144,24 @@ def run(spec: Path, overrides: tuple[str, ...], **options) -> None:
     """Run a sweep: Ray Tune trials, Optuna search, ASHA stopping, every trial in MLflow."""
     from sweeper.run import run_sweep
 
-    outcome = run_sweep(spec, overrides, **options, echo=click.echo)
-    click.echo(f"\nMLflow: experiment {outcome.experiment_id}, parent run {outcome.parent_run_id} "
-               f"({outcome.tracking_uri}); browse with `sweeper ui`")
+    run_sweep(spec, overrides, **options, echo=click.echo)   # ends by printing where to look
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--samples", type=int, default=20_000, show_default=True, help="Importance samples S per test image.")
+@click.option("--tracking-uri", default=None, help="Default: sqlite:///<cwd>/mlflow.db, as `sweeper run`.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Data folder.")
+def evaluate(run_id: str, samples: int, tracking_uri: str | None, device: str, root: str | None) -> None:
+    """Re-score a finished trial's test log-likelihood with more importance samples (from MLflow alone)."""
+    from sweeper.rescore import rescore_run
+
+    data_root = str(Path(root).expanduser().resolve()) if root is not None else None
+    out = rescore_run(run_id, samples, tracking_uri, device, data_root, echo=click.echo)
+    before = f" (the run's test_ll: {out.logged_test_ll:.3f})" if out.logged_test_ll is not None else ""
+    click.echo(f"{out.metric} = {out.test_ll:.3f} nats over {out.images} images in {out.seconds:.1f} s, "
+               f"logged to run {out.run_id}{before}")
 
 
 @main.command()

@@ -25,7 +25,7 @@ from ray import tune
 from sweeper import tracking
 from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
 from sweeper.spec import SweepSpec, load_spec
-from trainables.vae.catalog import (METRIC_TEST_LL, METRIC_VAL_ELBO, STOP_ERROR, STOP_SCHEDULER, short,
+from trainables.vae.catalog import (METRIC_EPOCH_SECONDS, METRIC_TEST_LL, METRIC_VAL_ELBO, STOP_ERROR, STOP_SCHEDULER, short,
                                     stop_reason)
 
 STATE_FILE = "sweep.json"
@@ -174,7 +174,7 @@ class TrialRunsCallback(tune.Callback):
         run = tracking.find_child(*self.args, trial_id=trial.trial_id)
         first, where = error_summary(trial)
         if run is None:
-            handle = tracking.RunHandle(self.args[0], _with_retry_create(self.args, trial, self.sweep_name))
+            handle = tracking.RunHandle(self.args[0], _run_for_failed_setup(self.args, trial, self.sweep_name))
         elif run.info.status == "RUNNING" or run.data.tags.get(tracking.TAG_STOP) != STOP_ERROR:
             handle = tracking.RunHandle(self.args[0], run.info.run_id)
         else:
@@ -195,12 +195,14 @@ class TrialRunsCallback(tune.Callback):
                                f"{result.get('training_iteration', '?')}"})
 
 
-def _with_retry_create(args, trial, sweep_name: str) -> str:
+def _run_for_failed_setup(args, trial, sweep_name: str) -> str:
     """A run for a trial that failed before opening its own (an error in its setup)."""
     tracking_uri, experiment_id, parent_run_id = args
     params = {k: v for k, v in trial.config.items() if not isinstance(v, dict)}
+    keys = (trial.config.get("sweeper") or {}).get("name_keys", ("prior",))
     run = tracking.open_trial_run(tracking_uri, experiment_id, parent_run_id, trial_id=trial.trial_id,
-                                  trial_name=trial_name(trial), params=params, sweep_name=sweep_name)
+                                  trial_name=tracking.run_name(trial.config, keys) or trial_name(trial),
+                                  params=params, sweep_name=sweep_name)
     return run.run_id
 
 
@@ -215,6 +217,69 @@ def error_summary(trial) -> tuple[str, str]:
     except OSError:
         pass
     return first, str(path) or "the Ray trial folder"
+
+
+def asha_expected_epochs(grace: int, eta: float, max_t: int) -> float:
+    """Epochs a trial trains on average under ASHA if each rung promotes 1/eta of the trials:
+    m_0 = grace, m_i = grace * eta^i < max_t, and a trial gets past m_i with probability eta^-(i+1)."""
+    rungs = [grace]
+    while rungs[-1] * eta < max_t:
+        rungs.append(rungs[-1] * eta)
+    rungs.append(max_t)
+    return rungs[0] + sum((b - a) * eta ** -(i + 1) for i, (a, b) in enumerate(zip(rungs, rungs[1:])))
+
+
+class TimeLeftCallback(tune.Callback):
+    """Prints, once the first epochs are in and then every `every_s`, how long the sweep has left.
+
+    How: the mean seconds per epoch of the trials' latest epochs, times the epochs still to train
+    (running trials up to their budget, trials not started yet a whole budget), divided by the
+    trials that run at once. The budget is max_epochs ("at most": no trial stops early) and, under
+    ASHA, the epochs a trial trains on average if each rung keeps 1/reduction_factor of the trials
+    ("expected"). Test evaluations are not included. Plain data only: Tune pickles callbacks."""
+
+    def __init__(self, total_trials: int, max_epochs: int, expected_epochs: float | None, at_once: int,
+                 every_s: float = 300.0):
+        self.total, self.max_epochs, self.expected, self.at_once = total_trials, max_epochs, expected_epochs, at_once
+        self.every_s = every_s
+        self.epochs: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.done: set[str] = set()
+        self.last_print = 0.0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.epochs[trial.trial_id] = int(result.get("training_iteration", 0))
+        if result.get("epoch_seconds") is not None:
+            self.seconds[trial.trial_id] = float(result["epoch_seconds"])
+        now = time.monotonic()
+        if len(self.seconds) >= min(2, self.total) and now - self.last_print >= self.every_s:
+            self.last_print = now
+            print(self.estimate(), flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done.add(trial.trial_id)
+
+    def estimate(self) -> str:
+        per_epoch = sum(self.seconds.values()) / len(self.seconds)
+
+        def hours(budget: float) -> float:
+            running = sum(max(0.0, budget - e) for t, e in self.epochs.items() if t not in self.done)
+            waiting = max(0, self.total - len(self.epochs)) * budget
+            return (running + waiting) * per_epoch / max(1, self.at_once) / 3600
+
+        left = self.total - len(self.done)
+        text = f"time left: at most ~{_duration(hours(self.max_epochs))} (every trial to {self.max_epochs} epochs)"
+        if self.expected is not None:
+            text = (f"time left: ~{_duration(hours(self.expected))} expected with ASHA "
+                    f"(~{self.expected:.0f} epochs per trial), at most ~{_duration(hours(self.max_epochs))}")
+        return (f"{text}: {left} trial(s) to go, {per_epoch:.1f} s per epoch per trial, {self.at_once} at once; "
+                "early stopping can end trials sooner, test evaluations come on top")
+
+
+def _duration(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 class PoolLeaveCallback(tune.Callback):
@@ -327,7 +392,8 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                 spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
                                  cluster_resources=cluster)
                 _warn_concurrency(spec, cluster, echo)
-                return _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command)
+                return _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command,
+                            trials_at_once(spec, cluster))
             finally:
                 ray.shutdown()
         except KeyboardInterrupt:
@@ -336,13 +402,26 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                                    "was launched") from None
 
 
-def _warn_concurrency(spec: SweepSpec, cluster: dict[str, float], echo: Callable[[str], None]) -> None:
-    """Say when max_concurrent asks for more trials at once than the cluster can run."""
+def run_name_keys(spec: SweepSpec) -> list[str]:
+    """The trial values a run's name shows: the prior, and every searched parameter."""
+    searched = [p.name for p in spec.parameters]
+    first = [k for k in ("dataset", "model", "prior") if k in searched or k == "prior"]
+    return first + [k for k in searched if k not in first]
+
+
+def trials_at_once(spec: SweepSpec, cluster: dict[str, float]) -> int:
+    """How many trials run at once: max_concurrent, or fewer if the cluster has room for fewer."""
     cpu, gpu = spec.resources.cpu, spec.resources.gpu
     fits = [cluster.get("CPU", 0) / cpu] if cpu else []
     if gpu:
         fits.append(cluster.get("GPU", 0) / gpu)
-    at_once = int(min(fits)) if fits else spec.max_concurrent
+    return max(1, min([spec.max_concurrent] + [int(f) for f in fits]))
+
+
+def _warn_concurrency(spec: SweepSpec, cluster: dict[str, float], echo: Callable[[str], None]) -> None:
+    """Say when max_concurrent asks for more trials at once than the cluster can run."""
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    at_once = trials_at_once(spec, cluster)
     if spec.max_concurrent > at_once:
         echo(f"note: max_concurrent is {spec.max_concurrent} but the cluster has room for {at_once} trial(s) "
              f"at once ({short(cluster.get('CPU', 0))} CPU, {short(cluster.get('GPU', 0))} GPU; each trial "
@@ -350,7 +429,7 @@ def _warn_concurrency(spec: SweepSpec, cluster: dict[str, float], echo: Callable
 
 
 def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: SweepPlan, resume: bool,
-         echo: Callable[[str], None], interrupts: Interrupts, command: str) -> SweepOutcome:
+         echo: Callable[[str], None], interrupts: Interrupts, command: str, at_once: int = 1) -> SweepOutcome:
     from sweeper.search import SchedulerStateCallback, make_scheduler, make_search_alg, param_space
     from trainables.pool import remove_pools
     from trainables.vae_trainable import SWEEP_KEY, VAETrainable
@@ -389,6 +468,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
 
     sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
                  "parent_run_id": parent.run_id, "sweep_name": plan.sweep_id,
+                 "name_keys": run_name_keys(spec),
                  "cpus_per_trial": max(1, int(spec.resources.cpu)), "scheduler": spec.scheduler.type}
     pooled = spec.resources.pooled
     if pooled:
@@ -426,7 +506,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
                     # was. At the end too, so a scheduler-stopped trial has its last epoch's checkpoint.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
                                                             checkpoint_frequency=spec.checkpoint_frequency),
-                    callbacks=[SchedulerStateCallback(scheduler),
+                    callbacks=[SchedulerStateCallback(scheduler), _time_left(spec, at_once),
                                TrialRunsCallback(plan.tracking_uri, experiment_id, parent.run_id,
                                                  spec.scheduler.type, plan.sweep_id),
                                *([PoolLeaveCallback(plan.sweep_id)] if pooled else [])],
@@ -463,12 +543,32 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
             outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo,
                                         errors=outcome.errors)
             parent.terminate(status)
+            echo_urls(outcome, echo)
     if outcome.errors:
         parent.set_tags({tracking.TAG_ERRORS: f"{len(outcome.errors)} trial(s) ended with an error: "
                                               + "; ".join(outcome.errors)[:4000]})
         raise SweepFailed(f"{len(outcome.errors)} trial(s) of sweep {plan.sweep_id} ended with an error "
                           "(the other trials finished):\n  - " + "\n  - ".join(outcome.errors))
     return outcome
+
+
+def echo_urls(outcome: SweepOutcome, echo: Callable[[str], None]) -> None:
+    """Where to look: the sweep's run and its best trial's, as `sweeper ui` (or the server) serves them."""
+    base = tracking.ui_base(outcome.tracking_uri)
+    how = "" if outcome.tracking_uri.startswith("http") else " (start the UI with `sweeper ui`)"
+    echo(f"\nMLflow{how}:\n  the sweep:      {tracking.ui_url(base, outcome.experiment_id, outcome.parent_run_id)}")
+    summary = outcome.summary
+    if summary is not None and len(summary) and METRIC_TEST_LL in summary and summary.iloc[0].notna()[METRIC_TEST_LL]:
+        best = summary.iloc[0]
+        echo(f"  the best trial: {tracking.ui_url(base, outcome.experiment_id, best['run_id'])} ({best['trial']})")
+
+
+def _time_left(spec: SweepSpec, at_once: int) -> TimeLeftCallback:
+    max_epochs = int(spec.base_config()["max_epochs"])
+    s = spec.scheduler
+    expected = (asha_expected_epochs(s.grace_period, s.reduction_factor, s.max_t or max_epochs)
+                if s.type == "asha" else None)
+    return TimeLeftCallback(spec.total_trials, max_epochs, expected, at_once)
 
 
 def trial_name_of(result) -> str:
@@ -534,7 +634,7 @@ def evaluate_stopped_trials(results, tracking_uri: str, experiment_id: str, pare
         result = by_id.get(tags.get(tracking.TAG_TRIAL, ""))
         if result is None:
             continue
-        pending.append(task.remote(result.config, result.checkpoint, tags[tracking.TAG_TRIAL], run.info.run_name))
+        pending.append(task.remote(result.config, result.checkpoint, tags[tracking.TAG_TRIAL]))
     if pending:
         echo(f"evaluating {len(pending)} trial(s) stopped by the scheduler on the test set ...")
         ray.get(pending)
@@ -552,7 +652,8 @@ def _reporter(spec: SweepSpec):
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Checkpointing every epoch is deliberate (exact resume); Ray warns about it every few seconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    metrics = {"training_iteration": "epoch", spec.metric.name: spec.metric.name, METRIC_TEST_LL: METRIC_TEST_LL}
+    metrics = {"training_iteration": "epoch", METRIC_EPOCH_SECONDS: "s/epoch", spec.metric.name: spec.metric.name,
+               METRIC_TEST_LL: METRIC_TEST_LL}
     return CLIReporter(metric_columns=metrics, parameter_columns=[p.name for p in spec.parameters],
                        max_report_frequency=30, sort_by_metric=True, max_progress_rows=20)
 

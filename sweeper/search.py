@@ -183,14 +183,18 @@ class PruningAwareOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
             return
-        run_id = result.get(RESULT_RUN_ID)
+        self._link(trial_id, ot_trial, result)
+        self._report(trial_id, ot_trial, result)
+
+    def _link(self, trial_id: str, ot_trial: optuna.Trial, result: Mapping[str, Any] | None) -> None:
+        """The study trial's MLflow run id, from the first result that carries it."""
+        run_id = (result or {}).get(RESULT_RUN_ID)
         if run_id and trial_id not in self._linked_runs:
             try:
                 ot_trial.set_user_attr(USER_ATTR_MLFLOW_RUN, run_id)
                 self._linked_runs.add(trial_id)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass
-        self._report(trial_id, ot_trial, result)
 
     def _report(self, trial_id: str, ot_trial: optuna.Trial, result: Mapping[str, Any]) -> None:
         value, step = result.get(self.metric), result.get(TRAINING_ITERATION)
@@ -210,6 +214,7 @@ class PruningAwareOptunaSearch(OptunaSearch):
         if ot_trial is None or trial_id in self._completed_trials:
             return
         state = trial_end_state(result, error, self.metric, self._max_t)
+        self._link(trial_id, ot_trial, result)   # a trial stopped at its first epoch had no other result
         if result and state is not TrialState.FAIL:
             # The result the scheduler stopped on never reached on_trial_result: record it.
             self._report(trial_id, ot_trial, result)

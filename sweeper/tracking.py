@@ -13,7 +13,13 @@ from sweeper.errors import SweeperError
 from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one tracking module)
     ROLE_SWEEP,
     ROLE_TRIAL,
+    EXPERIMENT_KIND,
     TAG_ERRORS,
+    TAG_EXPERIMENT_KIND,
+    TAG_MODEL_ID,
+    TAG_NOTE,
+    UI_QUERY,
+    WEIGHTS_FILE,
     TAG_ORPHANED,
     TAG_PARENT,
     TAG_ROLE,
@@ -30,7 +36,11 @@ from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one 
     ll_histogram_figure,
     open_trial_run,
     per_image_csv,
+    run_name,
+    ui_url,
 )
+
+DEFAULT_UI_PORT = 5000
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:
@@ -72,10 +82,20 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             raise SweeperError(f"MLflow experiment {name!r} is deleted; restore it in the UI or choose another "
                                "`experiment:` name in the spec")
+        if exp.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:   # experiments made by older versions
+            c.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     root = artifact_root_for(tracking_uri)
     location = f"{root}/{name}" if root else None
-    return c.create_experiment(name, artifact_location=location)
+    # A model-training experiment: the UI opens it on its runs table (not the GenAI overview).
+    return c.create_experiment(name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+
+
+def ui_base(tracking_uri: str, port: int = DEFAULT_UI_PORT) -> str:
+    """Where the UI of this store is: the server itself, or `sweeper ui` on this machine."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return f"http://127.0.0.1:{port}"
 
 
 def child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list:
@@ -148,4 +168,17 @@ def launch_ui(tracking_uri: str | None, port: int, echo=print) -> None:
     if root:
         args += ["--default-artifact-root", root]
     echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C to stop)")
+    for exp in sweep_experiments(uri):
+        echo(f"  {exp.name}: {ui_url(ui_base(uri, port), exp.experiment_id)}")
     os.execv(args[0], args)
+
+
+def sweep_experiments(tracking_uri: str) -> list:
+    """The store's experiments that hold sweeps (their runs tables are what a user wants to see)."""
+    try:
+        c = client(tracking_uri)
+        return [e for e in c.search_experiments()
+                if c.search_runs([e.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = '{ROLE_SWEEP}'",
+                                 max_results=1)]
+    except Exception:   # an unreadable store: the UI will say more than we can
+        return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -13,8 +14,10 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
+from matplotlib.image import imread
 
 from sweeper.cli import main
 from sweeper.run import run_sweep
@@ -23,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
 
 pytestmark = pytest.mark.slow
+
+# The official files' sha256 (shared/datasets/SOURCES.md) in path order: test, train, valid.
+STATIC_MNIST_DIGEST = __import__("hashlib").sha256(",".join([
+    "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c",
+    "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
+    "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2"]).encode()).hexdigest()[:32]
 
 
 @pytest.fixture
@@ -40,10 +49,19 @@ def children(uri: str, experiment: str) -> tuple[list, list]:
 
 
 def test_quickstart_sweep_end_to_end(tmp_path, data_env):
-    outcome = run_sweep(QUICKSTART, ["trial.max_epochs=4", "num_samples=5"], workdir=tmp_path, echo=lambda s: None)
+    lines: list[str] = []
+    outcome = run_sweep(QUICKSTART, ["trial.max_epochs=4", "num_samples=5"], workdir=tmp_path, echo=lines.append)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert outcome.tracking_uri == uri
     client = mlflow.MlflowClient(uri)
+    # The UI opens the experiment on its runs table; the sweep ends by printing where to look.
+    experiment = client.get_experiment_by_name("vampprior-quickstart")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    best = outcome.summary.iloc[0]["run_id"]
+    urls = "\n".join(lines)
+    for run_id in (outcome.parent_run_id, best):
+        assert (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run_id}"
+                "?workflowType=machine_learning") in urls
     parents, runs = children(uri, "vampprior-quickstart")
     assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
     assert parents[0].info.status == "FINISHED"
@@ -62,9 +80,30 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
         assert run.data.metrics["test_ll"] >= run.data.metrics["test_elbo"] - 1.0   # IS >= ELBO (noise)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"reconstructions.png", "samples.png", "test_ll_histogram.png", "per_image_ll.csv"} <= artifacts
-        if run.data.params["prior"] == "vamp":
+        # The run's name says what the trial is; the Tune trial id stays a tag.
+        p = run.data.params
+        K = f" K={int(p['K'])}" if p["prior"] == "vamp" else ""
+        assert run.info.run_name.startswith(f"{p['prior']}{K} lr=") and run.data.tags["sweeper.trial_id"]
+        assert "lr=0.00" not in run.info.run_name                    # rounded: lr=2.3e-3
+        # Its dataset: name, our digest of the official file, split sizes, binarisation, subsets.
+        (data_input,) = run.inputs.dataset_inputs
+        assert data_input.dataset.name == "static_mnist" and data_input.dataset.digest == STATIC_MNIST_DIGEST
+        profile = json.loads(data_input.dataset.profile)
+        assert (profile["train"], profile["binarization"]) == (50000, "static")
+        assert {t.key: t.value for t in data_input.tags}["train_subset"] == "2000"
+        # Its best-validation weights, loadable with weights_only=True.
+        model = client.get_logged_model(run.data.tags["sweeper.model_id"])
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/weights.pt",
+                                                   dst_path=str(tmp_path / run.info.run_id))
+        saved = torch.load(path, weights_only=True)
+        assert saved["config"]["prior"] == p["prior"] and "q_z_net.0.linear.weight" in saved["state_dict"]
+        if p["prior"] == "vamp":
             steps = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-            assert any("pseudo_inputs+step+1+" in p for p in steps)     # the step slider has epoch 1
+            # pseudo-inputs at initialisation (step 0), every epoch (image_every: 1) to the last
+            assert {int(s.split("+step+")[1].split("+")[0]) for s in steps} == set(range(0, epochs + 1))
+            image = imread(next(Path(client.download_artifacts(run.info.run_id, s, str(tmp_path)))
+                                for s in steps if "+step+0+" in s and s.endswith(".png")))
+            assert image.shape[1] >= 500                              # enlarged to be read
         reasons.append(run.data.tags["stop_reason"])
     assert "scheduler" in reasons and set(reasons) <= {"scheduler", "completed"}
     # ASHA-stopped trials are PRUNED in the Optuna study kept in the sweep's folder.
@@ -75,6 +114,19 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
     assert states.count(optuna.trial.TrialState.PRUNED) == reasons.count("scheduler")
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert all(t.intermediate_values for t in pruned)
+    # optuna-dashboard: the metric's name, and each study trial linked to its Tune trial and run.
+    assert study.metric_names == ["val_elbo"]
+    by_run = {r.info.run_id: r for r in runs}
+    for t in study.trials:
+        run = by_run[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["sweeper.trial_id"] == t.user_attrs["tune_trial_id"]
+
+    # `sweeper evaluate` re-scores a trial from MLflow alone, under its own metric name.
+    result = CliRunner().invoke(main, ["evaluate", best, "--samples", "300", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    rescored = client.get_run(best).data.metrics
+    assert rescored["test_ll"] == pytest.approx(outcome.summary.iloc[0]["test_ll"])   # untouched
+    assert abs(rescored["test_ll_S300"] - rescored["test_ll"]) < 3.0 and "test_ll_S300" in result.output
 
 
 def test_a_batched_sweep_pools_the_trials_and_each_stays_a_whole_trial(tmp_path, data_env):
@@ -179,7 +231,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_without_duplicates(tmp_path,
     orphans = [r for r in runs if "sweeper.orphaned" in r.data.tags]
     assert [r.info.run_id for r in orphans] == [lost.info.run_id] and orphans[0].info.status == "KILLED"
     summary = Path(client.download_artifacts(parents[0].info.run_id, "summary.csv", str(tmp_path))).read_text()
-    assert "trial_lost0000" not in summary and summary.count("trial_") == 4
+    assert "trial_lost0000" not in summary and len(summary.strip().splitlines()) == 1 + 4
     runs = [r for r in runs if "sweeper.orphaned" not in r.data.tags]
     trial_ids = [r.data.tags["sweeper.trial_id"] for r in runs]
     assert len(trial_ids) == 4 and len(set(trial_ids)) == 4           # no run lost, none duplicated

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,6 +33,15 @@ TAG_STUDY_STORAGE = "sweeper.optuna_storage"   # parent run: the sweep's Optuna 
 TAG_STUDY_NAME = "sweeper.optuna_study"        # ... and study name), for the report and optuna-dashboard
 TAG_SCHEDULER = "sweeper.scheduler"            # trial run stopped by a scheduler: which one (asha, ...)
 TAG_ERRORS = "sweeper.errors"                  # parent run: which trials ended with an error
+TAG_MODEL_ID = "sweeper.model_id"              # trial run: the LoggedModel with its best-validation weights
+TAG_NOTE = "mlflow.note.content"               # a run's description in the UI
+# MLflow 3.x: an experiment's kind; "custom_model_development" is a model-training experiment
+# (runs table), not a GenAI one (traces). MLflow 3.17's UI also reads the view from the URL:
+# links add UI_QUERY so they open on the runs table whatever the browser last showed.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_QUERY = "?workflowType=machine_learning"
+WEIGHTS_FILE = "weights.pt"                    # the LoggedModel's file: torch.load(weights_only=True)
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,6 +84,7 @@ class RunHandle:
 
     tracking_uri: str
     run_id: str
+    created: bool = False          # open_trial_run made it now (not found again)
 
     @property
     def client(self):
@@ -126,6 +138,60 @@ class RunHandle:
     def reopen(self) -> None:
         _with_retry(self.client.update_run, self.run_id, status="RUNNING")
 
+    def log_dataset(self, name: str, digest: str, source: Mapping[str, Any], profile: Mapping[str, Any],
+                    tags: Mapping[str, Any]) -> None:
+        """The run's training data as an MLflow dataset input (the UI's Datasets column). MLflow
+        keeps one dataset per (name, digest) and experiment: `profile` describes the files, the
+        run's own use of them (subsets) goes in `tags`."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="url", source=json.dumps(dict(source)),
+                          profile=json.dumps(dict(profile)))
+        input_tags = [InputTag("mlflow.data.context", "training")] + [InputTag(k, str(v)) for k, v in tags.items()]
+        _with_retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, input_tags)])
+
+    def log_weights(self, experiment_id: str, state: Mapping[str, Any], name: str, step: int,
+                    params: Mapping[str, Any]) -> str:
+        """`state` (tensors and plain values) as a LoggedModel of this run (the UI's Models column),
+        saved as WEIGHTS_FILE for `torch.load(weights_only=True)`; the run is tagged with its id."""
+        import torch
+        from mlflow.entities import LoggedModelOutput
+
+        model = _with_retry(self.client.create_logged_model, experiment_id, name=name, source_run_id=self.run_id,
+                            params={k: str(v) for k, v in params.items()}, model_type="pytorch-state-dict")
+        with tempfile.TemporaryDirectory(prefix="sweeper-weights-") as folder:
+            torch.save(dict(state), Path(folder) / WEIGHTS_FILE)
+            _with_retry(self.client.log_model_artifacts, model.model_id, folder)
+        _with_retry(self.client.finalize_logged_model, model.model_id, "READY")
+        _with_retry(self.client.log_outputs, self.run_id, [LoggedModelOutput(model.model_id, step)])
+        self.set_tags({TAG_MODEL_ID: model.model_id})
+        return model.model_id
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment's runs, or of one run: `base` is the UI's address."""
+    page = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
+    return (f"{page}/runs/{run_id}" if run_id else f"{page}/runs") + UI_QUERY
+
+
+def run_name(config: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """What a trial is, short: 'vamp K=13 lr=2.3e-3 seed=0' from its values of `keys` (words
+    as they are, numbers to 2 significant digits); a None value (does not apply) is left out."""
+    from trainables.vae.catalog import short
+
+    parts = []
+    for key in keys:
+        value = config.get(key)
+        if value is None or value is False:
+            continue
+        if isinstance(value, str):
+            parts.append(value)
+        elif value is True:
+            parts.append(key)
+        else:
+            parts.append(f"{key}={short(value, 2)}")
+    return " ".join(parts)
+
 
 def find_child(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
     runs = client(tracking_uri).search_runs(
@@ -136,17 +202,20 @@ def find_child(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_
 
 
 def open_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                   trial_name: str, params: Mapping[str, Any], sweep_name: str) -> RunHandle:
-    """The trial's child run: found by trial id and reopened, or created with its params."""
+                   trial_name: str, params: Mapping[str, Any], sweep_name: str,
+                   description: str = "") -> RunHandle:
+    """The trial's child run: found by trial id and reopened, or created with its params (the
+    Tune trial id is a tag; `trial_name` says what the trial is)."""
     existing = find_child(tracking_uri, experiment_id, parent_run_id, trial_id)
     if existing is not None:
         handle = RunHandle(tracking_uri, existing.info.run_id)
         handle.reopen()
         return handle
-    run = _with_retry(client(tracking_uri).create_run, experiment_id, run_name=trial_name,
-                      tags={TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_SWEEP: sweep_name,
-                            TAG_ROLE: ROLE_TRIAL})
-    handle = RunHandle(tracking_uri, run.info.run_id)
+    tags = {TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_SWEEP: sweep_name, TAG_ROLE: ROLE_TRIAL}
+    if description:
+        tags[TAG_NOTE] = description
+    run = _with_retry(client(tracking_uri).create_run, experiment_id, run_name=trial_name, tags=tags)
+    handle = RunHandle(tracking_uri, run.info.run_id, created=True)
     handle.log_params(params)
     return handle
 

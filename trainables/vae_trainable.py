@@ -23,7 +23,8 @@ from trainables import tracking
 from trainables.pool import get_pool
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, get_spec, load_dataset
-from trainables.vae.evaluate import image_grid
+from trainables.vae.data import dataset_digest
+from trainables.vae.evaluate import display_grid
 from trainables.vae.catalog import RESULT_RUN_ID, STOP_ERROR, STOP_NAN, STOP_SCHEDULER
 from trainables.vae.train import Trainer, final_evaluation
 
@@ -72,15 +73,42 @@ def _make_trainer(config: dict[str, Any]) -> tuple[Trainer, TrainConfig, dict[st
     return Trainer(cfg, _cached_splits(cfg.dataset, cfg.data_root), device=trial_device(cfg)), cfg, sweep
 
 
-def _open_run(sweep: dict[str, Any], trial_id: str, trial_name: str, cfg: TrainConfig) -> tracking.RunHandle | None:
+IMAGES_NOTE = (f"pseudo_inputs (step = epoch; step 0 = at initialisation): the first {N_GRID_IMAGES} "
+               "pseudo-inputs u_k, each pixel's value 0..1 drawn black..white, the same mapping at every "
+               "step; the last step is the last epoch trained. Artifacts: pseudo_inputs.png, "
+               "reconstructions.png (test images above their reconstructions) and samples.png are the "
+               "best-validation weights'; the Models column holds those weights.")
+
+
+def _open_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, config: dict[str, Any]) -> tracking.RunHandle | None:
+    """The trial's MLflow run, named for what the trial is; a new one records its dataset."""
     if not sweep.get("tracking_uri"):
         return None
-    run = tracking.open_trial_run(sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"],
-                                  trial_id=trial_id, trial_name=trial_name, params=cfg.to_dict(),
-                                  sweep_name=sweep.get("sweep_name", ""))
+    name = tracking.run_name(config, sweep.get("name_keys", ("prior",))) or f"trial_{trial_id}"
+    run = tracking.open_trial_run(
+        sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial_id=trial_id, trial_name=name,
+        params=cfg.to_dict(), sweep_name=sweep.get("sweep_name", ""),
+        description=f"{name}: trial {trial_id} of sweep {sweep.get('sweep_name', '')}. {IMAGES_NOTE}")
     # Which node ran the trial (the last one, if a retry moved it): for cluster debugging.
     run.set_tags({"sweeper.node_id": ray.get_runtime_context().get_node_id()})
+    if run.created:
+        log_dataset_input(run, cfg)
     return run
+
+
+def log_dataset_input(run: tracking.RunHandle, cfg: TrainConfig) -> None:
+    """Which files the trial trained on: the dataset (name, digest of its official files, split
+    sizes, binarisation) and the trial's subsets of it."""
+    spec = get_spec(cfg.dataset)
+    info = spec.info
+    run.log_dataset(
+        cfg.dataset, dataset_digest(spec),
+        source={"files": [f.path for f in spec.files.values()], "urls": [f.urls[0] for f in spec.files.values()]},
+        profile={"train": info.split_sizes[0], "val": info.split_sizes[1], "test": info.split_sizes[2],
+                 "likelihood": info.likelihood, "binarization": str(info.binarization),
+                 "image_shape": "x".join(map(str, info.image_shape)),
+                 "digest": "sha256 of the official file (first 32 hex digits; of the files' sha256s for several)"},
+        tags={k: getattr(cfg, k) for k in ("train_subset", "val_subset", "test_subset") if getattr(cfg, k)})
 
 
 # Ray Train logs "Checkpoint successfully created at: ..." at every save; forwarded to the
@@ -106,8 +134,10 @@ def keep_checkpoint_lines_in(folder: str | Path) -> None:
 
 def log_pseudo_inputs(run: tracking.RunHandle, u: torch.Tensor, image_shape: tuple[int, ...], step: int) -> None:
     """The pseudo-input grid (u [>= N_GRID_IMAGES, D]) as a step-indexed image (the UI's slider
-    shows them learning)."""
-    run.log_image(image_grid(u[:N_GRID_IMAGES], image_shape), "pseudo_inputs", step)
+    shows them learning), enlarged to be read (evaluate.display_grid). As square as the images
+    allow: the UI's image card centres a 256-px thumbnail in a square box (a wide strip would sit
+    below the visible part), and clicking it opens the full-size image, scaled to the window."""
+    run.log_image(display_grid(u[:N_GRID_IMAGES], image_shape), "pseudo_inputs", step)
 
 
 def trainer_from_state(config: dict[str, Any], state: dict[str, Any]) -> Trainer:
@@ -125,6 +155,8 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
             run.set_tags({tracking.TAG_STOP: reason, "stop_detail": trainer.stop_detail})
             run.terminate("FAILED")
         return out
+    if run is not None and reason == STOP_SCHEDULER:
+        _log_last_pseudo_inputs(run, trainer)   # its last step() did not know it was the last
     trainer.finish()
     final = final_evaluation(trainer)
     per_image = final.pop("per_image_ll")
@@ -133,6 +165,13 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
         step = trainer.epoch
         run.log_metrics({**final, "best_epoch": trainer.best_epoch or step}, step=step)
         _log_final_images(run, trainer, step)
+        cfg = trainer.config
+        run.log_weights(run.client.get_run(run.run_id).info.experiment_id,
+                        {"state_dict": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+                         "config": cfg.to_dict(), "best_epoch": trainer.best_epoch or step},
+                        name=f"{cfg.dataset}-{cfg.model}-{cfg.prior}", step=step,
+                        params={"dataset": cfg.dataset, "model": cfg.model, "prior": cfg.prior, "K": cfg.K,
+                                "best_epoch": trainer.best_epoch or step})
         run.log_text(tracking.per_image_csv(per_image.tolist()), "per_image_ll.csv")
         cfg = trainer.config
         run.log_figure(tracking.ll_histogram_figure(per_image.tolist(), f"{cfg.dataset} / {cfg.model} / {cfg.prior}"),
@@ -152,11 +191,17 @@ def _log_final_images(run: tracking.RunHandle, trainer: Trainer, step: int) -> N
     recon = model.reconstruct(x)
     # Pairs of rows: real test images above their reconstructions.
     pairs = torch.stack([x.reshape(rows, ncol, -1), recon.reshape(rows, ncol, -1)], 1)
-    run.log_image_file(image_grid(pairs.reshape(2 * rows * ncol, -1), shape, ncol=ncol), "reconstructions.png")
-    run.log_image_file(image_grid(model.sample(N_GRID_IMAGES), shape, ncol=10), "samples.png")
+    run.log_image_file(display_grid(pairs.reshape(2 * rows * ncol, -1), shape, ncol=ncol), "reconstructions.png")
+    run.log_image_file(display_grid(model.sample(N_GRID_IMAGES), shape, ncol=10), "samples.png")
     if hasattr(model.prior, "pseudo_inputs"):
-        log_pseudo_inputs(run, model.prior.pseudo_inputs, shape, step)
-        run.log_image_file(image_grid(model.prior.pseudo_inputs[:N_GRID_IMAGES], shape, ncol=10), "pseudo_inputs.png")
+        run.log_image_file(display_grid(model.prior.pseudo_inputs[:N_GRID_IMAGES], shape), "pseudo_inputs.png")
+
+
+def _log_last_pseudo_inputs(run: tracking.RunHandle, trainer: Trainer) -> None:
+    u = getattr(trainer.model.prior, "pseudo_inputs", None)
+    every = trainer.config.image_every
+    if u is not None and every and trainer.epoch % every:    # a multiple of image_every is logged already
+        log_pseudo_inputs(run, u, trainer.info.image_shape, trainer.epoch)
 
 
 def read_checkpoint(directory: str | Path) -> dict[str, Any]:
@@ -164,15 +209,14 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
-def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint", trial_id: str,
-                           trial_name: str) -> dict[str, Any]:
+def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint", trial_id: str) -> dict[str, Any]:
     """Finalize a trial the scheduler stopped, from its last checkpoint (runs as a Ray task)."""
     with checkpoint.as_directory() as directory:
         trainer = trainer_from_state(config, read_checkpoint(directory)["trainer"])
     cfg, sweep = split_config(config)
     scheduler = sweep.get("scheduler", "")
     trainer.stop_detail = f"stopped by the scheduler ({scheduler}) after epoch {trainer.epoch}"
-    run = _open_run(sweep, trial_id, trial_name, cfg)
+    run = _open_run(sweep, trial_id, cfg, config)
     if run is not None:
         run.set_tags({tracking.TAG_SCHEDULER: scheduler})
     return finalize(trainer, run, STOP_SCHEDULER)
@@ -204,10 +248,12 @@ class VAETrainable(tune.Trainable):
             self._join(None)
         else:
             self.trainer, _, _ = _make_trainer(config)
-        self.run = _open_run(self.sweep, self.trial_id, self.trial_name, self.cfg)
+        self.run = _open_run(self.sweep, self.trial_id, self.cfg, config)
         # Epochs already in the run's history: a retried trial replays those after its checkpoint
         # (or all of them, when it had none yet), and they are not logged twice.
         self.logged_through = self.run.last_step("epoch") if self.run is not None else 0
+        if self.run is not None and self.run.created and self.cfg.image_every:
+            self._log_pseudo_inputs(0)       # at initialisation: step 0 of the UI's slider
 
     def _join(self, state: dict[str, Any] | None) -> None:
         self.pool_token = ray.get(self.pool.join.remote(self.trial_id, self.cfg.to_dict(), state))
@@ -236,8 +282,8 @@ class VAETrainable(tune.Trainable):
         if self.run is not None and epoch > self.logged_through:
             self.run.log_metrics(metrics, step=epoch)
             every = self.cfg.image_every
-            if every and (epoch == 1 or epoch % every == 0):
-                self._log_pseudo_inputs(epoch)
+            if every and (epoch % every == 0 or metrics["stop_reason"] is not None):
+                self._log_pseudo_inputs(epoch)   # every image_every epochs, and the last one
         # No stop_reason in the result until the trial ends by itself: its absence in the last
         # result tells the driver and the searcher that the scheduler stopped the trial.
         result = {k: v for k, v in metrics.items() if v is not None}

@@ -178,6 +178,18 @@ def register_dataset(name: str) -> Callable[[_S], _S]:
     return deco
 
 
+def dataset_digest(spec: DatasetSpec) -> str:
+    """A dataset's identity from its pinned checksums: the sha256 of its official file (first 32
+    hex digits); for several files, the sha256 of their checksums in path order."""
+    def pinned(f: DataFile) -> str:
+        return f.checksums.get("sha256") or next(iter(f.checksums.values()))
+
+    files = sorted(spec.files.values(), key=lambda f: f.path)
+    if len(files) == 1:
+        return pinned(files[0])[:32]
+    return bytes_digest(",".join(pinned(f) for f in files).encode(), "sha256")[:32]
+
+
 def get_spec(name: str) -> DatasetSpec:
     """The registered dataset `name`; an unknown name raises `DataError` with the choices."""
     try:

@@ -123,6 +123,20 @@ def active_units(model: LatentVariableModel, x: Tensor, *, threshold: float = 0.
     return counts
 
 
+# Grids for people (the MLflow UI, the report) are at least this wide: a 10x10 grid of 28x28
+# images is 291 px, enlarged 2x with nearest-neighbour pixels.
+DISPLAY_WIDTH = 560
+
+
+def display_grid(images: Tensor | np.ndarray, image_shape: tuple[int, ...], ncol: int | None = None,
+                 min_width: int = DISPLAY_WIDTH) -> np.ndarray:
+    """`image_grid` enlarged by a whole factor (nearest neighbour: sharp pixels) to >= min_width px.
+    Values map [0, 1] -> [0, 255] (black..white) the same way in every grid: no per-image scaling."""
+    grid = image_grid(images, image_shape, ncol)
+    factor = max(1, math.ceil(min_width / grid.shape[1]))
+    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
 def image_grid(images: Tensor | np.ndarray, image_shape: tuple[int, ...], ncol: int | None = None,
                pad: int = 1) -> np.ndarray:
     """[N, D] images in [0, 1] -> one uint8 grayscale grid [rows*(H+pad)+pad, ncol*(W+pad)+pad]."""

@@ -1,0 +1,79 @@
+"""`sweeper evaluate RUN_ID`: re-score a finished trial's test log-likelihood from MLflow alone.
+
+The trial's run holds everything needed: its LoggedModel (best-validation weights and the trial's
+configuration, `torch.load(weights_only=True)`) and its dataset input. On any machine with the
+data, the weights are loaded into the model the configuration builds, and the test LL is
+estimated with S importance samples and logged to the run as `test_ll_S<S>` (never `test_ll`).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sweeper import tracking
+from sweeper.errors import SweeperError
+from trainables.vae.catalog import rescored_metric
+
+
+@dataclass(frozen=True)
+class Rescored:
+    run_id: str
+    metric: str          # test_ll_S<S>
+    test_ll: float       # nats, mean over the test images
+    samples: int
+    images: int
+    seconds: float
+    logged_test_ll: float | None   # the run's own test_ll (S as it was trained with), for comparison
+
+
+def rescore_run(run_id: str, samples: int = 20_000, tracking_uri: str | None = None, device: str = "auto",
+                data_root: str | None = None, echo=print) -> Rescored:
+    """Re-estimate run `run_id`'s test log-likelihood with `samples` importance samples and log it."""
+    import torch
+
+    from trainables.vae.config import TrainConfig
+    from trainables.vae.evaluate import log_likelihood
+    from trainables.vae.train import DeviceData, build_trial_model, resolve_device
+
+    if samples < 1:
+        raise SweeperError(f"--samples must be >= 1, got {samples}")
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.client(uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:
+        raise SweeperError(f"no MLflow run {run_id!r} at {uri}: {exc}") from None
+    model_id = run.data.tags.get(tracking.TAG_MODEL_ID)
+    if model_id is None:
+        raise SweeperError(f"run {run_id} ({run.info.run_name}) has no saved weights (tag {tracking.TAG_MODEL_ID}): "
+                           "only trials that ended and were evaluated by this version keep them")
+    with tempfile.TemporaryDirectory(prefix="sweeper-evaluate-") as folder:
+        import mlflow.artifacts
+
+        location = client.get_logged_model(model_id).artifact_location
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/{tracking.WEIGHTS_FILE}",
+                                                   dst_path=folder, tracking_uri=uri)
+        saved = torch.load(Path(path), map_location="cpu", weights_only=True)
+    values = {**saved["config"], "device": device, "data_root": data_root}
+    config = TrainConfig.from_dict({k: v for k, v in values.items() if v is not None}, where="saved config")
+    dev = resolve_device(config.device)
+    data = DeviceData.load(config, None, dev)
+    model = build_trial_model(config, data.info, data.train).to(dev)
+    model.load_state_dict(saved["state_dict"])
+    echo(f"run {run_id} ({run.info.run_name}): {config.dataset} / {config.model} / {config.prior}, "
+         f"{data.test.shape[0]} test images x S={samples} on {dev} ...")
+    t0 = time.perf_counter()
+    ll = log_likelihood(model, data.test, samples, compile=dev.type == "cuda")
+    seconds = time.perf_counter() - t0
+    value = float(ll.mean())
+    if not math.isfinite(value):
+        raise SweeperError(f"the re-scored test LL of run {run_id} is {value}; nothing was logged")
+    metric = rescored_metric(samples)
+    handle = tracking.RunHandle(uri, run_id)
+    handle.log_metrics({metric: value, f"{metric}_seconds": seconds}, step=int(run.data.metrics.get("epoch", 0)))
+    return Rescored(run_id, metric, value, samples, int(data.test.shape[0]), seconds,
+                    run.data.metrics.get("test_ll"))
