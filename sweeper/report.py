@@ -3,7 +3,7 @@
 `make_report` reads the experiment once (`search_runs`, paged), then writes into one folder:
 
 - `table.csv` and a markdown table in `report.md`: test log-likelihood per (dataset, model, prior),
-  mean +/- std over seeds, beside the published number (`PUBLISHED`), the difference, and a flag
+  mean +/- std over seeds, beside the published number (sweeper/published.py), the difference, and a flag
   where ours is more than `FLAG_NATS` below the best sourced reference;
 - `trials.csv` and a table in `report.md`: every trial's stop reason, epochs, wall time, test LL;
 - `ll_vs_K.png`: test LL against the number of pseudo-inputs K, comparing like with like;
@@ -15,7 +15,8 @@
 - `optuna_<sweep>.png`: for sweeps searched by Optuna, the parameter importances (PED-ANOVA) and a
   parallel-coordinates plot of the searched parameters against the metric, from the sweep's study;
 
-and logs them to the newest sweep (parent) run of the experiment under `report/`.
+and logs them to the newest sweep (parent) run of the experiment under `report/`. The figures
+are drawn by sweeper/figures.py from plain frames.
 
 Which runs count: a run tagged `sweeper.role=sweep` is a sweep; any other run with `dataset` and
 `prior` params is a trial. Trials without a finite `test_ll` (still running, killed, diverged,
@@ -39,20 +40,17 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from sweeper import tracking
 from sweeper.errors import SweeperError
+from sweeper.figures import (CURVES_LOW_PERCENTILE, best_trial_figure, curve_colouring, curves_clip, finite,
+                             histograms_figure, k_points_frame, learning_curves_figure, ll_vs_k_figure,
+                             optuna_figure)
+from sweeper.published import best_reference, bits_per_dim, published_ll
 from trainables.vae.catalog import (DATASET_ORDER, ENDED_BY_ITSELF, K_PRIORS, METRIC_TEST_BPD, METRIC_TEST_LL,
                                     METRIC_VAL_ELBO, MODEL_ORDER, PRIOR_ORDER, STOP_ERROR, STOP_NAN,
                                     STOP_SCHEDULER, bits_per_dim_dim, short, stop_reason)
-
-PRIOR_COLORS = {"standard": "#555753", "vamp": "#3465a4", "vamp_data": "#4e9a06", "mog": "#cc0000"}
-PRIOR_MARKERS = {"standard": "D", "vamp": "o", "vamp_data": "s", "mog": "^"}
-MODEL_STYLES = {"vae": ("-", "o"), "hvae": ("--", "s")}
 
 # Trial params that never make two trials different configurations: the seed (averaged over) and
 # where/how a trial ran, which does not change its result.
@@ -64,95 +62,9 @@ IGNORED_BY_PRIOR = {"standard": frozenset({"K", "fixed_pseudo_inputs"}),
 SELECTION_METRIC = METRIC_VAL_ELBO
 # A result this many nats below the best sourced reference for its (dataset, model, prior) is flagged.
 FLAG_NATS = 1.0
-# Learning curves: the y-axis starts at this percentile of a panel's values (a diverging trial
-# would otherwise squash every other curve into a line).
-CURVES_LOW_PERCENTILE = 2.0
 
 REPORT_FILES = ("table.csv", "trials.csv", "ll_vs_K.png", "ll_histograms.png", "learning_curves.png",
                 "report.md")
-
-
-# --------------------------------------------------------------------------------------------
-# Published numbers: test log-likelihood in nats, higher is better. Sources are cited in full in
-# ../shared/REFERENCE.md and results/*/report.md; "(unverified)" marks a number that could not be
-# read in its source here.
-
-
-@dataclass(frozen=True)
-class PublishedLL:
-    dataset: str
-    model: str
-    prior: str
-    ll: float          # nats
-    source: str        # "paper", "REF re-run", "Exemplar VAE re-runs", "SEED", ...
-
-
-PUBLISHED: tuple[PublishedLL, ...] = (
-    # static MNIST: the paper, re-runs of its reference code (REF), pythae, the SEED study.
-    PublishedLL("static_mnist", "vae", "standard", -88.56, "paper (unverified)"),
-    PublishedLL("static_mnist", "vae", "standard", -88.48, "REF re-run"),
-    PublishedLL("static_mnist", "vae", "standard", -93.08, "SEED (1000 epochs)"),
-    PublishedLL("static_mnist", "vae", "vamp", -85.57, "paper"),
-    PublishedLL("static_mnist", "vae", "vamp", -85.81, "REF re-run (K=500)"),
-    PublishedLL("static_mnist", "vae", "vamp", -85.79, "pythae re-run"),
-    PublishedLL("static_mnist", "vae", "vamp", -88.72, "SEED (1000 epochs)"),
-    PublishedLL("static_mnist", "vae", "vamp_data", -90.85, "SEED (1000 epochs)"),
-    PublishedLL("static_mnist", "hvae", "standard", -86.02, "REF re-run"),
-    PublishedLL("static_mnist", "hvae", "vamp", -83.19, "paper (unverified)"),
-    PublishedLL("static_mnist", "hvae", "vamp", -84.95, "REF re-run"),
-    # dynamic MNIST, Fashion-MNIST, OMNIGLOT: re-runs published with the Exemplar VAE.
-    PublishedLL("dynamic_mnist", "vae", "standard", -84.45, "Exemplar VAE re-runs"),
-    PublishedLL("dynamic_mnist", "hvae", "standard", -82.39, "Exemplar VAE re-runs"),
-    PublishedLL("dynamic_mnist", "vae", "vamp", -82.43, "Exemplar VAE re-runs"),
-    PublishedLL("dynamic_mnist", "hvae", "vamp", -81.56, "Exemplar VAE re-runs"),
-    PublishedLL("fashion_mnist", "vae", "standard", -228.70, "Exemplar VAE re-runs"),
-    PublishedLL("fashion_mnist", "hvae", "standard", -227.37, "Exemplar VAE re-runs"),
-    PublishedLL("fashion_mnist", "vae", "vamp", -227.35, "Exemplar VAE re-runs"),
-    PublishedLL("fashion_mnist", "hvae", "vamp", -226.72, "Exemplar VAE re-runs"),
-    PublishedLL("fashion_mnist", "vae", "standard", -235.32, "SEED (1000 epochs)"),
-    PublishedLL("fashion_mnist", "vae", "vamp", -231.94, "SEED (1000 epochs)"),
-    PublishedLL("fashion_mnist", "vae", "vamp_data", -232.79, "SEED (1000 epochs)"),
-    PublishedLL("omniglot", "vae", "standard", -108.34, "Exemplar VAE re-runs"),
-    PublishedLL("omniglot", "hvae", "standard", -104.92, "Exemplar VAE re-runs"),
-    PublishedLL("omniglot", "vae", "vamp", -106.78, "Exemplar VAE re-runs"),
-    PublishedLL("omniglot", "hvae", "vamp", -103.30, "Exemplar VAE re-runs"),
-    # Frey Faces: the SEED study, and a public re-run of REF (RobertYCXu/vae_vampprior, metric.txt,
-    # which prints -LL in nats: 1799.27 = 4.64 bits/dim, the scale of the paper's bits/dim column).
-    PublishedLL("frey_faces", "vae", "standard", -1799.27, "REF re-run (RobertYCXu/vae_vampprior)"),
-    PublishedLL("frey_faces", "vae", "vamp", -1760.84, "REF re-run (RobertYCXu/vae_vampprior)"),
-    PublishedLL("frey_faces", "hvae", "standard", -1795.56, "REF re-run (RobertYCXu/vae_vampprior)"),
-    PublishedLL("frey_faces", "vae", "standard", -2281.16, "SEED (1000 epochs)"),
-    PublishedLL("frey_faces", "vae", "vamp", -2257.76, "SEED (1000 epochs)"),
-    PublishedLL("frey_faces", "vae", "vamp_data", -2286.52, "SEED (1000 epochs)"),
-    # Caltech 101 Silhouettes: the SEED study; the paper's 2-level VampPrior (Table 2, quoted
-    # second-hand: the table itself could not be read here).
-    PublishedLL("caltech101", "vae", "standard", -137.32, "SEED (1000 epochs)"),
-    PublishedLL("caltech101", "vae", "vamp", -135.15, "SEED (1000 epochs)"),
-    PublishedLL("caltech101", "vae", "vamp_data", -142.02, "SEED (1000 epochs)"),
-    PublishedLL("caltech101", "hvae", "vamp", -108.28, "paper Table 2 (quoted second-hand)"),
-)
-
-
-def published_for(dataset: str, model: str, prior: str) -> list[PublishedLL]:
-    return [p for p in PUBLISHED if (p.dataset, p.model, p.prior) == (dataset, model, prior)]
-
-
-def published_ll(dataset: str, model: str, prior: str) -> PublishedLL | None:
-    """The number to compare with: the paper's where it has one, else the first listed; or None."""
-    found = published_for(dataset, model, prior)
-    papers = [p for p in found if p.source.startswith("paper")]
-    return (papers or found or [None])[0]
-
-
-def best_reference(dataset: str, model: str, prior: str) -> PublishedLL | None:
-    """The highest sourced log-likelihood for (dataset, model, prior), or None."""
-    found = published_for(dataset, model, prior)
-    return max(found, key=lambda p: p.ll) if found else None
-
-
-def bits_per_dim(ll: float, dim: int) -> float:
-    """Negative log-likelihood in nats -> bits per dimension."""
-    return -ll / (dim * math.log(2.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,13 +129,9 @@ def _number(value: Any) -> float:
         return float("nan")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float, np.floating)) and math.isfinite(value)
-
-
 def _config_text(params: dict[str, str]) -> dict[str, str]:
     """Param values as people read them (0.0023382678 -> 2.34e-3), for labels and equality."""
-    return {k: short(_number(v)) if _finite(_number(v)) else v for k, v in params.items()}
+    return {k: short(_number(v)) if finite(_number(v)) else v for k, v in params.items()}
 
 
 TRIAL_COLUMNS = ["run_id", "trial", "status", "stop_reason", "stop_detail", "parent_run_id", "start_time",
@@ -250,22 +158,17 @@ def trials_frame(runs: Iterable) -> pd.DataFrame:
             "start_time": start,
             "wall_seconds": (end - start) / 1000.0 if end and start and run.info.status != "RUNNING" else float("nan"),
             "dataset": p["dataset"], "model": p.get("model", "vae"), "prior": prior,
-            "K": int(_number(p["K"])) if prior in K_PRIORS and _finite(_number(p.get("K"))) else None,
+            "K": int(_number(p["K"])) if prior in K_PRIORS and finite(_number(p.get("K"))) else None,
             "lr": _number(p.get("lr")),
             "seed": p.get("seed", ""), "config_params": config,
-            "epochs": int(m["epoch"]) if _finite(m.get("epoch")) else 0,
-            "best_epoch": int(m["best_epoch"]) if _finite(m.get("best_epoch")) else None,
+            "epochs": int(m["epoch"]) if finite(m.get("epoch")) else 0,
+            "best_epoch": int(m["best_epoch"]) if finite(m.get("best_epoch")) else None,
             **{k: m.get(k, float("nan")) for k in (METRIC_TEST_LL, METRIC_VAL_ELBO, METRIC_TEST_BPD)},
         })
     frame = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
-    frame["has_ll"] = [_finite(v) for v in frame["test_ll"]]
+    frame["has_ll"] = [finite(v) for v in frame["test_ll"]]
     frame["ended"] = frame["stop_reason"].isin(ENDED_BY_ITSELF)   # trained to its own end
     return _sorted(frame)
-
-
-def _order(values: Iterable[str], first: tuple[str, ...]) -> list[str]:
-    values = set(values)
-    return [v for v in first if v in values] + sorted(values - set(first))
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
@@ -365,7 +268,7 @@ def results_table(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fmt(value: Any, digits: int = 2, sign: bool = False) -> str:
-    if not _finite(value):
+    if not finite(value):
         return "–"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
@@ -387,21 +290,21 @@ def markdown_table(table: pd.DataFrame) -> str:
     header += ["configuration", "check"]
     rows = []
     for r in table.itertuples(index=False):
-        ll = _fmt(r.test_ll_mean) + (f" ± {_fmt(r.test_ll_std)}" if _finite(r.test_ll_std) else "")
+        ll = _fmt(r.test_ll_mean) + (f" ± {_fmt(r.test_ll_std)}" if finite(r.test_ll_std) else "")
         n = str(r.n_seeds) + (f" ({r.n_trials} trials)" if r.n_trials != r.n_seeds else "")
         cells = [r.dataset, r.model, r.prior, ll, n, _fmt(r.published_ll), r.published_source or "–",
                  _fmt(r.diff_ll, sign=True)]
         if bpd:
             b = _fmt(r.bits_per_dim_mean, 4) + (f" ± {_fmt(r.bits_per_dim_std, 4)}"
-                                                  if _finite(r.bits_per_dim_std) else "")
-            cells += [b if _finite(r.bits_per_dim_mean) else "–", _fmt(r.published_bits_per_dim, 4)]
+                                                  if finite(r.bits_per_dim_std) else "")
+            cells += [b if finite(r.bits_per_dim_mean) else "–", _fmt(r.published_bits_per_dim, 4)]
         config = r.config or "–"
         if r.n_configs > 1:
             config += f" (best of {r.n_configs} by val ELBO)"
         if r.flag:
             check = (f"⚠ {r.below_best_reference:.2f} nats below {r.best_reference_ll:.2f} "
                      f"({r.best_reference_source})")
-        elif _finite(r.best_reference_ll):
+        elif finite(r.best_reference_ll):
             check = f"within {FLAG_NATS:g} nat of the best reference ({r.best_reference_ll:.2f})" \
                 if r.below_best_reference > 0 else f"above the best reference ({r.best_reference_ll:.2f})"
         else:
@@ -411,7 +314,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def _minutes(seconds: float) -> str:
-    return "–" if not _finite(seconds) else f"{seconds / 60:.1f}"
+    return "–" if not finite(seconds) else f"{seconds / 60:.1f}"
 
 
 def trials_table(trials: pd.DataFrame) -> pd.DataFrame:
@@ -432,285 +335,6 @@ def markdown_trials(trials: pd.DataFrame) -> str:
              "" if r.best_epoch is None or pd.isna(r.best_epoch) else int(r.best_epoch),
              _minutes(r.wall_seconds), _fmt(r.test_ll)] for r in trials.itertuples(index=False)]
     return _md_table(header, rows)
-
-
-# --------------------------------------------------------------------------------------------
-# 2.-6. Figures: each takes plain frames and returns a matplotlib Figure (no pyplot state).
-
-
-def _panel_grid(n: int, width: float = 5.5, height: float = 4.0, max_cols: int = 3):
-    ncols = min(n, max_cols)
-    nrows = math.ceil(n / ncols)
-    fig = Figure(figsize=(max(6.5, width * ncols), height * nrows + 0.4), dpi=100, layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
-
-
-def _series_label(model: str, prior: str, models: set[str]) -> str:
-    return prior if len(models) <= 1 else f"{model} / {prior}"
-
-
-K_POINT_COLUMNS = ["run_id", "trial", "dataset", "model", "prior", "K", "lr", "seed", "epochs", "ended",
-                   "stop_reason", "config", "test_ll"]
-
-
-def k_points_frame(trials: pd.DataFrame) -> pd.DataFrame:
-    """The points of the K figure: every trial of a K prior that has a finite test LL.
-
-    `ended`: it trained to its own end (max epochs or early stopping); the others (stopped by the
-    scheduler) were cut at `epochs` and are only comparable with trials of the same budget.
-    `config`: every param but the seed and K, so seeds of one setting can be averaged per K.
-    """
-    if trials.empty:
-        return pd.DataFrame(columns=K_POINT_COLUMNS)
-    keep = trials["has_ll"] & trials["prior"].isin(K_PRIORS) & trials["K"].notna()
-    points = trials.loc[keep].copy()
-    points["K"] = points["K"].astype(int)
-    points["config"] = [tuple(sorted((k, v) for k, v in c.items() if k != "K")) for c in points["config_params"]]
-    return points[K_POINT_COLUMNS].reset_index(drop=True)
-
-
-def _lr_colouring(values: pd.Series):
-    """(norm, colormap) when the learning rate varies among the values, else None."""
-    from matplotlib import colormaps
-
-    lr = values[np.isfinite(values.astype(float))].astype(float)
-    if lr.nunique() < 2:
-        return None
-    return LogNorm(lr.min(), lr.max()), colormaps["viridis"]
-
-
-def _plain_ticks(bar) -> None:
-    """Colour-bar ticks as numbers people read (500, 2.3e-3), not 10^x."""
-    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: short(v, 2)))
-    bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: short(v, 2)))
-
-
-def _epoch_sizes(epochs: pd.Series | np.ndarray, top: float) -> np.ndarray:
-    """Marker area grows with the epochs trained (sqrt: 4x the epochs = 2x the area)."""
-    e = np.maximum(np.asarray(epochs, dtype=float), 1.0)
-    return 12.0 + 110.0 * np.sqrt(e / max(top, 1.0))
-
-
-def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None) -> Figure:
-    """Test LL against K (log axis), like with like; one panel per dataset.
-
-    - Trials that trained to their own end (filled markers, gid='ended') are comparable with each
-      other: the seeds of one setting are averaged per K (error bar: their std, gid='seed_spread'),
-      and a line (gid='best_ended') joins the best setting per K of each (model, prior).
-    - Trials the scheduler stopped (hollow markers, gid='stopped') ran a shorter budget: they are
-      drawn, never joined, and their budget is visible as the marker size.
-    - Marker area grows with the epochs trained; colour is the learning rate (colour bar) when it
-      varies, else the prior. Shape: the prior.
-    `baselines` (dataset, model, test_ll): the standard prior's best ended trial, a horizontal line.
-    """
-    datasets = _order(points["dataset"], DATASET_ORDER)
-    fig, axes = _panel_grid(len(datasets))
-    models = set(points["model"])
-    colouring = _lr_colouring(points["lr"])
-    top = float(points["epochs"].max()) if len(points) else 1.0
-
-    def colour(frame: pd.DataFrame, prior: str):
-        if colouring is None:
-            return PRIOR_COLORS.get(prior, "#3465a4")
-        norm, cmap = colouring
-        return [cmap(norm(v)) for v in frame["lr"].astype(float)]
-
-    for ax, dataset in zip(axes, datasets):
-        here = points[points["dataset"] == dataset]
-        for (model, prior), s in here.groupby(["model", "prior"], sort=False):
-            marker = PRIOR_MARKERS.get(prior, "o")
-            label = _series_label(model, prior, models)
-            ended, stopped = s[s["ended"]], s[~s["ended"]]
-            if len(ended):
-                ax.scatter(ended["K"], ended["test_ll"], s=_epoch_sizes(ended["epochs"], top), c=colour(ended, prior),
-                           marker=marker, alpha=0.55, edgecolors="k", linewidths=0.4, gid="ended",
-                           label=f"{label}: trained to its end")
-                # Seeds of one setting at one K: mean and spread.
-                agg = ended.groupby(["config", "K"], sort=False).agg(
-                    mean=("test_ll", "mean"), std=("test_ll", "std"), n=("test_ll", "size"),
-                    lr=("lr", "first")).reset_index()
-                spread = agg[agg["n"] > 1]
-                if len(spread):
-                    bars = ax.errorbar(spread["K"], spread["mean"], yerr=spread["std"], fmt="none", ecolor="k",
-                                       elinewidth=1.0, capsize=3)
-                    for collection in bars.lines[2]:
-                        collection.set_gid("seed_spread")
-                best = agg.groupby("K")["mean"].max().sort_index()
-                if len(best) > 1:
-                    line_style = MODEL_STYLES.get(model, ("-",))[0]
-                    ax.plot(best.index, best.values, line_style, color=PRIOR_COLORS.get(prior, "#3465a4"), lw=1.2,
-                            alpha=0.8, gid="best_ended", label=f"{label}: best setting per K (seed mean)")
-            if len(stopped):
-                ax.scatter(stopped["K"], stopped["test_ll"], s=_epoch_sizes(stopped["epochs"], top),
-                           marker=marker, facecolors="none", edgecolors=colour(stopped, prior), linewidths=1.0,
-                           alpha=0.8, gid="stopped", label=f"{label}: stopped by the scheduler (shorter budget)")
-        if baselines is not None and not baselines.empty:
-            for b in baselines[baselines["dataset"] == dataset].itertuples(index=False):
-                ax.axhline(b.test_ll, color=PRIOR_COLORS["standard"], lw=1,
-                           ls=MODEL_STYLES.get(b.model, ("-",))[0] if b.model != "vae" else ":",
-                           label=f"{_series_label(b.model, 'standard', models | {b.model})} (best trial)")
-        ax.set_xscale("log")
-        ks = sorted(set(here["K"]))
-        if len(ks) <= 8:   # few K values (a grid): label exactly those
-            ax.set_xticks(ks)
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("K (pseudo-inputs / components)")
-        ax.set_ylabel("test log-likelihood (nats)")
-        ax.set_title(dataset)
-        ax.grid(True, which="both", alpha=0.3)
-        handles, labels = ax.get_legend_handles_labels()
-        for e in sorted({int(top), max(1, int(round(top / 10)))}):
-            handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="#bbbbbb", markeredgecolor="k",
-                                  markersize=math.sqrt(float(_epoch_sizes([e], top)[0]))))
-            labels.append(f"{e} epoch(s) trained")
-        ax.legend(handles, labels, fontsize=7)
-    if colouring is not None:
-        norm, cmap = colouring
-        from matplotlib.cm import ScalarMappable
-
-        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.8)
-        bar.set_label("learning rate")
-        _plain_ticks(bar)
-    fig.suptitle("Test log-likelihood against K (filled: trained to its end; hollow: stopped by the scheduler)",
-                 fontsize=10)
-    return fig
-
-
-def histograms_figure(per_image: list[tuple[str, str, str, np.ndarray]]) -> Figure:
-    """(dataset, model, prior, per-image LL) of the best trial per prior, overlaid per dataset."""
-    datasets = _order({d for d, *_ in per_image}, DATASET_ORDER)
-    models = {m for _, m, _, _ in per_image}
-    fig, axes = _panel_grid(len(datasets))
-    for ax, dataset in zip(axes, datasets):
-        here = [(m, p, v) for d, m, p, v in per_image if d == dataset]
-        values = np.concatenate([v for *_, v in here])
-        bins = np.histogram_bin_edges(values, bins=min(60, max(10, values.size // (10 * len(here)))))
-        for model, prior, v in here:
-            color = PRIOR_COLORS.get(prior)
-            ax.hist(v, bins=bins, color=color, alpha=0.35, histtype="stepfilled")
-            ax.hist(v, bins=bins, color=color, histtype="step", lw=1.2,
-                    label=f"{_series_label(model, prior, models)} (mean {v.mean():.2f}, {v.size} images)")
-        ax.set_xlabel("test log-likelihood per image (nats)")
-        ax.set_ylabel("images")
-        ax.set_title(dataset)
-        ax.legend(fontsize=8)
-    fig.suptitle("Per-image test log-likelihood of the best trial per prior")
-    return fig
-
-
-# Each image grid of the best-trial figure is drawn at least this wide: legible, and the same
-# scale as the grids the MLflow UI shows (trainables.vae.evaluate.image_grid's nearest-neighbour upscale).
-PANEL_PIXELS = 560
-
-
-def best_trial_figure(title: str, panels: list[tuple[str, np.ndarray]]) -> Figure:
-    """Image grids side by side, each at least PANEL_PIXELS wide, pixels kept square and sharp
-    (nearest neighbour); values mapped [0, 1] (or 0..255) -> black..white the same way in every panel."""
-    dpi = 100
-    widths = [img.shape[1] for _, img in panels]
-    heights = [img.shape[0] for _, img in panels]
-    scale = max(1.0, PANEL_PIXELS / min(widths))          # screen pixels per image pixel
-    fig = Figure(figsize=(scale * sum(widths) / dpi + 0.3 * len(panels), scale * max(heights) / dpi + 0.9),
-                 dpi=dpi, layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels), width_ratios=widths, squeeze=False).ravel())
-    for ax, (caption, img) in zip(axes, panels):
-        if img.ndim == 3:            # PNGs read back as RGB(A) of a gray grid
-            img = img[..., 0]
-        vmax = 255 if img.dtype == np.uint8 else 1.0
-        ax.imshow(img, cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set_title(caption, fontsize=10)
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=11)
-    return fig
-
-
-def _curve_colouring(trials: pd.DataFrame):
-    """How learning curves are coloured: ('K', norm, cmap) when K varies among the trials of K
-    priors, else ('lr', norm, cmap) when the learning rate varies, else ('prior', None, None)."""
-    from matplotlib import colormaps
-
-    ks = trials.loc[trials["prior"].isin(K_PRIORS), "K"].dropna().astype(float)
-    if ks.nunique() > 1:
-        return "K", LogNorm(ks.min(), ks.max()), colormaps["plasma"]
-    lr = _lr_colouring(trials["lr"])
-    if lr is not None:
-        return ("lr",) + lr
-    return "prior", None, None
-
-
-def curves_clip(values: np.ndarray) -> float:
-    """The lower y-limit of a learning-curve panel: the CURVES_LOW_PERCENTILE-th percentile of its
-    values, or 3 interquartile ranges below the lower quartile where that is higher (few points:
-    one diverging trial is more than 2% of them)."""
-    q1, q3 = np.percentile(values, [25, 75])
-    return float(max(np.percentile(values, CURVES_LOW_PERCENTILE), q1 - 3.0 * (q3 - q1)))
-
-
-def learning_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure:
-    """Validation ELBO per epoch of every trial; one panel per dataset.
-
-    Colour: K (continuous colour map and colour bar; the standard prior, which has no K, in gray)
-    when K varies, else the learning rate when it varies, else the prior. Line style: the model.
-    A cross (gid='scheduler') marks the last epoch of each trial the scheduler stopped, a triangle
-    (gid='nan') the last finite epoch of each trial that diverged. The y-axis starts at the
-    CURVES_LOW_PERCENTILE-th percentile of the panel's values, so one diverging trial cannot flatten
-    the others (`curves_clip`)."""
-    info = trials.set_index("run_id")
-    datasets = _order(info.loc[curves["run_id"].unique(), "dataset"], DATASET_ORDER)
-    models = set(info["model"])
-    by, norm, cmap = _curve_colouring(info.loc[curves["run_id"].unique()].reset_index())
-    fig, axes = _panel_grid(len(datasets), width=5.5)
-    for ax, dataset in zip(axes, datasets):
-        ids = [r for r in curves["run_id"].unique() if info.at[r, "dataset"] == dataset]
-        seen, stops, diverged = set(), [], []
-        here = curves[curves["run_id"].isin(ids)]
-        for run_id, c in here.groupby("run_id", sort=False):
-            c = c.sort_values("epoch")
-            model, prior = info.at[run_id, "model"], info.at[run_id, "prior"]
-            value = info.at[run_id, by] if by != "prior" else None
-            if by == "prior":
-                color, label = PRIOR_COLORS.get(prior), _series_label(model, prior, models)
-            elif value is None or not _finite(float(value)):
-                color, label = PRIOR_COLORS["standard"], f"{_series_label(model, prior, models)} (no {by})"
-            else:
-                color, label = cmap(norm(float(value))), None
-            ax.plot(c["epoch"], c["val_elbo"], color=color, lw=1, alpha=0.7, gid=run_id,
-                    ls=MODEL_STYLES.get(model, ("-",))[0], label=None if label in seen else label)
-            seen.add(label)
-            last = (c["epoch"].iloc[-1], c["val_elbo"].iloc[-1])
-            if info.at[run_id, "stop_reason"] == STOP_SCHEDULER:
-                stops.append(last)
-            elif info.at[run_id, "stop_reason"] == STOP_NAN:
-                diverged.append(last)
-        if stops:
-            x, y = zip(*stops)
-            ax.scatter(x, y, marker="x", color="k", s=30, zorder=3, gid="scheduler", label="stopped by the scheduler")
-        if diverged:
-            x, y = zip(*diverged)
-            ax.scatter(x, y, marker="v", color="#cc0000", s=30, zorder=3, gid="nan", label="diverged (NaN)")
-        values = here["val_elbo"].to_numpy(dtype=float)
-        lo, hi = curves_clip(values), float(values.max())
-        if hi > lo:
-            ax.set_ylim(lo, hi + 0.05 * (hi - lo))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation ELBO (nats)")
-        ax.set_title(dataset)
-        ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    if by != "prior":
-        from matplotlib.cm import ScalarMappable
-
-        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.8)
-        bar.set_label("K (pseudo-inputs / components)" if by == "K" else "learning rate")
-        _plain_ticks(bar)
-    fig.suptitle("Learning curves (validation ELBO); the lowest values are cut (see the report)")
-    return fig
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,80 +382,6 @@ def study_importances(study) -> dict[str, float]:
         return dict(optuna.importance.get_param_importances(study, evaluator=PedAnovaImportanceEvaluator()))
 
 
-def _axis_values(values: list, log: bool) -> tuple[np.ndarray, list[float], list[str]]:
-    """Values of one parallel-coordinates axis scaled to [0, 1], with tick positions and labels."""
-    if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values):
-        x = np.log10(np.asarray(values, dtype=float)) if log else np.asarray(values, dtype=float)
-        lo, hi = float(x.min()), float(x.max())
-        span = hi - lo or 1.0
-        ticks = np.linspace(lo, hi, 3) if hi > lo else np.array([lo])
-        labels = [short(10 ** t if log else t) for t in ticks]
-        return (x - lo) / span, list((ticks - lo) / span), labels
-    cats = sorted({str(v) for v in values})
-    pos = {c: (i / (len(cats) - 1) if len(cats) > 1 else 0.5) for i, c in enumerate(cats)}
-    return np.array([pos[str(v)] for v in values]), list(pos.values()), cats
-
-
-def optuna_figure(study, metric: str, importances: dict[str, float]) -> Figure:
-    """Left: PED-ANOVA importances (bars, gid='importance'). Right: one line per COMPLETE trial
-    across the searched parameters and the metric, coloured by the metric (gid='trial_lines')."""
-    import optuna
-    from matplotlib import colormaps
-
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
-    params = sorted({k for t in complete for k in t.params}, key=lambda k: -importances.get(k, 0.0))
-    fig = Figure(figsize=(13, 4.6), dpi=100, layout="constrained")
-    ax_imp, ax_par = fig.subplots(1, 2, width_ratios=[1, 2.4])
-    if importances:
-        names = list(importances)[::-1]
-        ax_imp.barh(names, [importances[n] for n in names], color="#3465a4", gid="importance")
-        ax_imp.set_xlabel("importance (PED-ANOVA, normalised)")
-    else:
-        ax_imp.text(0.5, 0.5, "too few completed trials", ha="center", va="center", transform=ax_imp.transAxes)
-        ax_imp.set_axis_off()
-    ax_imp.set_title("parameter importance")
-    if complete and params:
-        axes_names = params + [metric]
-        columns = []
-        for name in params:
-            values = [t.params.get(name) for t in complete]
-            present = [v for v in values if v is not None]
-            dist = next((t.distributions[name] for t in complete if name in t.distributions), None)
-            scaled, ticks, labels = _axis_values(present, bool(getattr(dist, "log", False)))
-            full = np.full(len(values), np.nan)
-            full[[i for i, v in enumerate(values) if v is not None]] = scaled
-            columns.append((full, ticks, labels))
-        metric_values = np.array([t.value for t in complete])
-        columns.append(_axis_values(list(metric_values), False))
-        norm = Normalize(metric_values.min(), metric_values.max())
-        cmap = colormaps["viridis"]
-        xs = np.arange(len(axes_names))
-        ys = np.stack([c[0] for c in columns], axis=1)        # [trials, axes]
-        lines = []
-        for row, value in sorted(zip(ys, metric_values), key=lambda rv: rv[1]):   # best drawn last
-            lines.append(ax_par.plot(xs, row, color=cmap(norm(value)), lw=1.2, alpha=0.8)[0])
-        for line in lines:
-            line.set_gid("trial_lines")
-        for x, (_, ticks, labels) in zip(xs, columns):
-            ax_par.axvline(x, color="k", lw=0.8)
-            for t, label in zip(ticks, labels):
-                ax_par.text(x + 0.03, t, label, fontsize=7, va="center")
-        ax_par.set_xticks(xs, axes_names)
-        ax_par.set_yticks([])
-        ax_par.set_xlim(-0.1, len(axes_names) - 0.6)
-        ax_par.set_ylim(-0.05, 1.05)
-        from matplotlib.cm import ScalarMappable
-
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_par, shrink=0.9).set_label(metric)
-        ax_par.set_title(f"parallel coordinates: {len(complete)} completed trial(s)")
-    else:
-        ax_par.text(0.5, 0.5, "no completed trial with parameters", ha="center", va="center",
-                    transform=ax_par.transAxes)
-        ax_par.set_axis_off()
-    fig.suptitle(f"Optuna study {study.study_name!r}")
-    return fig
-
 
 # --------------------------------------------------------------------------------------------
 # The report
@@ -866,12 +416,12 @@ def _skipped_notes(trials: pd.DataFrame) -> list[str]:
             notes.append(f"{what} diverged (NaN){': ' + r.stop_detail if r.stop_detail else ''}: no test_ll")
         elif r.stop_reason == STOP_ERROR:
             notes.append(f"{what} ended with an error{': ' + r.stop_detail[:300] if r.stop_detail else ''}")
-        elif r.status == "KILLED":
-            notes.append(f"{what} was killed at epoch {r.epochs} (an interrupted sweep): no test_ll; "
-                         "`sweeper run SPEC --resume` continues it")
         elif r.stop_reason == STOP_SCHEDULER:
             notes.append(f"{what} was stopped by the scheduler at epoch {r.epochs} and has no test_ll yet "
                          "(its evaluation was cut short): `sweeper run SPEC --resume` finishes it")
+        elif r.status == "KILLED":
+            notes.append(f"{what} was killed at epoch {r.epochs} (an interrupted sweep): no test_ll; "
+                         "`sweeper run SPEC --resume` continues it")
         else:
             notes.append(f"{what} has status {r.status} and no test_ll: left out")
     return notes
@@ -1114,7 +664,7 @@ def _curves_section(rep: _Report, client, trials: pd.DataFrame) -> list[str]:
         except Exception as exc:
             rep.note(f"trial {r.trial}: cannot read its val_elbo history ({exc})")
             continue
-        rows += [(r.run_id, m.step, m.value) for m in history if _finite(m.value)]
+        rows += [(r.run_id, m.step, m.value) for m in history if finite(m.value)]
     curves = pd.DataFrame(rows, columns=["run_id", "epoch", "val_elbo"])
     rep.result.curves = curves
     if curves.empty:
@@ -1122,7 +672,7 @@ def _curves_section(rep: _Report, client, trials: pd.DataFrame) -> list[str]:
         return []
     rep.save(learning_curves_figure(curves, trials), "learning_curves.png")
     n_stopped = int((trials["stop_reason"] == STOP_SCHEDULER).sum())
-    by = _curve_colouring(trials[trials["run_id"].isin(curves["run_id"])])[0]
+    by = curve_colouring(trials[trials["run_id"].isin(curves["run_id"])])[0]
     cut = 0
     info = trials.set_index("run_id")
     for _, here in curves.groupby(curves["run_id"].map(info["dataset"])):

@@ -233,7 +233,7 @@ def test_the_driver_takes_a_trial_that_tune_stopped_out_of_its_pool(local_ray):
     callback makes it leave, so the others do not wait for it."""
     from types import SimpleNamespace
 
-    from sweeper.run import PoolLeaveCallback
+    from sweeper.callbacks import PoolLeaveCallback
     from trainables.pool import get_pool, remove_pools, sweep_pools
 
     @ray.remote(num_cpus=0)

@@ -20,8 +20,9 @@ from mlflow.entities import Metric, Param
 
 from sweeper.cli import main
 from sweeper.errors import SweeperError
-from sweeper.report import (FLAG_NATS, PUBLISHED, best_reference, k_points_frame, learning_curves_figure,
-                            ll_vs_k_figure, make_report, published_ll, trials_frame)
+from sweeper.figures import learning_curves_figure, ll_vs_k_figure, optuna_figure
+from sweeper.published import PUBLISHED, best_reference, published_ll
+from sweeper.report import FLAG_NATS, make_report, study_importances
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -254,8 +255,6 @@ def test_the_optuna_study_gives_importances_and_parallel_coordinates(tmp_path):
 
     png = tmp_path / "out" / "optuna_searched-1.png"
     assert png.is_file() and png.read_bytes()[:8] == PNG_MAGIC
-    from sweeper.report import optuna_figure, study_importances
-
     found = result.studies["searched-1"]
     importances = study_importances(found)
     assert set(importances) == {"lr", "K"} and importances["lr"] > importances["K"]
