@@ -88,7 +88,7 @@ def test_a_trial_pool_on_cuda_batches_rebuilds_and_hands_states_to_trainers():
 
     splits = synthetic(400)
     cfg = {"prior": "vamp", "K": 20, "batch_size": 100, "warmup": 2, "max_epochs": 10, "early_stopping": 0}
-    pool = TrialPool("cuda", seed=0, splits=splits)
+    pool = TrialPool("cuda", splits=splits)
     pool.join("a", TrainConfig(**cfg, lr=1e-3, seed=0))
     pool.join("b", TrainConfig(**{**cfg, "K": 30}, lr=2e-3, seed=1))
     key = pool.group_of("a")
@@ -104,7 +104,7 @@ def test_a_trial_pool_on_cuda_batches_rebuilds_and_hands_states_to_trainers():
     trainer = Trainer(TrainConfig(**{**cfg, "K": 30}, lr=2e-3, seed=1), splits, "cuda")
     trainer.load_state_dict(state)
     group = pool.groups[key]
-    slot = group.trainer.model.single_state(group.slots.index("b"))
+    slot = group.trainer.extract(group.slots.index("b")).state_dict()
     for name, p in trainer.model.named_parameters():                # the slot's weights, on CUDA
         assert torch.equal(p, slot[name]), name
     assert trainer.step()["epoch"] == 4                              # and it trains on alone
