@@ -190,12 +190,13 @@ def test_dynamic_binarization_gives_each_slot_its_own_binary_images_per_epoch():
     gray = trainer.x_train
     assert ((gray > 0) & (gray < 1)).float().mean() > 0.5    # the source is not binary
     order, _ = trainer._draws()
-    first = trainer.x_epoch.clone()                          # [M, N, D]
-    assert set(first.unique().tolist()) == {0.0, 1.0}
+    first = trainer.x_epoch.clone()                          # [M, N, D] bool
+    assert first.dtype == torch.bool and set(first.unique().tolist()) == {False, True}
+    first = first.float()
     assert abs(first.mean().item() - gray.mean().item()) < 0.03   # Bernoulli(p): E[x] = p
     assert (first[0] != first[1]).float().mean() > 0.1       # independent draws per slot
     trainer._draws()
-    assert not torch.equal(trainer.x_epoch, first)           # a new draw every epoch
+    assert not torch.equal(trainer.x_epoch.float(), first)   # a new draw every epoch
     static = BatchedTrainer([config(seed=0)], synthetic(200), "cpu")
     assert static.x_epoch is None                            # static data: the images themselves
 

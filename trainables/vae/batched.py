@@ -207,7 +207,9 @@ class BatchedTrainer:
         self.loss_weight = torch.ones(M, device=self.device, dtype=dtype)   # 0: a frozen slot (static)
         self._slot = torch.arange(M, device=self.device).unsqueeze(1)       # [M, 1]: x_epoch[slot, idx]
         # Each slot's binary images of the epoch (dynamic binarisation); fixed, so a graph can read it.
-        self.x_epoch = torch.empty(M, *self.x_train.shape, device=self.device, dtype=dtype) if self.dynamic else None
+        # (bool: for 32 slots of MNIST-sized data 1.25 GB instead of 5 GB of float32)
+        self.x_epoch = (torch.empty(M, *self.x_train.shape, device=self.device, dtype=torch.bool)
+                        if self.dynamic else None)
         self._graph: _GraphedBatchedStep | None = None
         self.progress = [Progress() for _ in range(M)]
         self.best: dict[str, Tensor] | None = None        # stacked best weights, at the first best epoch
@@ -224,7 +226,8 @@ class BatchedTrainer:
         """Forward, backward and update for every slot (grads None or zero); [M, 3] sums.
 
         idx [M, B] indexes each slot's training images, noise [M, B, 1, noise_dim], beta [M]."""
-        x = self.x_epoch[self._slot, idx] if self.dynamic else self.x_train[idx]     # [M, B, D]
+        x = (self.x_epoch[self._slot, idx].to(self.x_train.dtype) if self.dynamic
+             else self.x_train[idx])                                                  # [M, B, D]
         terms = self._terms(self.stacked, self.buffers, x, beta, noise)
         # Sum, not mean, over slots: each slot's gradient is exactly its own loss's gradient.
         (terms["loss"] * self.loss_weight).sum().backward()

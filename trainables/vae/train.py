@@ -119,7 +119,7 @@ class EpochDraws:
     the image order, the binarised images (dynamic binarisation) and the noise of each step."""
 
     order: Tensor              # [N] the epoch's order of the training images
-    images: Tensor | None      # [N, D] this epoch's binary images (dynamic binarisation), else None
+    images: Tensor | None      # [N, D] bool: this epoch's binary images (dynamic binarisation), else None
     noise: Tensor              # [N, 1, noise_dim]: step i uses noise[i*B : (i+1)*B]
 
     @staticmethod
@@ -131,7 +131,7 @@ class EpochDraws:
         if dynamic:
             # A Bernoulli draw per pixel: u < p.
             u = torch.rand(x_train.shape, device=x_train.device, dtype=x_train.dtype, generator=noise)
-            images = (u < x_train).to(x_train.dtype)
+            images = u < x_train           # bool: a quarter of float32's memory until a batch is taken
         eps = torch.randn(n, 1, noise_dim, device=x_train.device, dtype=x_train.dtype, generator=noise)
         return EpochDraws(perm, images, eps)
 
@@ -217,7 +217,8 @@ class Trainer:
             self.params, lr=config.lr,
             **({"fused": True, "capturable": True} if self.device.type == "cuda" else {"foreach": True}))
         # This epoch's binary images (dynamic binarisation); a fixed buffer, so a graph can read it.
-        self.x_epoch = torch.empty_like(self.x_train) if self.dynamic else self.x_train
+        self.x_epoch = (torch.empty(self.x_train.shape, dtype=torch.bool, device=self.device) if self.dynamic
+                        else self.x_train)
         self._graph: _GraphedStep | None = None   # built at the first epoch on CUDA
         self.progress = Progress()
         self.best_state: dict[str, Tensor] | None = None
@@ -243,7 +244,7 @@ class Trainer:
     # -- one epoch -------------------------------------------------------------------------
     def _batch_step(self, idx: Tensor, beta: float | Tensor, noise: Tensor) -> Tensor:
         """Forward, backward and update on x_epoch[idx] (grads must be None or zero); [3] sums."""
-        x = self.x_epoch[idx]                                              # [B, D]
+        x = self.x_epoch[idx].to(self.x_train.dtype)                       # [B, D]
         terms = self.model.elbo(x, beta, noise)
         terms["loss"].backward()
         if self.config.optimizer == "adam_normgrad":
