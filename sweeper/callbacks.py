@@ -72,7 +72,8 @@ class TrialRunsCallback(tune.Callback):
         if result.get("stop_reason"):
             return   # it ended by itself and was finalized in its last step
         run = tracking.find_child(*self.args, trial_id=trial.trial_id)
-        if run is not None and not run.data.tags.get(tracking.TAG_STOP):
+        # An "error" tag is stale here (the trial errored once, Tune retried it, then the scheduler stopped it).
+        if run is not None and run.data.tags.get(tracking.TAG_STOP, "") in ("", STOP_ERROR):
             tracking.RunHandle(self.args[0], run.info.run_id).set_tags({
                 tracking.TAG_STOP: STOP_SCHEDULER, tracking.TAG_SCHEDULER: self.scheduler,
                 "stop_detail": f"stopped by the scheduler ({self.scheduler}) after epoch "
@@ -126,32 +127,29 @@ class TimeLeftCallback(tune.Callback):
                  every_s: float = 300.0):
         self.total, self.max_epochs, self.expected, self.at_once = total_trials, max_epochs, expected_epochs, at_once
         self.every_s = every_s
-        self.epochs: dict[str, int] = {}
-        self.seconds: dict[str, float] = {}
-        self.done: set[str] = set()
+        self.seconds: dict[str, float] = {}      # trial id -> seconds of its latest epoch
         self.last_print = 0.0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.epochs[trial.trial_id] = int(result.get("training_iteration", 0))
         if result.get("epoch_seconds") is not None:
             self.seconds[trial.trial_id] = float(result["epoch_seconds"])
         now = time.monotonic()
         if len(self.seconds) >= min(2, self.total) and now - self.last_print >= self.every_s:
             self.last_print = now
-            print(self.estimate(), flush=True)
+            print(self.estimate(trials), flush=True)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done.add(trial.trial_id)
-
-    def estimate(self) -> str:
+    def estimate(self, trials) -> str:
+        """From Tune's trials as they are now (a resumed sweep's finished ones included)."""
         per_epoch = sum(self.seconds.values()) / len(self.seconds)
+        done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        epochs = {t.trial_id: int((t.last_result or {}).get("training_iteration", 0)) for t in trials}
 
         def hours(budget: float) -> float:
-            running = sum(max(0.0, budget - e) for t, e in self.epochs.items() if t not in self.done)
-            waiting = max(0, self.total - len(self.epochs)) * budget
+            running = sum(max(0.0, budget - e) for t, e in epochs.items() if t not in done)
+            waiting = max(0, self.total - len(epochs)) * budget
             return (running + waiting) * per_epoch / max(1, self.at_once) / 3600
 
-        left = self.total - len(self.done)
+        left = self.total - len(done)
         text = f"time left: at most ~{_duration(hours(self.max_epochs))} (every trial to {self.max_epochs} epochs)"
         if self.expected is not None:
             text = (f"time left: ~{_duration(hours(self.expected))} expected with ASHA "

@@ -130,7 +130,7 @@ def _number(value: Any) -> float:
 
 
 def _config_text(params: dict[str, str]) -> dict[str, str]:
-    """Param values as people read them (0.0023382678 -> 2.34e-3), for labels and equality."""
+    """Param values as people read them (0.0023382678 -> 2.34e-3), for labels."""
     return {k: short(_number(v)) if finite(_number(v)) else v for k, v in params.items()}
 
 
@@ -149,7 +149,7 @@ def trials_frame(runs: Iterable) -> pd.DataFrame:
             continue
         prior = p["prior"]
         ignored = NOT_CONFIG | IGNORED_BY_PRIOR.get(prior, frozenset())
-        config = _config_text({k: v for k, v in p.items() if k not in ignored})
+        config = {k: v for k, v in p.items() if k not in ignored}   # as logged: labels round, keys do not
         start, end = run.info.start_time or 0, run.info.end_time
         rows.append({
             "run_id": run.info.run_id, "trial": run.info.run_name or run.info.run_id,
@@ -189,7 +189,11 @@ def _config_labels(group: pd.DataFrame) -> pd.Series:
     configs = list(group["config_params"])
     keys = sorted({k for c in configs for k in c})
     varying = [k for k in keys if len({c.get(k) for c in configs}) > 1]
-    return pd.Series([", ".join(f"{k}={c.get(k)}" for k in varying) for c in configs], index=group.index)
+    # Two configurations whose rounded labels coincide (lr 2.341e-3 and 2.344e-3) stay two.
+    labels = [", ".join(f"{k}={_config_text({k: c.get(k)})[k]}" for k in varying) for c in configs]
+    if len(set(labels)) < len({tuple(c.get(k) for k in varying) for c in configs}):
+        labels = [", ".join(f"{k}={c.get(k)}" for k in varying) for c in configs]
+    return pd.Series(labels, index=group.index)
 
 
 def _config_keys(frame: pd.DataFrame) -> pd.Series:

@@ -172,7 +172,10 @@ class Interrupts:
 
     def _handle(self, signum, frame) -> None:
         self.count += 1
-        if self.count == 1 and self.in_fit and hasattr(signal, "SIGUSR1"):
+        # Tune installs its SIGUSR1 handler only once its run has set up (ray/tune/tune.py); before
+        # that the signal's default action would kill the driver, so this Ctrl-C raises instead.
+        tune_listens = hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
+        if self.count == 1 and self.in_fit and tune_listens:
             self.echo("\nInterrupted: stopping the sweep (a few seconds; Ctrl-C again to exit at once) ...")
             os.kill(os.getpid(), signal.SIGUSR1)   # Tune's graceful stop (ray/tune/tune.py)
             return
@@ -273,6 +276,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
     from trainables.vae_trainable import SWEEP_KEY, VAETrainable
 
     experiment_id = tracking.ensure_experiment(plan.tracking_uri, spec.experiment)
+    resumable = f"sweep {plan.sweep_id} interrupted; continue it with:\n  {command}"
     plan.state_dir.mkdir(parents=True, exist_ok=True)
     state_file = plan.state_dir / STATE_FILE
     if resume:
@@ -283,6 +287,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
             echo(f"closed {len(closed)} run(s) left RUNNING by the interrupted sweep as KILLED")
         parent.reopen()
         echo(f"resuming sweep {plan.sweep_id} (MLflow parent run {parent_id})")
+        interrupts.message = resumable
     else:
         parent = tracking.RunHandle(plan.tracking_uri, tracking.client(plan.tracking_uri).create_run(
             experiment_id, run_name=plan.sweep_id,
@@ -303,6 +308,8 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         }, indent=2))
         echo(f"sweep {plan.sweep_id}: {spec.total_trials} trial(s), MLflow experiment {spec.experiment!r} "
              f"at {plan.tracking_uri}, parent run {parent.run_id}")
+        # From here on an interrupt leaves a sweep to resume (sweep.json and the parent run exist).
+        interrupts.message = resumable
 
     sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
                  "parent_run_id": parent.run_id, "sweep_name": plan.sweep_id,
@@ -367,7 +374,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         status = "FINISHED" if not outcome.errors else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        interrupts.message = f"sweep {plan.sweep_id} interrupted; continue it with:\n  {command}"
+        interrupts.message = resumable
         closed = tracking.close_stale_children(plan.tracking_uri, experiment_id, parent.run_id)
         parent.terminate("KILLED")
         raise SweepInterrupted(

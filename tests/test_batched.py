@@ -353,3 +353,15 @@ def test_a_state_of_another_configuration_is_refused_with_the_field():
     state = Trainer(config(K=4, seed=0), splits, "cpu").state_dict()
     with pytest.raises(ConfigError, match=r"K=4.*K=6"):
         BatchedTrainer([config(K=6, seed=0)], splits, "cpu", states=[state])
+
+
+def test_a_frozen_slot_never_changes_even_with_a_non_finite_gradient():
+    from trainables.vae.batched import BatchedAdam
+
+    w = torch.ones(2, 3, requires_grad=True)
+    opt = BatchedAdam([w], torch.tensor([1e-2, 1e-2]))
+    opt.freeze(1)
+    w.grad = torch.tensor([[1.0, 1.0, 1.0], [float("nan"), float("inf"), 1.0]])   # 0 * inf in slot 1
+    opt.step()
+    assert torch.equal(w[1].detach(), torch.ones(3)) and torch.isfinite(opt.exp_avg[0]).all()
+    assert (w[0].detach() < 1).all()                                                 # slot 0 moved

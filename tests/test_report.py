@@ -433,3 +433,14 @@ def test_learning_curves_cover_every_trial_and_mark_scheduler_stops(sweep, repor
     figure = learning_curves_figure(report.curves, report.trials)
     marked = sum(len(c.get_offsets()) for ax in figure.axes for c in ax.collections if c.get_gid() == "scheduler")
     assert marked == len(stopped)
+
+
+def test_configurations_whose_rounded_labels_coincide_stay_apart():
+    from sweeper.report import _config_labels
+
+    group = pd.DataFrame({"config_params": [{"lr": "0.002341", "K": "5"}, {"lr": "0.002344", "K": "5"},
+                                            {"lr": "0.002341", "K": "5"}]})
+    labels = list(_config_labels(group))
+    assert labels[0] == labels[2] != labels[1]
+    group = pd.DataFrame({"config_params": [{"lr": "0.0023382678"}, {"lr": "0.001"}]})
+    assert list(_config_labels(group)) == ["lr=2.34e-3", "lr=1e-3"]                 # rounded when distinct

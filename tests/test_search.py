@@ -318,3 +318,73 @@ def test_scheduler_state_callback_and_layout_check() -> None:
                                                 "reduction_factor": 2}))
     with pytest.raises(SweeperError, match="scheduler or max_epochs changed"):
         other.load_state_dict(state["scheduler"])
+
+
+# --------------------------------------------------------------------------------------------
+# The driver's callbacks and Ctrl-C handler (sweeper/callbacks.py, sweeper/run.py), without Ray
+
+
+def test_a_retried_trial_loses_its_error_tag_and_a_scheduler_stop_is_recorded_over_it(tmp_path: Path) -> None:
+    import mlflow
+    from types import SimpleNamespace
+
+    from sweeper.callbacks import TrialRunsCallback
+    from trainables import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(exp).info.run_id
+    run = tracking.open_trial_run(uri, exp, parent, "t1", "vamp K=5", {"prior": "vamp"}, "s")
+    run.set_tags({"stop_reason": "error", "stop_detail": "RuntimeError: pool round failed"})
+    run.terminate("FAILED")
+    again = tracking.open_trial_run(uri, exp, parent, "t1", "vamp K=5", {"prior": "vamp"}, "s")   # Tune's retry
+    assert again.run_id == run.run_id and not again.created
+    tags = client.get_run(run.run_id).data.tags
+    assert "stop_reason" not in tags and "stop_detail" not in tags
+    assert client.get_run(run.run_id).info.status == "RUNNING"
+    # It errors again and is retried no more... or the scheduler stops it: the tag says which.
+    again.set_tags({"stop_reason": "error"})
+    callback = TrialRunsCallback(uri, exp, parent, "asha", "s")
+    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t1", last_result={"training_iteration": 3}))
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["stop_reason"] == "scheduler" and tags["sweeper.scheduler"] == "asha"
+    assert "after epoch 3" in tags["stop_detail"]
+
+
+def test_the_time_left_comes_from_tunes_trials_including_those_finished_before_a_resume() -> None:
+    from types import SimpleNamespace
+
+    from sweeper.callbacks import TimeLeftCallback, asha_expected_epochs
+
+    assert asha_expected_epochs(10, 3, 1000) == pytest.approx(10 + 20 / 3 + 60 / 9 + 180 / 27 + 540 / 81 + 190 / 243)
+    callback = TimeLeftCallback(total_trials=4, max_epochs=100, expected_epochs=None, at_once=2, every_s=1e9)
+    trials = [SimpleNamespace(trial_id="a", status="TERMINATED", last_result={"training_iteration": 100}),
+              SimpleNamespace(trial_id="b", status="ERROR", last_result={"training_iteration": 7}),
+              SimpleNamespace(trial_id="c", status="RUNNING", last_result={"training_iteration": 40})]
+    callback.seconds = {"c": 36.0}
+    text = callback.estimate(trials)
+    # c: 60 epochs left, d (not started): 100; 160 epochs x 36 s / 2 at once = 48 min
+    assert "at most ~48 min" in text and "2 trial(s) to go" in text and "36.0 s per epoch" in text
+
+
+def test_ctrl_c_before_tune_listens_raises_instead_of_killing_the_driver(monkeypatch) -> None:
+    import signal
+
+    from sweeper.run import Interrupts
+
+    sent = []
+    monkeypatch.setattr("os.kill", lambda pid, sig: sent.append(sig))
+    lines: list[str] = []
+    with Interrupts(lines.append) as interrupts:
+        interrupts.in_fit = True
+        monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)    # Tune's run not set up yet
+        with pytest.raises(KeyboardInterrupt):
+            interrupts._handle(signal.SIGINT, None)
+        assert sent == []
+        monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda *a: None))  # Tune listens now
+        interrupts.count = 0
+        interrupts._handle(signal.SIGINT, None)                                  # the first: Tune stops
+        assert sent == [signal.SIGUSR1] and "Ctrl-C again" in lines[-1]
+        with pytest.raises(KeyboardInterrupt):
+            interrupts._handle(signal.SIGINT, None)                              # the second: at once

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from trainables.vae.catalog import STOP_ERROR
+
 TAG_PARENT = "mlflow.parentRunId"
 TAG_TRIAL = "sweeper.trial_id"
 TAG_SWEEP = "sweeper.sweep"
@@ -210,6 +212,9 @@ def open_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, tr
     if existing is not None:
         handle = RunHandle(tracking_uri, existing.info.run_id)
         handle.reopen()
+        if existing.data.tags.get(TAG_STOP) == STOP_ERROR:    # retried by Tune: it runs again
+            for key in (TAG_STOP, "stop_detail"):
+                _with_retry(handle.client.delete_tag, handle.run_id, key)
         return handle
     tags = {TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_SWEEP: sweep_name, TAG_ROLE: ROLE_TRIAL}
     if description:

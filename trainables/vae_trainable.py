@@ -163,9 +163,8 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
     out.update(final)
     if run is not None:
         step = trainer.epoch
-        run.log_metrics({**final, "best_epoch": trainer.best_epoch or step}, step=step)
-        _log_final_images(run, trainer, step)
         cfg = trainer.config
+        _log_final_images(run, trainer, step)
         run.log_weights(run.client.get_run(run.run_id).info.experiment_id,
                         {"state_dict": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
                          "config": cfg.to_dict(), "best_epoch": trainer.best_epoch or step},
@@ -173,9 +172,10 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
                         params={"dataset": cfg.dataset, "model": cfg.model, "prior": cfg.prior, "K": cfg.K,
                                 "best_epoch": trainer.best_epoch or step})
         run.log_text(tracking.per_image_csv(per_image.tolist()), "per_image_ll.csv")
-        cfg = trainer.config
         run.log_figure(tracking.ll_histogram_figure(per_image.tolist(), f"{cfg.dataset} / {cfg.model} / {cfg.prior}"),
                        "test_ll_histogram.png")
+        # test_ll last: a run that has it has everything (an interrupted evaluation is redone on resume).
+        run.log_metrics({**final, "best_epoch": trainer.best_epoch or step}, step=step)
         run.set_tags({tracking.TAG_STOP: reason, "stop_detail": trainer.stop_detail})
         run.terminate("FINISHED")
     return out

@@ -115,11 +115,18 @@ class BatchedAdam:
         self.step_count = torch.zeros(M, device=lr.device, dtype=torch.float64)       # [M]
         # Static tensors (a captured graph reads them): change them in place only.
         self.lr = lr.detach().clone()                                                  # [M]
+        self.live = torch.ones(M, dtype=torch.bool, device=lr.device)                  # [M] False: frozen
         self.normgrad = normgrad.to(lr.device) if normgrad is not None and bool(normgrad.any()) else None
 
     @torch.no_grad()
     def set_lr(self, m: int, value: float) -> None:
         self.lr[m] = value
+
+    @torch.no_grad()
+    def freeze(self, m: int, frozen: bool = True) -> None:
+        """A frozen slot's weights never change: lr 0, and its gradient is zeroed first (a
+        non-finite one, 0 * inf from a loss weight of 0, would otherwise reach them as NaN)."""
+        self.live[m] = not frozen
 
     @torch.no_grad()
     def reset(self, m: int) -> None:
@@ -132,6 +139,8 @@ class BatchedAdam:
         grads = [p.grad for p in self.params]
         if any(g is None for g in grads):
             raise RuntimeError("BatchedAdam.step: a parameter has no gradient; run backward first")
+        for g in grads:
+            g.masked_fill_(~self.live.view(_slot_shape(g)), 0.0)
         if self.normgrad is not None:
             unit_norm_gradients_(grads, self.parts, lead=1, mask=self.normgrad)
         beta1, beta2 = self.betas
@@ -351,6 +360,7 @@ class BatchedTrainer:
     def _freeze(self, m: int, diverged: bool) -> None:
         """Stop updating slot m: lr 0 and loss weight 0, so its gradient is exactly 0."""
         self.optimizer.set_lr(m, 0.0)
+        self.optimizer.freeze(m)
         self.loss_weight[m] = 0.0
         if diverged:
             # NaN weights would give NaN gradients even at loss weight 0 (0 * NaN), and NaN
@@ -502,6 +512,7 @@ class BatchedTrainer:
             self._freeze(m, diverged=False)
         else:
             self.optimizer.set_lr(m, c.lr)
+            self.optimizer.freeze(m, False)
             self.loss_weight[m] = 1.0
 
 
