@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import Formatter, FuncFormatter, MaxNLocator, NullFormatter
 
 from trainables.vae.catalog import DATASET_ORDER, K_PRIORS, STOP_NAN, STOP_SCHEDULER, short
 
@@ -76,10 +76,39 @@ def _lr_colouring(values: pd.Series):
     return LogNorm(lr.min(), lr.max()), colormaps["viridis"]
 
 
+class _SparseMinorLabels(Formatter):
+    """A log colour bar's minor ticks: only those at 2x and 5x a power of ten get a label (all of
+    them where fewer than two would be labelled), so a bar within one decade does not print 4e-4,
+    5e-4, ..., 9e-4 on top of each other."""
+
+    READABLE = (2, 5)
+
+    def __init__(self) -> None:
+        self._ticks: list[float] = []
+
+    def set_locs(self, locs) -> None:
+        # Our own copy: matplotlib 3.11 deprecates Formatter.locs.
+        super().set_locs(locs)
+        self._ticks = [float(v) for v in locs]
+
+    def __call__(self, value: float, pos: int | None = None) -> str:
+        low, high = sorted(self.axis.get_view_interval()) if self.axis is not None else (0, np.inf)
+        in_view = [v for v in self._ticks if v > 0 and low * (1 - 1e-9) <= v <= high * (1 + 1e-9)]
+        readable = [v for v in in_view if self._readable(v)]
+        if len(readable) >= 2 and not self._readable(value):
+            return ""
+        return short(value, 2)
+
+    @classmethod
+    def _readable(cls, value: float) -> bool:
+        mantissa = value / 10 ** np.floor(np.log10(value))
+        return any(abs(mantissa - m) < 1e-6 for m in cls.READABLE)
+
+
 def _plain_ticks(bar) -> None:
     """Colour-bar ticks as numbers people read (500, 2.3e-3), not 10^x."""
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: short(v, 2)))
-    bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: short(v, 2)))
+    bar.ax.yaxis.set_minor_formatter(_SparseMinorLabels())
 
 
 def _epoch_sizes(epochs: pd.Series | np.ndarray, top: float) -> np.ndarray:

@@ -444,3 +444,25 @@ def test_configurations_whose_rounded_labels_coincide_stay_apart():
     assert labels[0] == labels[2] != labels[1]
     group = pd.DataFrame({"config_params": [{"lr": "0.0023382678"}, {"lr": "0.001"}]})
     assert list(_config_labels(group)) == ["lr=2.34e-3", "lr=1e-3"]                 # rounded when distinct
+
+
+@pytest.mark.parametrize(("low", "high", "labels"), [
+    (3.5e-4, 2.3e-3, {"5e-4", "1e-3", "2e-3"}),        # one decade of lr: not 4e-4, 6e-4, ..., 9e-4 too
+    (13, 48, {"20", "30", "40"}),                      # too few readable ticks in view: label them all
+])
+def test_a_log_colour_bar_labels_readable_ticks_only(low, high, labels):
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm
+
+    from sweeper.figures import _plain_ticks
+
+    fig, ax = plt.subplots()
+    bar = fig.colorbar(ScalarMappable(norm=LogNorm(low, high), cmap="viridis"), ax=ax)
+    _plain_ticks(bar)
+    fig.canvas.draw()
+    axis = bar.ax.yaxis
+    shown = {t.get_text() for t in axis.get_majorticklabels() + axis.get_minorticklabels()
+             if t.get_text() and low <= t.get_position()[1] <= high}
+    plt.close(fig)
+    assert shown == labels
