@@ -54,15 +54,24 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _with_retry(fn, *args, attempts: int = 8, **kwargs):
-    """sqlite allows one writer at a time: retry briefly when the database is locked."""
+def _with_retry(fn, *args, attempts: int = 8, transient: tuple[str, ...] = ("locked",), **kwargs):
+    """sqlite allows one writer at a time: retry briefly when the database is locked (or on
+    another error named in `transient`)."""
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # mlflow wraps sqlalchemy's OperationalError in MlflowException
-            if "locked" not in str(exc).lower() or i == attempts - 1:
+            message = str(exc).lower()
+            if not any(t in message for t in transient) or i == attempts - 1:
                 raise
             time.sleep(0.05 * 2**i)
+
+
+# MLflow's log_inputs reads whether the experiment has the dataset, then inserts it: trials that
+# start together race, and the loser's insert breaks the unique (experiment, name, digest) key
+# (sqlite: "UNIQUE constraint failed", PostgreSQL/MySQL: "duplicate key"/"Duplicate entry").
+# Its transaction is rolled back whole; tried again, it finds the winner's row.
+DATASET_RACE = ("locked", "unique constraint", "duplicate key", "duplicate entry")
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -150,7 +159,8 @@ class RunHandle:
         dataset = Dataset(name=name, digest=digest[:36], source_type="url", source=json.dumps(dict(source)),
                           profile=json.dumps(dict(profile)))
         input_tags = [InputTag("mlflow.data.context", "training")] + [InputTag(k, str(v)) for k, v in tags.items()]
-        _with_retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, input_tags)])
+        _with_retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, input_tags)],
+                    transient=DATASET_RACE)
 
     def log_weights(self, experiment_id: str, state: Mapping[str, Any], name: str, step: int,
                     params: Mapping[str, Any]) -> str:
