@@ -242,18 +242,32 @@ class VAETrainable(tune.Trainable):
         self.pool = get_pool(pool["sweep_id"], pool.get("wait_s", 120.0)) if pool else None
         self.pool_member: str | None = None
         self.final_state: dict[str, Any] | None = None   # a finished pooled trial's (it left the pool)
+        self.resume_state: dict[str, Any] | None = None  # a restored pooled trial's, until it joins
+        self.run: tracking.RunHandle | None = None
+        self.logged_through = 0
+        self.begun = False
         if self.pool is not None:
             _set_threads(self.sweep)
             self.trainer = None
-            self._join(None)
         else:
             self.trainer, _, _ = _make_trainer(config)
-        self.run = _open_run(self.sweep, self.trial_id, self.cfg, config)
+
+    def _begin(self) -> None:
+        """What the trial does outside its process (join its pool, create or reopen its MLflow
+        run), done at its first step rather than in setup: when Tune retries a trial it may start
+        a fresh actor for it, give the trial to a cached one instead (reuse_actors) and discard the
+        fresh one after its setup, by then maybe after the trial ended. That setup must leave no
+        trace (it used to reopen a finished run, and could take the trial's slot in its pool)."""
+        if self.pool is not None:
+            self._join(self.resume_state)
+            self.resume_state = None
+        self.run = _open_run(self.sweep, self.trial_id, self.cfg, self.config_dict)
         # Epochs already in the run's history: a retried trial replays those after its checkpoint
         # (or all of them, when it had none yet), and they are not logged twice.
         self.logged_through = self.run.last_step("epoch") if self.run is not None else 0
         if self.run is not None and self.run.created and self.cfg.image_every:
             self._log_pseudo_inputs(0)       # at initialisation: step 0 of the UI's slider
+        self.begun = True
 
     def _join(self, state: dict[str, Any] | None) -> None:
         self.pool_token = ray.get(self.pool.join.remote(self.trial_id, self.cfg.to_dict(), state))
@@ -269,6 +283,8 @@ class VAETrainable(tune.Trainable):
             self.pool_member = None
 
     def step(self) -> dict[str, Any]:
+        if not self.begun:
+            self._begin()
         try:
             metrics = self.trainer.step() if self.pool is None else ray.get(self.pool.step.remote(self.trial_id))
         except Exception as exc:
@@ -313,6 +329,8 @@ class VAETrainable(tune.Trainable):
             log_pseudo_inputs(self.run, u, shape, epoch)
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
+        if not self.begun:
+            self._begin()
         if self.pool is None:
             state = self.trainer.state_dict()
         else:
@@ -325,9 +343,11 @@ class VAETrainable(tune.Trainable):
         state = read_checkpoint(directory)
         if self.pool is None:
             self.trainer.load_state_dict(state["trainer"])
+        elif not self.begun:
+            self.resume_state = state["trainer"]     # it joins its pool with it at its first step
         else:
-            self._join(state["trainer"])    # replaces the fresh slot joined in setup
-        if state["run_id"] and self.sweep.get("tracking_uri"):
+            self._join(state["trainer"])             # replaces its slot
+        if self.begun and state["run_id"] and self.sweep.get("tracking_uri"):
             self.run = tracking.RunHandle(self.sweep["tracking_uri"], state["run_id"])
             self.logged_through = self.run.last_step("epoch")
 

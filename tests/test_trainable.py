@@ -1,0 +1,52 @@
+"""trainables/vae_trainable.py: what a trial's process does to the outside world, and when."""
+
+from __future__ import annotations
+
+import mlflow
+
+from trainables import tracking
+from trainables.vae.catalog import RESULT_RUN_ID
+from trainables.vae_trainable import SWEEP_KEY, VAETrainable
+
+
+def _config(uri: str, experiment_id: str, parent_run_id: str) -> dict:
+    return {"dataset": "static_mnist", "prior": "vamp", "K": 4, "max_epochs": 3, "train_subset": 200,
+            "val_subset": 100, "test_subset": 100, "test_samples": 10, "image_every": 1, "device": "cpu",
+            SWEEP_KEY: {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+                        "sweep_name": "t", "name_keys": ["prior", "K"]}}
+
+
+def test_a_trials_setup_leaves_no_trace_its_first_step_opens_its_run(tmp_path, shared_datasets, monkeypatch):
+    """Tune may set up a fresh actor for a retried trial, run the trial on a cached actor instead
+    and discard the fresh one after its setup, by then maybe after the trial ended: a CI run saw
+    such a setup reopen the finished run (left RUNNING). Setup must not touch MLflow."""
+    monkeypatch.setenv("SWEEPER_DATA_DIR", str(shared_datasets))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("trainable")
+    parent = client.create_run(experiment_id).info.run_id
+
+    # A trial that has ended (outside Tune a trainable's trial id is "default").
+    ended = tracking.open_trial_run(uri, experiment_id, parent, trial_id="default", trial_name="vamp K=4",
+                                    params={"K": 4}, sweep_name="t")
+    ended.set_tags({tracking.TAG_STOP: "completed"})
+    ended.terminate("FINISHED")
+    stale = VAETrainable(_config(uri, experiment_id, parent))       # setup only, then discarded
+    stale.stop()
+    runs = client.search_runs([experiment_id])
+    assert len(runs) == 2
+    assert client.get_run(ended.run_id).info.status == "FINISHED"
+
+    # A new trial: no run after setup; its first step creates it, with step 0 of the pseudo-inputs.
+    other_parent = client.create_run(experiment_id).info.run_id
+    trainable = VAETrainable(_config(uri, experiment_id, other_parent))
+    assert tracking.find_child(uri, experiment_id, other_parent, "default") is None
+    result = trainable.train()
+    run = tracking.find_child(uri, experiment_id, other_parent, "default")
+    assert run is not None and result[RESULT_RUN_ID] == run.info.run_id
+    assert run.info.status == "RUNNING" and run.info.run_name == "vamp K=4"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
+    assert steps == [1]
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert {a.split("+step+")[1].split("+")[0] for a in images if "pseudo_inputs+step+" in a} == {"0", "1"}
+    trainable.stop()
