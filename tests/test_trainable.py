@@ -50,3 +50,23 @@ def test_a_trials_setup_leaves_no_trace_its_first_step_opens_its_run(tmp_path, s
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert {a.split("+step+")[1].split("+")[0] for a in images if "pseudo_inputs+step+" in a} == {"0", "1"}
     trainable.stop()
+
+
+def test_a_retry_completes_what_its_first_attempt_did_not_log(tmp_path, shared_datasets, monkeypatch):
+    """A first attempt that created its run and died before recording its dataset (as when it
+    lost MLflow's dataset race): the retry, which finds the run, records the dataset and step 0."""
+    monkeypatch.setenv("SWEEPER_DATA_DIR", str(shared_datasets))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("retry")
+    parent = client.create_run(experiment_id).info.run_id
+    first = tracking.open_trial_run(uri, experiment_id, parent, trial_id="default", trial_name="vamp K=4",
+                                    params={"K": 4}, sweep_name="t")   # ... and then it died
+    retry = VAETrainable(_config(uri, experiment_id, parent))
+    retry.train()
+    retry.stop()
+    run = client.get_run(first.run_id)
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["static_mnist"]
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert {a.split("+step+")[1].split("+")[0] for a in images if "pseudo_inputs+step+" in a} == {"0", "1"}
+    assert len(client.search_runs([experiment_id])) == 2           # the parent and the one trial run

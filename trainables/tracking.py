@@ -149,6 +149,9 @@ class RunHandle:
     def reopen(self) -> None:
         _with_retry(self.client.update_run, self.run_id, status="RUNNING")
 
+    def has_dataset_input(self) -> bool:
+        return bool(_with_retry(self.client.get_run, self.run_id).inputs.dataset_inputs)
+
     def log_dataset(self, name: str, digest: str, source: Mapping[str, Any], profile: Mapping[str, Any],
                     tags: Mapping[str, Any]) -> None:
         """The run's training data as an MLflow dataset input (the UI's Datasets column). MLflow

@@ -91,7 +91,7 @@ def _open_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, config: di
         description=f"{name}: trial {trial_id} of sweep {sweep.get('sweep_name', '')}. {IMAGES_NOTE}")
     # Which node ran the trial (the last one, if a retry moved it): for cluster debugging.
     run.set_tags({"sweeper.node_id": ray.get_runtime_context().get_node_id()})
-    if run.created:
+    if run.created or not run.has_dataset_input():   # a first attempt may have died before it
         log_dataset_input(run, cfg)
     return run
 
@@ -265,8 +265,10 @@ class VAETrainable(tune.Trainable):
         # Epochs already in the run's history: a retried trial replays those after its checkpoint
         # (or all of them, when it had none yet), and they are not logged twice.
         self.logged_through = self.run.last_step("epoch") if self.run is not None else 0
-        if self.run is not None and self.run.created and self.cfg.image_every:
-            self._log_pseudo_inputs(0)       # at initialisation: step 0 of the UI's slider
+        if self.run is not None and self.logged_through == 0 and self.cfg.image_every:
+            # At initialisation: step 0 of the UI's slider (again, the same image, for a retry
+            # from scratch whose first attempt died before its first epoch).
+            self._log_pseudo_inputs(0)
         self.begun = True
 
     def _join(self, state: dict[str, Any] | None) -> None:
