@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 
 from trainables import tracking
 from trainables.vae.catalog import RESULT_RUN_ID
@@ -16,15 +17,21 @@ def _config(uri: str, experiment_id: str, parent_run_id: str) -> dict:
                         "sweep_name": "t", "name_keys": ["prior", "K"]}}
 
 
-def test_a_trials_setup_leaves_no_trace_its_first_step_opens_its_run(tmp_path, shared_datasets, monkeypatch):
-    """Tune may set up a fresh actor for a retried trial, run the trial on a cached actor instead
-    and discard the fresh one after its setup, by then maybe after the trial ended: a CI run saw
-    such a setup reopen the finished run (left RUNNING). Setup must not touch MLflow."""
+@pytest.fixture
+def store(tmp_path, shared_datasets, monkeypatch):
+    """(tracking URI, client, experiment id, a sweep's parent run id) of a fresh sqlite store."""
     monkeypatch.setenv("SWEEPER_DATA_DIR", str(shared_datasets))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     experiment_id = client.create_experiment("trainable")
-    parent = client.create_run(experiment_id).info.run_id
+    return uri, client, experiment_id, client.create_run(experiment_id).info.run_id
+
+
+def test_a_trials_setup_leaves_no_trace_its_first_step_opens_its_run(store):
+    """Tune may set up a fresh actor for a retried trial, run the trial on a cached actor instead
+    and discard the fresh one after its setup, by then maybe after the trial ended: a CI run saw
+    such a setup reopen the finished run (left RUNNING). Setup must not touch MLflow."""
+    uri, client, experiment_id, parent = store
 
     # A trial that has ended (outside Tune a trainable's trial id is "default").
     ended = tracking.open_trial_run(uri, experiment_id, parent, trial_id="default", trial_name="vamp K=4",
@@ -52,14 +59,10 @@ def test_a_trials_setup_leaves_no_trace_its_first_step_opens_its_run(tmp_path, s
     trainable.stop()
 
 
-def test_a_retry_completes_what_its_first_attempt_did_not_log(tmp_path, shared_datasets, monkeypatch):
+def test_a_retry_completes_what_its_first_attempt_did_not_log(store):
     """A first attempt that created its run and died before recording its dataset (as when it
     lost MLflow's dataset race): the retry, which finds the run, records the dataset and step 0."""
-    monkeypatch.setenv("SWEEPER_DATA_DIR", str(shared_datasets))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    experiment_id = client.create_experiment("retry")
-    parent = client.create_run(experiment_id).info.run_id
+    uri, client, experiment_id, parent = store
     first = tracking.open_trial_run(uri, experiment_id, parent, trial_id="default", trial_name="vamp K=4",
                                     params={"K": 4}, sweep_name="t")   # ... and then it died
     retry = VAETrainable(_config(uri, experiment_id, parent))
