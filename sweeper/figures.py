@@ -16,7 +16,7 @@ from trainables.vae.catalog import DATASET_ORDER, K_PRIORS, STOP_NAN, STOP_SCHED
 
 PRIOR_COLORS = {"standard": "#555753", "vamp": "#3465a4", "vamp_data": "#4e9a06", "mog": "#cc0000"}
 PRIOR_MARKERS = {"standard": "D", "vamp": "o", "vamp_data": "s", "mog": "^"}
-MODEL_STYLES = {"vae": ("-", "o"), "hvae": ("--", "s")}
+MODEL_LINESTYLES = {"vae": "-", "hvae": "--"}
 # Learning curves: the y-axis starts at this percentile of a panel's values (a diverging trial
 # would otherwise squash every other curve into a line).
 CURVES_LOW_PERCENTILE = 2.0
@@ -163,7 +163,7 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None) 
                         collection.set_gid("seed_spread")
                 best = agg.groupby("K")["mean"].max().sort_index()
                 if len(best) > 1:
-                    line_style = MODEL_STYLES.get(model, ("-",))[0]
+                    line_style = MODEL_LINESTYLES.get(model, "-")
                     ax.plot(best.index, best.values, line_style, color=PRIOR_COLORS.get(prior, "#3465a4"), lw=1.2,
                             alpha=0.8, gid="best_ended", label=f"{label}: best setting per K (seed mean)")
             if len(stopped):
@@ -173,7 +173,7 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None) 
         if baselines is not None and not baselines.empty:
             for b in baselines[baselines["dataset"] == dataset].itertuples(index=False):
                 ax.axhline(b.test_ll, color=PRIOR_COLORS["standard"], lw=1,
-                           ls=MODEL_STYLES.get(b.model, ("-",))[0] if b.model != "vae" else ":",
+                           ls=MODEL_LINESTYLES.get(b.model, "-") if b.model != "vae" else ":",
                            label=f"{_series_label(b.model, 'standard', models | {b.model})} (best trial)")
         ax.set_xscale("log")
         ks = sorted(set(here["K"]))
@@ -302,7 +302,7 @@ def learning_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure
             else:
                 color, label = cmap(norm(float(value))), None
             ax.plot(c["epoch"], c["val_elbo"], color=color, lw=1, alpha=0.7, gid=run_id,
-                    ls=MODEL_STYLES.get(model, ("-",))[0], label=None if label in seen else label)
+                    ls=MODEL_LINESTYLES.get(model, "-"), label=None if label in seen else label)
             seen.add(label)
             last = (c["epoch"].iloc[-1], c["val_elbo"].iloc[-1])
             if info.at[run_id, "stop_reason"] == STOP_SCHEDULER:

@@ -6,7 +6,6 @@ results/*/report.md; "(unverified)" marks a number that could not be read in its
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -80,8 +79,3 @@ def best_reference(dataset: str, model: str, prior: str) -> PublishedLL | None:
     """The highest sourced log-likelihood for (dataset, model, prior), or None."""
     found = published_for(dataset, model, prior)
     return max(found, key=lambda p: p.ll) if found else None
-
-
-def bits_per_dim(ll: float, dim: int) -> float:
-    """Negative log-likelihood in nats -> bits per dimension."""
-    return -ll / (dim * math.log(2.0))

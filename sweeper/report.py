@@ -28,7 +28,6 @@ own `best_run_id` tag). The table picks its configuration by validation ELBO (se
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import tempfile
@@ -47,10 +46,11 @@ from sweeper.errors import SweeperError
 from sweeper.figures import (CURVES_LOW_PERCENTILE, best_trial_figure, curve_colouring, curves_clip, finite,
                              histograms_figure, k_points_frame, learning_curves_figure, ll_vs_k_figure,
                              optuna_figure)
-from sweeper.published import best_reference, bits_per_dim, published_ll
+from sweeper.published import best_reference, published_ll
 from trainables.vae.catalog import (DATASET_ORDER, ENDED_BY_ITSELF, K_PRIORS, METRIC_TEST_BPD, METRIC_TEST_LL,
                                     METRIC_VAL_ELBO, MODEL_ORDER, PRIOR_ORDER, STOP_ERROR, STOP_NAN,
-                                    STOP_SCHEDULER, bits_per_dim_dim, short, stop_reason)
+                                    STOP_SCHEDULER, bits_per_dim, bits_per_dim_dim, short,
+                                    stop_reason)
 
 # Trial params that never make two trials different configurations: the seed (averaged over) and
 # where/how a trial ran, which does not change its result.
@@ -129,9 +129,10 @@ def _number(value: Any) -> float:
         return float("nan")
 
 
-def _config_text(params: dict[str, str]) -> dict[str, str]:
-    """Param values as people read them (0.0023382678 -> 2.34e-3), for labels."""
-    return {k: short(_number(v)) if finite(_number(v)) else v for k, v in params.items()}
+def _value_text(value: Any) -> Any:
+    """A param value as people read it (0.0023382678 -> 2.34e-3), for labels."""
+    number = _number(value)
+    return short(number) if finite(number) else value
 
 
 TRIAL_COLUMNS = ["run_id", "trial", "status", "stop_reason", "stop_detail", "parent_run_id", "start_time",
@@ -190,15 +191,11 @@ def _config_labels(group: pd.DataFrame) -> pd.Series:
     keys = sorted({k for c in configs for k in c})
     varying = [k for k in keys if len({c.get(k) for c in configs}) > 1]
     # Two configurations whose rounded labels coincide (lr 2.341e-3 and 2.344e-3) stay two.
-    labels = [", ".join(f"{k}={_config_text({k: c.get(k)})[k]}" for k in varying) for c in configs]
+    labels = [", ".join(f"{k}={_value_text(c.get(k))}" for k in varying) for c in configs]
     if len(set(labels)) < len({tuple(c.get(k) for k in varying) for c in configs}):
         labels = [", ".join(f"{k}={c.get(k)}" for k in varying) for c in configs]
     return pd.Series(labels, index=group.index)
 
-
-def _config_keys(frame: pd.DataFrame) -> pd.Series:
-    """Per trial, its whole configuration (all params but the seed and bookkeeping) as one key."""
-    return pd.Series([tuple(sorted(c.items())) for c in frame["config_params"]], index=frame.index, dtype=object)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,7 +240,7 @@ def results_table(trials: pd.DataFrame) -> pd.DataFrame:
         if dim is not None:
             # The run's own metric where it was logged, else from its test LL.
             bpd = chosen["test_bits_per_dim"].astype(float)
-            chosen = chosen.assign(bpd=bpd.where(bpd.notna(), -chosen["test_ll"] / (dim * math.log(2.0))))
+            chosen = chosen.assign(bpd=bpd.where(bpd.notna(), bits_per_dim(chosen["test_ll"], dim)))
         per_seed = chosen.groupby("seed", sort=False)[["test_ll"] + (["bpd"] if dim else [])].mean()
         ll_mean, ll_std = _mean_std(per_seed["test_ll"])
         pub = published_ll(dataset, model, prior)

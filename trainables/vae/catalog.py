@@ -72,14 +72,14 @@ class DatasetFacts:
 
 
 # In the paper's order; trainables/vae/data.py registers a loader for each and takes these facts from here.
-DATASETS: dict[str, DatasetFacts] = {f.name: f for f in (
+DATASETS: Mapping[str, DatasetFacts] = MappingProxyType({f.name: f for f in (
     DatasetFacts("static_mnist", "bernoulli", (1, 28, 28), "static"),
     DatasetFacts("dynamic_mnist", "bernoulli", (1, 28, 28), "dynamic"),
     DatasetFacts("fashion_mnist", "bernoulli", (1, 28, 28), "dynamic"),
     DatasetFacts("omniglot", "bernoulli", (1, 28, 28), "dynamic"),
     DatasetFacts("caltech101", "bernoulli", (1, 28, 28), "static"),
     DatasetFacts("frey_faces", "logistic256", (1, 28, 20), None),
-)}
+)})
 DATASET_ORDER = tuple(DATASETS)
 MODEL_ORDER = ("vae", "hvae")
 PRIOR_ORDER = ("standard", "vamp", "vamp_data", "mog")
@@ -87,6 +87,11 @@ PRIOR_ORDER = ("standard", "vamp", "vamp_data", "mog")
 K_PRIORS = frozenset({"vamp", "vamp_data", "mog"})
 # Likelihoods reported in bits/dim as well as nats.
 BITS_PER_DIM_LIKELIHOODS = frozenset({"logistic256"})
+
+
+def bits_per_dim(log_likelihood: Any, input_dim: int) -> Any:
+    """Negative log-likelihood in nats -> bits per dimension (floats, arrays, tensors)."""
+    return -log_likelihood / (input_dim * math.log(2.0))
 
 
 def bits_per_dim_dim(dataset: str) -> int | None:

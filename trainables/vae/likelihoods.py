@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainables.vae.catalog import bits_per_dim  # noqa: F401 (the library's name for it too)
 from trainables.vae.registry import registrar
 
 LIKELIHOODS: dict[str, type["Likelihood"]] = {}
@@ -126,8 +127,3 @@ class DiscretizedLogistic256(Likelihood):
 
     def mean(self, params: tuple[Tensor, ...]) -> Tensor:
         return params[0]
-
-
-def bits_per_dim(log_likelihood: Tensor | float, input_dim: int) -> Tensor | float:
-    """Negative log-likelihood in nats -> bits per dimension."""
-    return -log_likelihood / (input_dim * math.log(2.0))
