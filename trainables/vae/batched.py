@@ -183,13 +183,16 @@ class BatchedTrainer:
         data = DeviceData.load(c0, splits, self.device, dtype)     # shared by the slots (SHARED_FIELDS)
         self.info, self.dynamic = data.info, data.dynamic
         self.x_train, self.x_val, self.x_test = data.train, data.val, data.test   # [N, D] each
+        # vamp_data models are built from training images on the CPU (slots, rebuilds, extracts
+        # for every logged image): one host copy, not one per build.
+        self._init_x = self.x_train.cpu() if self.configs[0].prior == "vamp_data" else self.x_train
 
         # Each slot's model and generators exactly as Trainer makes them (global seed, build).
         models, self.generators = [], []
         with torch.random.fork_rng(devices=[]):
             for c in self.configs:
                 torch.manual_seed(c.seed)
-                models.append(build_trial_model(c, self.info, self.x_train))
+                models.append(build_trial_model(c, self.info, self._init_x))
                 self.generators.append(run_generators(c.seed, self.device))
         self.Ks = [int(getattr(m.prior, "K", 0)) for m in models]
         for model in models:
@@ -209,9 +212,9 @@ class BatchedTrainer:
         del models
         self._terms = vmap(self._slot_terms, in_dims=(0, 0, 0, 0, 0))      # train: per-slot x, beta, noise
         self._eval_terms = vmap(self._slot_terms, in_dims=(0, 0, None, None, 0))   # validation: shared x
-        self.lr = torch.tensor([c.lr for c in self.configs], device=self.device, dtype=dtype)
+        lr = torch.tensor([c.lr for c in self.configs], device=self.device, dtype=dtype)   # [M]; the optimizer's
         self.optimizer = BatchedAdam(
-            self.params, self.lr, torch.tensor([c.optimizer == "adam_normgrad" for c in self.configs], device=self.device),
+            self.params, lr, torch.tensor([c.optimizer == "adam_normgrad" for c in self.configs], device=self.device),
             parts=ref_parts([(n, p) for n, p in named if n in trainable]))
         self.loss_weight = torch.ones(M, device=self.device, dtype=dtype)   # 0: a frozen slot (static)
         self._slot = torch.arange(M, device=self.device).unsqueeze(1)       # [M, 1]: x_epoch[slot, idx]
@@ -377,7 +380,7 @@ class BatchedTrainer:
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.configs[m].seed)
-            initial = build_trial_model(self.configs[m], self.info, self.x_train)
+            initial = build_trial_model(self.configs[m], self.info, self._init_x)
         self._write_slot(m, initial.state_dict(), self.stacked)
 
     @property
@@ -440,7 +443,7 @@ class BatchedTrainer:
         if not 0 <= m < self.M:
             raise IndexError(f"slot index {m} out of range for {self.M} slots")
         with torch.random.fork_rng(devices=[]):   # building draws an initialisation: not from our streams
-            model = build_trial_model(self.configs[m], self.info, self.x_train)
+            model = build_trial_model(self.configs[m], self.info, self._init_x)
         model = model.to(self.device, self.x_train.dtype)
         model.load_state_dict({k: v for k, v in self._slot_tensors(m, self.stacked).items()
                                if k in self.persistent}, strict=True)

@@ -42,16 +42,12 @@ from torch import Tensor
 from trainables.vae import catalog
 from trainables.vae.download import (  # noqa: F401 (re-exported: the data API in one import)
     CHECKSUM_KINDS,
-    DATA_DIR_ENV,
-    MIRROR_ENV,
-    STATES,
     CorruptFile,
     DataFile,
     FileState,
     bytes_digest,
     download_file,
     file_digest,
-    file_digests,
     file_state,
     locate,
     official_bytes,

@@ -31,7 +31,6 @@ from trainables.vae.errors import DataError
 DATA_DIR_ENV = "SWEEPER_DATA_DIR"
 MIRROR_ENV = "SWEEPER_DATA_MIRROR"
 CHECKSUM_KINDS = ("sha256", "md5", "git-blob-sha1")
-STATES = ("ok", "missing", "corrupt")
 DOWNLOAD_TIMEOUT_S = 60.0  # per socket operation, not for the whole file
 _CHUNK = 1 << 20
 

@@ -164,10 +164,6 @@ class MixturePrior(Prior):
             else:
                 setattr(self, name, new)
 
-    def unpadded(self, name: str, tensor: Tensor) -> Tensor:
-        """`tensor` (this prior's `name`, maybe padded) cut back to the model's own K components."""
-        return tensor[: self.K] if name in self.COMPONENT_TENSORS else tensor
-
     @contextlib.contextmanager
     def cached(self) -> Iterator[None]:
         # Evaluation calls log_prob thousands of times with the same pseudo-inputs: encode once.

@@ -132,12 +132,11 @@ class EpochDraws:
             # A Bernoulli draw per pixel: u < p.
             u = torch.rand(x_train.shape, device=x_train.device, dtype=x_train.dtype, generator=noise)
             images = u < x_train           # bool: a quarter of float32's memory until a batch is taken
-        eps = torch.randn(n, 1, noise_dim, device=x_train.device, dtype=x_train.dtype, generator=noise)
-        return EpochDraws(perm, images, eps)
+        return EpochDraws(perm, images, draw_noise(n, noise_dim, x_train, noise))
 
 
 def draw_noise(n: int, noise_dim: int, like: Tensor, generator: torch.Generator) -> Tensor:
-    """[n, 1, noise_dim] standard normal noise (the validation ELBO's)."""
+    """[n, 1, noise_dim] standard normal noise (an epoch's reparameterisation, the validation ELBO's)."""
     return torch.randn(n, 1, noise_dim, device=like.device, dtype=like.dtype, generator=generator)
 
 
@@ -225,9 +224,7 @@ class Trainer:
 
     # The run's counters (Progress) under Trainer's old names.
     epoch = property(lambda self: self.progress.epoch)
-    best_val_loss = property(lambda self: self.progress.best_val_loss)
     best_epoch = property(lambda self: self.progress.best_epoch)
-    bad_epochs = property(lambda self: self.progress.bad_epochs)
 
     @property
     def stop_reason(self) -> str | None:
