@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+import ray
 
 from trainables import tracking
 from trainables.vae.catalog import RESULT_RUN_ID
@@ -24,7 +25,10 @@ def store(tmp_path, shared_datasets, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     experiment_id = client.create_experiment("trainable")
-    return uri, client, experiment_id, client.create_run(experiment_id).info.run_id
+    ray_was_up = ray.is_initialized()
+    yield uri, client, experiment_id, client.create_run(experiment_id).info.run_id
+    if not ray_was_up and ray.is_initialized():
+        ray.shutdown()   # the trainable's Ray calls start one here: later tests start their own
 
 
 def test_a_trials_setup_leaves_no_trace_its_first_step_opens_its_run(store):
