@@ -84,9 +84,8 @@ def _run_for_failed_setup(args, trial, sweep_name: str) -> str:
     """A run for a trial that failed before opening its own (an error in its setup)."""
     tracking_uri, experiment_id, parent_run_id = args
     params = {k: v for k, v in trial.config.items() if not isinstance(v, dict)}
-    keys = (trial.config.get("sweeper") or {}).get("name_keys", ("prior",))
     run = tracking.open_trial_run(tracking_uri, experiment_id, parent_run_id, trial_id=trial.trial_id,
-                                  trial_name=tracking.run_name(trial.config, keys) or trial_name(trial),
+                                  trial_name=tracking.trial_run_name(trial.config, trial.trial_id),
                                   params=params, sweep_name=sweep_name)
     return run.run_id
 
@@ -150,10 +149,11 @@ class TimeLeftCallback(tune.Callback):
             return (running + waiting) * per_epoch / max(1, self.at_once) / 3600
 
         left = self.total - len(done)
-        text = f"time left: at most ~{_duration(hours(self.max_epochs))} (every trial to {self.max_epochs} epochs)"
+        at_most = _duration(hours(self.max_epochs))
+        text = f"time left: at most ~{at_most} (every trial to {self.max_epochs} epochs)"
         if self.expected is not None:
             text = (f"time left: ~{_duration(hours(self.expected))} expected with ASHA "
-                    f"(~{self.expected:.0f} epochs per trial), at most ~{_duration(hours(self.max_epochs))}")
+                    f"(~{self.expected:.0f} epochs per trial), at most ~{at_most}")
         return (f"{text}: {left} trial(s) to go, {per_epoch:.1f} s per epoch per trial, {self.at_once} at once; "
                 "early stopping can end trials sooner, test evaluations come on top")
 

@@ -4,7 +4,7 @@ own) into one clear message and an exit code, in one place (cli._Group)."""
 from __future__ import annotations
 
 # The library's errors (it imports nothing from here); re-exported so the sweeper has one place.
-from trainables.vae.errors import ConfigError, DataError, TrainingDiverged, VAEError  # noqa: F401
+from trainables.vae.errors import DataError, VAEError  # noqa: F401
 
 
 class SweeperError(Exception):

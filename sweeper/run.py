@@ -232,9 +232,9 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                 # Now that the cluster is known: can a trial ever get its resources?
                 spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
                                  cluster_resources=cluster)
-                _warn_concurrency(spec, cluster, echo)
-                return _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command,
-                            trials_at_once(spec, cluster))
+                at_once = trials_at_once(spec, cluster)
+                _warn_concurrency(spec, cluster, at_once, echo)
+                return _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command, at_once)
             finally:
                 ray.shutdown()
         except KeyboardInterrupt:
@@ -259,10 +259,10 @@ def trials_at_once(spec: SweepSpec, cluster: dict[str, float]) -> int:
     return max(1, min([spec.max_concurrent] + [int(f) for f in fits]))
 
 
-def _warn_concurrency(spec: SweepSpec, cluster: dict[str, float], echo: Callable[[str], None]) -> None:
-    """Say when max_concurrent asks for more trials at once than the cluster can run."""
+def _warn_concurrency(spec: SweepSpec, cluster: dict[str, float], at_once: int,
+                      echo: Callable[[str], None]) -> None:
+    """Say when max_concurrent asks for more trials at once (`at_once`) than the cluster can run."""
     cpu, gpu = spec.resources.cpu, spec.resources.gpu
-    at_once = trials_at_once(spec, cluster)
     if spec.max_concurrent > at_once:
         echo(f"note: max_concurrent is {spec.max_concurrent} but the cluster has room for {at_once} trial(s) "
              f"at once ({short(cluster.get('CPU', 0))} CPU, {short(cluster.get('GPU', 0))} GPU; each trial "
@@ -287,12 +287,11 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
             echo(f"closed {len(closed)} run(s) left RUNNING by the interrupted sweep as KILLED")
         parent.reopen()
         echo(f"resuming sweep {plan.sweep_id} (MLflow parent run {parent_id})")
-        interrupts.message = resumable
     else:
         parent = tracking.RunHandle(plan.tracking_uri, tracking.client(plan.tracking_uri).create_run(
             experiment_id, run_name=plan.sweep_id,
             tags={tracking.TAG_ROLE: tracking.ROLE_SWEEP, tracking.TAG_SWEEP: plan.sweep_id,
-                  "mlflow.note.content": spec.description or f"sweep {spec.name}"}).info.run_id)
+                  tracking.TAG_NOTE: spec.description or f"sweep {spec.name}"}).info.run_id)
         parent.log_params({"spec_file": spec_path.name, **tracking.flatten("", spec.to_dict())})
         if spec.search.algorithm == "optuna":
             from sweeper.search import study_storage_url
@@ -308,8 +307,8 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         }, indent=2))
         echo(f"sweep {plan.sweep_id}: {spec.total_trials} trial(s), MLflow experiment {spec.experiment!r} "
              f"at {plan.tracking_uri}, parent run {parent.run_id}")
-        # From here on an interrupt leaves a sweep to resume (sweep.json and the parent run exist).
-        interrupts.message = resumable
+    # From here on an interrupt leaves a sweep to resume (sweep.json and the parent run exist).
+    interrupts.message = resumable
 
     sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
                  "parent_run_id": parent.run_id, "sweep_name": plan.sweep_id,
@@ -374,7 +373,6 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         status = "FINISHED" if not outcome.errors else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
-        interrupts.message = resumable
         closed = tracking.close_stale_children(plan.tracking_uri, experiment_id, parent.run_id)
         parent.terminate("KILLED")
         raise SweepInterrupted(

@@ -12,13 +12,11 @@ from pathlib import Path
 from sweeper.errors import SweeperError
 from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one tracking module)
     ROLE_SWEEP,
-    ROLE_TRIAL,
     EXPERIMENT_KIND,
     TAG_ERRORS,
     TAG_EXPERIMENT_KIND,
     TAG_MODEL_ID,
     TAG_NOTE,
-    UI_QUERY,
     WEIGHTS_FILE,
     TAG_ORPHANED,
     TAG_PARENT,
@@ -33,10 +31,9 @@ from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one 
     client,
     find_child,
     flatten,
-    ll_histogram_figure,
     open_trial_run,
-    per_image_csv,
     run_name,
+    trial_run_name,
     ui_url,
 )
 

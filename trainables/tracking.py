@@ -44,6 +44,8 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 UI_QUERY = "?workflowType=machine_learning"
 WEIGHTS_FILE = "weights.pt"                    # the LoggedModel's file: torch.load(weights_only=True)
+# The key of a trial's Tune config that carries the sweep's bookkeeping, not training settings.
+SWEEP_KEY = "sweeper"
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,6 +98,8 @@ class RunHandle:
     tracking_uri: str
     run_id: str
     created: bool = False          # open_trial_run made it now (not found again)
+    experiment_id: str | None = None       # known to open_trial_run: saves a get_run where it is needed
+    has_dataset: bool = False              # the run records a dataset input (as open_trial_run found it)
 
     @property
     def client(self):
@@ -149,9 +153,6 @@ class RunHandle:
     def reopen(self) -> None:
         _with_retry(self.client.update_run, self.run_id, status="RUNNING")
 
-    def has_dataset_input(self) -> bool:
-        return bool(_with_retry(self.client.get_run, self.run_id).inputs.dataset_inputs)
-
     def log_dataset(self, name: str, digest: str, source: Mapping[str, Any], profile: Mapping[str, Any],
                     tags: Mapping[str, Any]) -> None:
         """The run's training data as an MLflow dataset input (the UI's Datasets column). MLflow
@@ -189,6 +190,12 @@ def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
     return (f"{page}/runs/{run_id}" if run_id else f"{page}/runs") + UI_QUERY
 
 
+def trial_run_name(config: Mapping[str, Any], trial_id: str) -> str:
+    """A trial's run name from its Tune config (the sweep's `name_keys`), else `trial_<id>`."""
+    keys = (config.get(SWEEP_KEY) or {}).get("name_keys", ("prior",))
+    return run_name(config, keys) or f"trial_{trial_id}"
+
+
 def run_name(config: Mapping[str, Any], keys: Sequence[str]) -> str:
     """What a trial is, short: 'vamp K=13 lr=2.3e-3 seed=0' from its values of `keys` (words
     as they are, numbers to 2 significant digits); a None value (does not apply) is left out."""
@@ -223,7 +230,8 @@ def open_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, tr
     Tune trial id is a tag; `trial_name` says what the trial is)."""
     existing = find_child(tracking_uri, experiment_id, parent_run_id, trial_id)
     if existing is not None:
-        handle = RunHandle(tracking_uri, existing.info.run_id)
+        handle = RunHandle(tracking_uri, existing.info.run_id, experiment_id=experiment_id,
+                           has_dataset=bool(existing.inputs.dataset_inputs))
         handle.reopen()
         if existing.data.tags.get(TAG_STOP) == STOP_ERROR:    # retried by Tune: it runs again
             for key in (TAG_STOP, "stop_detail"):
@@ -233,7 +241,7 @@ def open_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, tr
     if description:
         tags[TAG_NOTE] = description
     run = _with_retry(client(tracking_uri).create_run, experiment_id, run_name=trial_name, tags=tags)
-    handle = RunHandle(tracking_uri, run.info.run_id, created=True)
+    handle = RunHandle(tracking_uri, run.info.run_id, created=True, experiment_id=experiment_id)
     handle.log_params(params)
     return handle
 

@@ -25,11 +25,10 @@ from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.data import dataset_digest
 from trainables.vae.evaluate import display_grid
+from trainables.tracking import SWEEP_KEY
 from trainables.vae.catalog import RESULT_RUN_ID, STOP_ERROR, STOP_NAN, STOP_SCHEDULER
 from trainables.vae.train import Trainer, final_evaluation
 
-# The key of the trial config that carries sweep bookkeeping, not training settings.
-SWEEP_KEY = "sweeper"
 CHECKPOINT_FILE = "trainer.pt"
 N_GRID_IMAGES = 100
 
@@ -84,14 +83,14 @@ def _open_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, config: di
     """The trial's MLflow run, named for what the trial is; a new one records its dataset."""
     if not sweep.get("tracking_uri"):
         return None
-    name = tracking.run_name(config, sweep.get("name_keys", ("prior",))) or f"trial_{trial_id}"
+    name = tracking.trial_run_name(config, trial_id)
     run = tracking.open_trial_run(
         sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial_id=trial_id, trial_name=name,
         params=cfg.to_dict(), sweep_name=sweep.get("sweep_name", ""),
         description=f"{name}: trial {trial_id} of sweep {sweep.get('sweep_name', '')}. {IMAGES_NOTE}")
     # Which node ran the trial (the last one, if a retry moved it): for cluster debugging.
     run.set_tags({"sweeper.node_id": ray.get_runtime_context().get_node_id()})
-    if run.created or not run.has_dataset_input():   # a first attempt may have died before it
+    if not run.has_dataset:   # new, or a first attempt died before it logged its dataset
         log_dataset_input(run, cfg)
     return run
 
@@ -165,7 +164,7 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
         step = trainer.epoch
         cfg = trainer.config
         _log_final_images(run, trainer, step)
-        run.log_weights(run.client.get_run(run.run_id).info.experiment_id,
+        run.log_weights(run.experiment_id or run.client.get_run(run.run_id).info.experiment_id,
                         {"state_dict": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
                          "config": cfg.to_dict(), "best_epoch": trainer.best_epoch or step},
                         name=f"{cfg.dataset}-{cfg.model}-{cfg.prior}", step=step,
@@ -264,7 +263,7 @@ class VAETrainable(tune.Trainable):
         self.run = _open_run(self.sweep, self.trial_id, self.cfg, self.config_dict)
         # Epochs already in the run's history: a retried trial replays those after its checkpoint
         # (or all of them, when it had none yet), and they are not logged twice.
-        self.logged_through = self.run.last_step("epoch") if self.run is not None else 0
+        self.logged_through = self.run.last_step("epoch") if self.run is not None and not self.run.created else 0
         if self.run is not None and self.logged_through == 0 and self.cfg.image_every:
             # At initialisation: step 0 of the UI's slider (again, the same image, for a retry
             # from scratch whose first attempt died before its first epoch).
