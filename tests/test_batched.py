@@ -215,7 +215,8 @@ def test_every_slot_sees_every_image_once_per_epoch_in_its_own_order():
 def test_early_stopping_is_per_slot_and_finish_restores_each_best_epoch(monkeypatch):
     trainer = BatchedTrainer([config(seed=0, early_stopping=2), config(seed=1, max_epochs=6)],
                              synthetic(100), "cpu")
-    scripted = iter([(10.0, 10.0), (9.0, 11.0), (11.0, 8.0), (12.0, 9.0), (5.0, 7.0), (5.0, 7.5)])
+    # slot 0 (patience 2, REF: stops at the 3rd epoch without a new best): best 2, stops after 5
+    scripted = iter([(10.0, 10.0), (9.0, 11.0), (11.0, 8.0), (12.0, 9.0), (9.5, 7.0), (5.0, 7.5)])
 
     def fake_val(x, noise, batch_size=1000):
         return torch.tensor([[-v, 0.0, 0.0] for v in next(scripted)])
@@ -227,9 +228,9 @@ def test_early_stopping_is_per_slot_and_finish_restores_each_best_epoch(monkeypa
         history.append(trainer.step())
         snapshots[trainer.epoch] = [trainer.extract(m).state_dict() for m in range(2)]
     assert trainer.stop_reason == [STOP_EARLY, STOP_COMPLETED]
-    assert history[3][0]["stop_reason"] == STOP_EARLY and history[4][0] is None
+    assert history[4][0]["stop_reason"] == STOP_EARLY and history[5][0] is None
     assert [p.best_epoch for p in trainer.progress] == [2, 5]
-    assert torch.equal(snapshots[4][0]["prior.pseudo_params"], snapshots[6][0]["prior.pseudo_params"])  # frozen
+    assert torch.equal(snapshots[5][0]["prior.pseudo_params"], snapshots[6][0]["prior.pseudo_params"])  # frozen
     trainer.finish()
     for m, p in enumerate(trainer.progress):
         for k, v in trainer.extract(m).state_dict().items():

@@ -1,13 +1,14 @@
 """Training on real static MNIST subsets: learning, early stopping, determinism, NaN, checkpoints."""
 
 import math
+import random
 
 import pytest
 import torch
 
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import load_dataset
-from trainables.vae.train import STOP_EARLY, STOP_NAN, Trainer, kl_weight, train
+from trainables.vae.train import STOP_EARLY, STOP_NAN, Progress, Trainer, kl_weight, train
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,77 @@ def test_absurd_learning_rate_stops_with_the_nan_reason(mnist):
     assert "nan" in trainer.stop_detail and "learning rate" in trainer.stop_detail
 
 
-def test_early_stopping_counts_after_warmup_and_restores_the_best_epoch(mnist, monkeypatch):
-    """Scripted validation losses: the best is epoch 3 (the first at beta = 1 is epoch 2)."""
-    scripted = iter([100.0, 50.0, 60.0, 40.0, 45.0, 47.0, 41.0])  # epochs 1..7
-    trainer = Trainer(small(warmup=2, early_stopping=3, max_epochs=50), mnist)
+def ref_early_stopping(losses, warmup, patience):
+    """REF's loop (utils/perform_experiment.py), transcribed: (best epoch, last epoch trained)."""
+    best_loss, e, best_epoch, epoch = 100000.0, 0, None, 0
+    for epoch, val_loss in enumerate(losses, start=1):
+        if val_loss < best_loss:
+            e, best_loss, best_epoch = 0, val_loss, epoch
+        else:
+            e += 1
+            if epoch < warmup:
+                e = 0
+            if e > patience:
+                break
+    return best_epoch, epoch
+
+
+def run_progress(losses, **kw):
+    """Our Progress fed a sequence of validation losses: (best epoch, last epoch, stop reason)."""
+    config = TrainConfig.from_dict({"max_epochs": len(losses), **kw})
+    progress = Progress()
+    for loss in losses:
+        progress.epoch += 1
+        beta = kl_weight(progress.epoch, config.warmup)
+        progress.update({"beta": beta, "train_loss": 1.0, "val_loss": loss}, config)
+        if progress.stop_reason is not None:
+            break
+    return progress.best_epoch, progress.epoch, progress.stop_reason
+
+
+@pytest.mark.parametrize("losses,warmup,patience,best,last", [
+    # The best epoch lies inside the warm-up: it stays the best; the counter is held at 0 until
+    # epoch 5 (= warmup), then grows 1, 2, 3 > 2: stop after epoch 7.
+    ([10, 5, 6, 7, 8, 9, 9, 9, 9, 9], 5, 2, 2, 7),
+    # The off-by-one: patience 2 stops at the 3rd epoch in a row without a new best, not the 2nd.
+    ([5, 6, 6, 6, 6, 6], 0, 2, 1, 4),
+    # Without a warm-up the first epoch is best; an equal loss is not a new best.
+    ([5, 5, 5, 4, 4, 4, 4, 4], 0, 2, 4, 7),
+    # A new best resets the counter; the last epochs count from it.
+    ([9, 8, 9, 9, 7, 8, 8, 8, 8], 1, 2, 5, 8),
+])
+def test_early_stopping_follows_ref_on_hand_written_losses(losses, warmup, patience, best, last):
+    assert ref_early_stopping(losses, warmup, patience) == (best, last)
+    reason = STOP_EARLY if last < len(losses) else "completed"
+    assert run_progress(losses, warmup=warmup, early_stopping=patience) == (best, last, reason)
+
+
+def test_early_stopping_equals_ref_on_random_losses():
+    rng = random.Random(0)
+    for _ in range(500):
+        warmup, patience = rng.randint(0, 8), rng.randint(1, 5)
+        losses = [rng.choice([1.0, 2.0, 3.0]) * rng.random() + 10 for _ in range(rng.randint(1, 30))]
+        best, last = ref_early_stopping(losses, warmup, patience)
+        assert run_progress(losses, warmup=warmup, early_stopping=patience)[:2] == (best, last), losses
+
+
+def test_best_after_warmup_lets_only_full_kl_epochs_be_best():
+    losses = [1, 2, 3, 4, 5, 6, 7, 8]
+    # REF: epoch 1 is best; the counter starts at epoch 3 (= warmup) and passes 2 at epoch 5.
+    assert run_progress(losses, warmup=3, early_stopping=2) == (1, 5, STOP_EARLY)
+    # Not REF (the option): epochs 1 and 2 (beta < 1) cannot be best; epoch 3 is, the run stops at 6.
+    assert run_progress(losses, warmup=3, early_stopping=2, best_after_warmup=True) == (3, 6, STOP_EARLY)
+
+
+def test_early_stopping_zero_turns_it_off():
+    assert run_progress([1, 2, 3, 4, 5, 6], warmup=0, early_stopping=0) == (1, 6, "completed")
+
+
+def test_early_stopping_restores_a_best_epoch_inside_the_warmup(mnist, monkeypatch):
+    """Scripted validation losses: the best is epoch 2 (beta 0.5), inside the warm-up (REF)."""
+    scripted = iter([100.0, 30.0, 60.0, 50.0, 45.0, 47.0, 41.0, 42.0])  # epochs 1..8
+    trainer = Trainer(small(warmup=4, early_stopping=3, max_epochs=50), mnist)
+
     def fake_val(x, noise=None):
         loss = next(scripted)
         return {"loss": loss, "elbo": -loss, "rec": 0.0, "kl": 0.0}
@@ -67,13 +135,12 @@ def test_early_stopping_counts_after_warmup_and_restores_the_best_epoch(mnist, m
     while not trainer.done:
         trainer.step()
         snapshots[trainer.epoch] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    # epoch 1 (beta 0.5) is never "best" even though nothing came before it; epoch 4 is the best
-    # (40.0); epochs 5, 6, 7 are 3 bad epochs in a row -> stop after epoch 7.
+    # Epoch 3 is held at 0 (3 < warmup); epochs 4, 5, 6, 7 count 1..4 > 3: stop after epoch 7.
     assert trainer.stop_reason == STOP_EARLY and trainer.epoch == 7
-    assert trainer.best_epoch == 4
+    assert trainer.best_epoch == 2
     trainer.finish()
     restored = trainer.model.state_dict()
-    assert all(torch.equal(restored[k], snapshots[4][k]) for k in restored)
+    assert all(torch.equal(restored[k], snapshots[2][k]) for k in restored)
     assert not all(torch.equal(restored[k], snapshots[7][k]) for k in restored)
 
 
@@ -114,3 +181,22 @@ def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ConfigError, match=r"K: expected an integer"):
         TrainConfig.from_dict({"K": 2.5})
     assert math.isclose(TrainConfig.from_dict({"lr": "1e-3"}).lr, 1e-3)
+
+
+def test_final_evaluation_is_a_function_of_the_run_not_of_the_global_generator(mnist):
+    from trainables.vae.train import final_evaluation
+
+    trainer = train(small(max_epochs=1, warmup=0), mnist)
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)          # another process's state: must not matter
+        results.append(final_evaluation(trainer, samples=20))
+    a, b = results
+    assert a["test_ll"] == b["test_ll"] and a["test_elbo"] == b["test_elbo"]
+    assert torch.equal(a["per_image_ll"], b["per_image_ll"])
+    assert a["best_epoch"] == 1 and a["best_val_elbo"] == -trainer.progress.best_val_loss
+    # The samples do come from the run's seed: another seed's generator gives another estimate.
+    other = Trainer(small(max_epochs=1, warmup=0, seed=1), mnist)
+    other.model.load_state_dict(trainer.model.state_dict())
+    other.progress = trainer.progress
+    assert final_evaluation(other, samples=20)["test_ll"] != a["test_ll"]

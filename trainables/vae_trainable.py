@@ -11,6 +11,7 @@ kills a stopping actor after a timeout, so a long test LL cannot run in `cleanup
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,7 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
         run.log_figure(tracking.ll_histogram_figure(per_image.tolist(), f"{cfg.dataset} / {cfg.model} / {cfg.prior}"),
                        "test_ll_histogram.png")
         # test_ll last: a run that has it has everything (an interrupted evaluation is redone on resume).
-        run.log_metrics({**final, "best_epoch": trainer.best_epoch or step}, step=step)
+        run.log_metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))}, step=step)
         run.set_tags({tracking.TAG_STOP: reason, "stop_detail": trainer.stop_detail})
         run.terminate("FINISHED")
     return out

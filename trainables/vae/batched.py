@@ -405,7 +405,7 @@ class BatchedTrainer:
         return max(self.epochs)
 
     def finish(self) -> None:
-        """Restore each slot's best validation weights (slots without a beta = 1 epoch keep theirs)."""
+        """Restore each slot's best validation weights (a slot with no best epoch yet keeps its own)."""
         for m in range(self.M):
             if self.progress[m].best_epoch is not None:
                 self._restore(m)

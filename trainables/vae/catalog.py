@@ -45,7 +45,8 @@ METRIC_EPOCH_SECONDS = "epoch_seconds"
 # At the end of a trial.
 METRIC_TEST_LL = "test_ll"                  # nats, importance sampling with test_samples
 METRIC_TEST_BPD = "test_bits_per_dim"       # gray data
-METRIC_BEST_EPOCH = "best_epoch"
+METRIC_BEST_EPOCH = "best_epoch"            # the epoch whose weights were tested
+METRIC_BEST_VAL_ELBO = "best_val_elbo"      # the validation ELBO at best_epoch: what the tool chooses on
 # A trial's Tune results also carry its MLflow run id (the searcher links its study trial to it).
 RESULT_RUN_ID = "mlflow_run_id"
 

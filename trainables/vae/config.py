@@ -30,7 +30,9 @@ class TrainConfig:
     batch_size: int = 100              # REF: 100
     max_epochs: int = 1000             # SEED: 1000, REF: 2000
     warmup: int = 100                  # KL warm-up epochs: beta = min(1, epoch / warmup)
-    early_stopping: int = 50           # patience in epochs after warm-up; 0 turns it off
+    early_stopping: int = 50           # REF's patience: stop after more than this many epochs in a row
+                                       # without a new best, counted from the end of the warm-up; 0: off
+    best_after_warmup: bool = False    # not REF: only epochs at full KL weight (beta = 1) may be best
     optimizer: str = "adam"            # "adam" or REF's "adam_normgrad" (unit-norm gradients)
     fixed_pseudo_inputs: bool = False  # vamp_data only: keep the K training images fixed
     prob_clamp: float = 0.0            # binary data: p(x_d=1) kept in [eps, 1-eps] (REF: 1e-5); 0: exact

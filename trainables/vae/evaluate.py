@@ -33,9 +33,12 @@ def _rows_per_pass(model: LatentVariableModel, device: torch.device, memory_mb: 
 
 @torch.no_grad()
 def log_likelihood(model: LatentVariableModel, x: Tensor, samples: int = 5000, *,
-                   memory_mb: int | None = None, compile: bool = False) -> Tensor:
+                   memory_mb: int | None = None, compile: bool = False,
+                   generator: torch.Generator | None = None) -> Tensor:
     """Importance-sampled log p(x) in nats, [N]: logsumexp_s log w_s - log S, z_s ~ q(z|x).
 
+    `generator` (on x's device) draws the samples' noise, so the estimate is a function of the
+    model, x and the generator's seed alone (default: torch's global generator).
     `compile=True` (CUDA only) fuses each pass's element-wise work with torch.compile; every
     pass then has the same shape (the last images are padded), so it compiles once.
     """
@@ -59,7 +62,9 @@ def log_likelihood(model: LatentVariableModel, x: Tensor, samples: int = 5000, *
                 parts = []
                 for s in range(0, samples, samples_per_pass):
                     n = min(samples_per_pass, samples - s)
-                    log_w = log_weights(xb, n)                        # [b, n]
+                    noise = (torch.randn(xb.shape[0], n, model.noise_dim, device=x.device, dtype=x.dtype,
+                                         generator=generator) if generator is not None else None)
+                    log_w = log_weights(xb, n, noise)                 # [b, n]
                     parts.append(torch.logsumexp(log_w, dim=1))
                 ll = torch.logsumexp(torch.stack(parts, 1), 1) - math.log(samples)
                 out[i:i + b] = ll[:b]
@@ -73,15 +78,15 @@ def _compiled_or_eager(model: LatentVariableModel):
     compiled = torch.compile(model.importance_log_weights, dynamic=False)
     state = {"fn": compiled}
 
-    def call(x: Tensor, samples: int) -> Tensor:
+    def call(x: Tensor, samples: int, noise: Tensor | None = None) -> Tensor:
         try:
-            return state["fn"](x, samples)
+            return state["fn"](x, samples, noise)
         except Exception as exc:  # inductor raises many types; eager gives the same numbers
             if state["fn"] is not compiled:
                 raise
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using eager mode", stacklevel=2)
             state["fn"] = model.importance_log_weights
-            return state["fn"](x, samples)
+            return state["fn"](x, samples, noise)
 
     return call
 

@@ -136,9 +136,10 @@ class LatentVariableModel(nn.Module):
         """The ELBO terms (`elbo`): what `torch.func.functional_call` runs for batched training."""
         return self.elbo(x, beta, noise)
 
-    def importance_log_weights(self, x: Tensor, samples: int) -> Tensor:
-        """log p(x, z_s) - log q(z_s | x) for S samples z_s ~ q(z|x): [B, S]."""
-        d = self.log_densities(x, samples)
+    def importance_log_weights(self, x: Tensor, samples: int, noise: Tensor | None = None) -> Tensor:
+        """log p(x, z_s) - log q(z_s | x) for S samples z_s ~ q(z|x): [B, S]. `noise`
+        [B, S, noise_dim] fixes the samples (default: drawn from the global generator)."""
+        d = self.log_densities(x, samples, noise)
         return d.log_p_x + d.log_p_z - d.log_q_z
 
     def latent_means(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract

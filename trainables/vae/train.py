@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from trainables.vae.catalog import STOP_COMPLETED, STOP_EARLY, STOP_NAN
+from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, STOP_COMPLETED, STOP_EARLY,
+                                    STOP_NAN)
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, load_dataset
 from trainables.vae.errors import ConfigError, TrainingDiverged
@@ -28,6 +29,7 @@ from trainables.vae.model import REF_PARTS, LatentVariableModel, build_model
 
 SUBSET_SEED = 1234   # train/val/test_subset draw the same images in every trial
 NOISE_SEED_OFFSET = 0x5EED   # the noise generator's seed is the trial's seed + this (the order's is the seed)
+EVAL_SEED_OFFSET = 0xE7A1    # the final evaluation's generator: the trial's seed + this
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,9 +144,16 @@ def draw_noise(n: int, noise_dim: int, like: Tensor, generator: torch.Generator)
 
 @dataclass
 class Progress:
-    """A run's epoch count and how it stops: the NaN guard, early stopping (REF: only epochs at
-    full KL weight count, patience `early_stopping`), max epochs. The single trainer and every
-    slot of a batched trainer keep one each; `update` is the whole rule."""
+    """A run's epoch count and how it stops: the NaN guard, REF's early stopping, max epochs.
+
+    REF's rule (utils/perform_experiment.py), after every epoch: an epoch whose validation loss
+    (the full negative ELBO, beta = 1 also during the warm-up) is the lowest so far is the new
+    best, warm-up epochs included, and resets the patience counter; any other epoch adds one to
+    the counter, which is held at 0 while epoch < warmup; the run stops when the counter exceeds
+    `early_stopping` (the 51st epoch in a row without a new best, for 50). `best_after_warmup`
+    (not REF) lets only epochs at full KL weight be best. The single trainer and every slot of a
+    batched trainer keep one each; `update` is the whole rule.
+    """
 
     epoch: int = 0
     best_val_loss: float = math.inf
@@ -162,13 +171,16 @@ class Progress:
             self.stop_reason = STOP_NAN
             self.stop_detail = (f"{' and '.join(bad)} became {metrics[bad[0]]} at epoch {self.epoch} "
                                 f"(lr={config.lr}); lower the learning rate")
-        elif metrics["beta"] >= 1.0:     # REF: warm-up epochs never look "best"
-            if metrics["val_loss"] < self.best_val_loss:
+        else:
+            candidate = not config.best_after_warmup or metrics["beta"] >= 1.0
+            if candidate and metrics["val_loss"] < self.best_val_loss:
                 self.best_val_loss, self.best_epoch, self.bad_epochs = metrics["val_loss"], self.epoch, 0
                 improved = True
+            elif self.epoch < config.warmup:
+                self.bad_epochs = 0               # REF: the counter is held at 0 during the warm-up
             else:
                 self.bad_epochs += 1
-                if config.early_stopping and self.bad_epochs >= config.early_stopping:
+                if config.early_stopping and self.bad_epochs > config.early_stopping:
                     self.stop_reason = STOP_EARLY
                     self.stop_detail = (f"no better validation loss for {self.bad_epochs} epochs; "
                                         f"best {self.best_val_loss:.3f} at epoch {self.best_epoch}")
@@ -315,7 +327,7 @@ class Trainer:
         return self.stop_reason is not None
 
     def finish(self) -> None:
-        """Restore the weights of the best validation epoch (if any epoch ran at beta = 1)."""
+        """Restore the weights of the best validation epoch (if there is one)."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
 
@@ -467,19 +479,35 @@ def train(config: TrainConfig, splits: Splits | None = None, device: torch.devic
     return trainer
 
 
+def evaluation_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator a run's final evaluation draws from (importance samples, test ELBO noise)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + EVAL_SEED_OFFSET)
+    return generator
+
+
 def final_evaluation(trainer: Trainer, samples: int | None = None) -> dict[str, Any]:
     """Test log-likelihood (nats; bits/dim for gray data), test ELBO, active units, per-image LL."""
     from trainables.vae.evaluate import active_units, log_likelihood
     from trainables.vae.likelihoods import bits_per_dim
 
     S = samples or trainer.config.test_samples
+    # Its own generator, seeded from the run's seed: the test LL is a function of the trial's
+    # configuration, whichever process (a pooled trial's, a Ray task's) evaluates it.
+    generator = evaluation_generator(trainer.config.seed, trainer.device)
     t0 = time.perf_counter()
     # On a GPU the fused (compiled) passes are ~1.5x faster: 1.6 s for 10,000 images x 5000 on an H200.
-    ll = log_likelihood(trainer.model, trainer.x_test, S, compile=trainer.device.type == "cuda")  # [N]
+    ll = log_likelihood(trainer.model, trainer.x_test, S, compile=trainer.device.type == "cuda",
+                        generator=generator)                                           # [N]
     seconds = time.perf_counter() - t0
-    test = trainer.evaluate_elbo(trainer.x_test)
+    test = trainer.evaluate_elbo(trainer.x_test, draw_noise(trainer.x_test.shape[0], trainer.model.noise_dim,
+                                                            trainer.x_test, generator))
     units = active_units(trainer.model, trainer.x_test)
+    best = trainer.progress
     out: dict[str, Any] = {
+        METRIC_BEST_EPOCH: best.best_epoch or trainer.epoch,
+        # The validation ELBO of the tested (restored) weights: what a sweep chooses on.
+        METRIC_BEST_VAL_ELBO: -best.best_val_loss if best.best_epoch is not None else float("nan"),
         "test_ll": float(ll.mean()),
         "test_elbo": test["elbo"],
         "test_rec": test["rec"],
