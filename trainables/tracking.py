@@ -6,23 +6,40 @@ their working directory. A child run is found again by its trial id, so retries,
 and resumed sweeps continue the same run instead of creating duplicates. The driver's side
 (experiments, parent runs, closing and tagging runs after a crash, the UI) is sweeper/tracking.py,
 which builds on this module.
+
+A trial's per-epoch metrics and images go through its run's outbox: a queue that one background
+thread per run sends in order, retrying while the server says "not now", so that a trial (and
+the GPU pool it belongs to) never waits for the tracking server. What the server has not
+acknowledged yet is a plain list (`RunHandle.unacknowledged`) that the trial keeps in its
+checkpoint and sends again when it is restored (`RunHandle.resume`): re-sending is idempotent
+(a metric with the same key, step, timestamp and value is one row; an image goes to the same
+file), so nothing is lost when a trial ends, is killed or resumes, and nothing is stored twice.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
 import functools
 import io
 import json
+import logging
 import math
+import random
+import re
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from trainables.vae.catalog import STOP_ERROR
+
+_logger = logging.getLogger(__name__)
 
 TAG_PARENT = "mlflow.parentRunId"
 TAG_TRIAL = "sweeper.trial_id"
@@ -56,24 +73,59 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def _with_retry(fn, *args, attempts: int = 8, transient: tuple[str, ...] = ("locked",), **kwargs):
-    """sqlite allows one writer at a time: retry briefly when the database is locked (or on
-    another error named in `transient`)."""
-    for i in range(attempts):
+# Answers that mean "not now" rather than "no", retried with backoff (matched in the lower-cased
+# message): sqlite's one writer at a time (directly, or behind a server); a server whose
+# SQLAlchemy pool is exhausted (HTTP 400 "QueuePool limit ... timed out", which MLflow's client
+# does not retry); a database that refuses or drops connections (PostgreSQL's max_connections,
+# a restart); the store's OperationalError (TEMPORARILY_UNAVAILABLE, HTTP 503), 429s and 5xx
+# answers, timeouts and connection errors once MLflow's own HTTP retries gave up.
+TRANSIENT = ("locked", "queuepool limit", "temporarily_unavailable", "request_limit_exceeded",
+             "failed with exception", "failed with timeout exception", "failed with error code 5",
+             "failed with error code 429", "too many connections", "remaining connection slots",
+             "the database system is starting up", "the database system is shutting down",
+             "server closed the connection", "could not connect to server", "connection refused")
+# MlflowException error codes that say the same (a REST answer with a JSON body has no message text for it).
+TRANSIENT_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+# How long one call is retried before the trial fails: long enough for the tracking server or its
+# database to restart.
+RETRY_S = 600.0
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 10.0     # backoff: the first wait, the longest wait
+
+
+def is_transient(exc: BaseException, transient: Sequence[str] = ()) -> bool:
+    """Whether `exc` from an MLflow call is worth retrying: see TRANSIENT (plus `transient`)."""
+    if getattr(exc, "error_code", None) in TRANSIENT_CODES:
+        return True
+    message = str(exc).lower()
+    return any(t in message for t in (*TRANSIENT, *transient))
+
+
+def _with_retry(fn: Callable[..., Any], *args, transient: Sequence[str] = (), retry_s: float = RETRY_S,
+                **kwargs) -> Any:
+    """fn(*args, **kwargs), retried with jittered exponential backoff for up to `retry_s` seconds
+    while it fails transiently (`is_transient`; `transient` adds messages for this call)."""
+    start = time.monotonic()
+    for attempt in range(10**6):
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # mlflow wraps sqlalchemy's OperationalError in MlflowException
-            message = str(exc).lower()
-            if not any(t in message for t in transient) or i == attempts - 1:
+        except Exception as exc:  # mlflow wraps the store's and the HTTP layer's errors in MlflowException
+            waited = time.monotonic() - start
+            if not is_transient(exc, transient) or waited >= retry_s:
                 raise
-            time.sleep(0.05 * 2**i)
+            if attempt == 3:   # a slow server should be visible, not only in the trial's pace
+                _logger.warning("MLflow answered %s: %s; retrying for up to %.0f s", type(exc).__name__,
+                                str(exc)[:300], retry_s - waited)
+            # Full jitter: the trials of a pool that failed together do not retry together.
+            delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2**attempt) * random.uniform(0.5, 1.0)
+            time.sleep(max(0.0, min(delay, retry_s - waited)))
+    raise AssertionError("unreachable")
 
 
 # MLflow's log_inputs reads whether the experiment has the dataset, then inserts it: trials that
 # start together race, and the loser's insert breaks the unique (experiment, name, digest) key
 # (sqlite: "UNIQUE constraint failed", PostgreSQL/MySQL: "duplicate key"/"Duplicate entry").
 # Its transaction is rolled back whole; tried again, it finds the winner's row.
-DATASET_RACE = ("locked", "unique constraint", "duplicate key", "duplicate entry")
+DATASET_RACE = ("unique constraint", "duplicate key", "duplicate entry")
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -91,67 +143,309 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
 
 
+# A trial's queued writes, at most (bytes): a server this far behind makes logging block (back-
+# pressure) instead of growing the trial's memory without bound.
+QUEUE_BYTES = 64 * 2**20
+BATCH_METRICS = 1000            # MLflow's limit of metrics per log_batch: queued epochs go out together
+TAG_LOGGED_IMAGES = "mlflow.loggedImages"     # MLflow's tag: the run has step-indexed images
+_IMAGE_NAME = re.compile(r"^(?P<key>.+)\+step\+(?P<step>\d+)\+timestamp\+\d+\+[^+]+\.png$")
+
+
+class TrackingError(RuntimeError):
+    """A queued write could not be logged (a permanent error, or a server unreachable for RETRY_S)."""
+
+
+def _write_bytes(write: Mapping[str, Any]) -> int:
+    if write["kind"] == "image":
+        return int(write["image"].nbytes) + 200
+    return 100 * len(write["metrics"])
+
+
+class _Outbox:
+    """One run's writes in order, sent by one background thread; a write leaves the queue only
+    when the server acknowledged it. Writes are plain dicts (picklable, for checkpoints):
+    {"kind": "metrics", "metrics": [(key, value, timestamp_ms, step), ...]} and
+    {"kind": "image", "key", "step", "timestamp", "uuid", "image": uint8 array}."""
+
+    def __init__(self, tracking_uri: str, run_id: str, retry_s: float):
+        self.tracking_uri, self.run_id, self.retry_s = tracking_uri, run_id, retry_s
+        self._cond = threading.Condition()
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._bytes = 0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._images_tagged = False
+        self._closed = False
+        self.images: set[tuple[str, int]] = set()   # (key, step) queued or stored: logged once
+
+    def put(self, write: dict[str, Any]) -> None:
+        size = _write_bytes(write)
+        with self._cond:
+            # Back-pressure: wait while the queue is full (one write always fits, however large).
+            while self._queue and self._bytes + size > QUEUE_BYTES and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._queue.append(write)
+            self._bytes += size
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"mlflow-outbox-{self.run_id[:8]}",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def unacknowledged(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return list(self._queue)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued write is acknowledged (True) or `timeout_s` passed (False)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue and self._error is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            self._raise()
+            return True
+
+    def close(self) -> None:
+        """The thread ends once the queue is empty (what is still queued is still sent)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise TrackingError(f"MLflow run {self.run_id} on {self.tracking_uri}: {len(self._queue)} queued "
+                                f"write(s) could not be logged: {self._error}") from self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    self._thread = None
+                    return
+                batch = self._next_batch()
+            try:
+                self._send(batch)
+            except BaseException as exc:   # kept for the trial's next call to raise; the writes stay queued
+                with self._cond:
+                    self._error = exc
+                    self._thread = None
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                for _ in batch:
+                    self._bytes -= _write_bytes(self._queue.popleft())
+                self._cond.notify_all()
+
+    def _next_batch(self) -> list[dict[str, Any]]:
+        """The queue's first write, and the metrics writes right after a metrics write (one request)."""
+        batch = [self._queue[0]]
+        if batch[0]["kind"] == "metrics":
+            count = len(batch[0]["metrics"])
+            for write in list(self._queue)[1:]:
+                if write["kind"] != "metrics" or count + len(write["metrics"]) > BATCH_METRICS:
+                    break
+                batch.append(write)
+                count += len(write["metrics"])
+        return batch
+
+    def _send(self, batch: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric
+
+        mlflow_client = client(self.tracking_uri)
+        if batch[0]["kind"] == "metrics":
+            metrics = [Metric(k, v, ts, step) for write in batch for (k, v, ts, step) in write["metrics"]]
+            _with_retry(mlflow_client.log_batch, self.run_id, metrics=metrics, retry_s=self.retry_s)
+            return
+        from mlflow.tracking.multimedia import compress_image_size, convert_to_pil_image
+
+        (write,) = batch
+        # MLflow's own file names for a step-indexed image (MlflowClient.log_image), with the
+        # timestamp and uuid fixed when the write was queued: a re-send overwrites the same files.
+        name = (f"{write['key'].replace('/', '~')}+step+{write['step']}+timestamp+{write['timestamp']}"
+                f"+{write['uuid']}")
+        image = convert_to_pil_image(write["image"])
+        with tempfile.TemporaryDirectory(prefix="sweeper-image-") as folder:
+            image.save(Path(folder) / f"{name}.png")
+            compress_image_size(image).save(Path(folder) / f"{name}+compressed.webp")
+            _with_retry(mlflow_client.log_artifacts, self.run_id, folder, "images", retry_s=self.retry_s)
+        if not self._images_tagged:
+            _with_retry(mlflow_client.set_tag, self.run_id, TAG_LOGGED_IMAGES, True, retry_s=self.retry_s)
+            self._images_tagged = True
+
+
+_OUTBOXES: dict[tuple[str, str], _Outbox] = {}
+_OUTBOXES_LOCK = threading.Lock()
+
+
+def _outbox(tracking_uri: str, run_id: str, retry_s: float) -> _Outbox:
+    """One outbox per run and process: every handle of a run shares its order."""
+    with _OUTBOXES_LOCK:
+        box = _OUTBOXES.get((tracking_uri, run_id))
+        if box is None:
+            box = _OUTBOXES[(tracking_uri, run_id)] = _Outbox(tracking_uri, run_id, retry_s)
+        return box
+
+
+def _drop_outbox(tracking_uri: str, run_id: str) -> None:
+    with _OUTBOXES_LOCK:
+        _OUTBOXES.pop((tracking_uri, run_id), None)
+
+
+EXIT_FLUSH_S = 10.0     # at interpreter exit, what is still queued gets this long to go out
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    deadline = time.monotonic() + EXIT_FLUSH_S
+    for box in list(_OUTBOXES.values()):
+        try:
+            box.flush(max(0.0, deadline - time.monotonic()))
+        except TrackingError:
+            pass
+
+
 @dataclass
 class RunHandle:
-    """One MLflow run addressed by id: what the parent and each trial log through."""
+    """One MLflow run addressed by id: what the parent and each trial log through.
+
+    `log_metrics` and `log_image` queue their write in the run's outbox (see the module's
+    docstring); with `wait=True` (the default) they return once it is stored, with `wait=False` at
+    once. Other calls are synchronous, retried while the server says "not now".
+    """
 
     tracking_uri: str
     run_id: str
     created: bool = False          # open_trial_run made it now (not found again)
     experiment_id: str | None = None       # known to open_trial_run: saves a get_run where it is needed
     has_dataset: bool = False              # the run records a dataset input (as open_trial_run found it)
+    retry_s: float = RETRY_S               # how long a call is retried while the server says "not now"
 
     @property
     def client(self):
         return client(self.tracking_uri)
+
+    @property
+    def _outbox(self) -> _Outbox:
+        return _outbox(self.tracking_uri, self.run_id, self.retry_s)
+
+    def _retry(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
+        return _with_retry(fn, *args, retry_s=self.retry_s, **kwargs)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in flatten("", dict(params)).items()]
         for i in range(0, len(items), 100):
-            _with_retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
+            self._retry(self.client.log_batch, self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, wait: bool = True) -> None:
+        """Numeric values of `metrics` at `step`, through the outbox (`wait=False`: return at once)."""
         now = int(time.time() * 1000)
-        items = [Metric(k, v if math.isfinite(v) else float("nan"), now, step or 0)
-                 for k, v in _numeric(metrics).items()]
+        items = [(k, v if math.isfinite(v) else float("nan"), now, step or 0) for k, v in _numeric(metrics).items()]
         if items:
-            _with_retry(self.client.log_batch, self.run_id, metrics=items)
+            self._outbox.put({"kind": "metrics", "metrics": items})
+        if wait:
+            self.flush()
+
+    def log_image(self, image: np.ndarray, key: str, step: int, wait: bool = True) -> None:
+        """A step-indexed image (the UI's step slider shows it changing over epochs), through the
+        outbox. Logged once per (key, step): a replayed epoch does not add a second copy."""
+        box = self._outbox
+        if (key, step) not in box.images:
+            box.images.add((key, step))
+            box.put({"kind": "image", "key": key, "step": int(step), "timestamp": int(time.time() * 1000),
+                     "uuid": str(uuid.uuid4()), "image": np.asarray(image)})
+        if wait:
+            self.flush()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued for this run is stored (False: `timeout_s` passed first).
+        Raises TrackingError if a write failed for good."""
+        return self._outbox.flush(timeout_s)
+
+    def unacknowledged(self) -> list[dict[str, Any]]:
+        """The queued writes the server has not acknowledged yet, oldest first: plain data for a
+        checkpoint, to give to `resume` when the trial is restored from it."""
+        return self._outbox.unacknowledged()
+
+    def resume(self, unacknowledged: Iterable[Mapping[str, Any]] = (), step_key: str = "epoch") -> int:
+        """After a restore: send again what the checkpoint held unacknowledged, wait until it is
+        stored, and return the last step of metric `step_key` in the run (0 if none). The images
+        the run already has are remembered, so that replayed epochs do not log them again."""
+        box = self._outbox
+        for write in unacknowledged:
+            if write["kind"] == "image":
+                box.images.add((write["key"], write["step"]))
+            box.put(dict(write))
+        self.flush()
+        box.images.update(self.stored_images())
+        return self.last_step(step_key)
+
+    def stored_images(self) -> set[tuple[str, int]]:
+        """(key, step) of the step-indexed images the run has."""
+        files = self._retry(self.client.list_artifacts, self.run_id, "images")
+        found = set()
+        for f in files:
+            m = _IMAGE_NAME.match(f.path.rsplit("/", 1)[-1])
+            if m:
+                found.add((m["key"].replace("~", "/"), int(m["step"])))
+        return found
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Give what is queued up to `timeout_s` to be stored, then let the run's sender thread end
+        (a trial's cleanup). False if writes are left (they are still in the last checkpoint)."""
+        box = self._outbox
+        try:
+            done = box.flush(timeout_s)
+        except TrackingError as exc:
+            _logger.warning("%s", exc)
+            done = False
+        if not done:
+            _logger.warning("MLflow run %s: %d write(s) not yet stored when the trial closed", self.run_id,
+                            len(box.unacknowledged()))
+        box.close()
+        if done:
+            _drop_outbox(self.tracking_uri, self.run_id)
+        return done
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        _with_retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        """A step-indexed image: the UI's step slider shows it changing over epochs."""
-        _with_retry(self.client.log_image, self.run_id, image, key=key, step=step)
+        self._retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_image_file(self, image: np.ndarray, name: str) -> None:
-        _with_retry(self.client.log_image, self.run_id, image, artifact_file=name)
+        self._retry(self.client.log_image, self.run_id, image, artifact_file=name)
 
     def log_text(self, text: str, name: str) -> None:
-        _with_retry(self.client.log_text, self.run_id, text, name)
+        self._retry(self.client.log_text, self.run_id, text, name)
 
     def log_figure(self, figure, name: str) -> None:
-        _with_retry(self.client.log_figure, self.run_id, figure, name)
+        self._retry(self.client.log_figure, self.run_id, figure, name)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        _with_retry(self.client.log_artifact, self.run_id, str(path), folder)
+        self._retry(self.client.log_artifact, self.run_id, str(path), folder)
 
     def last_step(self, key: str) -> int:
-        """The highest step logged for metric `key` (0 if none)."""
-        history = _with_retry(self.client.get_metric_history, self.run_id, key)
+        """The highest step logged for metric `key` (0 if none), once the queued writes are stored."""
+        self.flush()
+        history = self._retry(self.client.get_metric_history, self.run_id, key)
         return max((m.step for m in history), default=0)
 
     def terminate(self, status: str = "FINISHED") -> None:
-        _with_retry(self.client.set_terminated, self.run_id, status)
+        """Close the run as `status` once everything queued for it is stored."""
+        self.flush()
+        self._retry(self.client.set_terminated, self.run_id, status)
+        self._outbox.close()
+        _drop_outbox(self.tracking_uri, self.run_id)
 
     def reopen(self) -> None:
-        _with_retry(self.client.update_run, self.run_id, status="RUNNING")
+        self._retry(self.client.update_run, self.run_id, status="RUNNING")
 
     def log_dataset(self, name: str, digest: str, source: Mapping[str, Any], profile: Mapping[str, Any],
                     tags: Mapping[str, Any]) -> None:
@@ -163,7 +457,7 @@ class RunHandle:
         dataset = Dataset(name=name, digest=digest[:36], source_type="url", source=json.dumps(dict(source)),
                           profile=json.dumps(dict(profile)))
         input_tags = [InputTag("mlflow.data.context", "training")] + [InputTag(k, str(v)) for k, v in tags.items()]
-        _with_retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, input_tags)],
+        self._retry(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, input_tags)],
                     transient=DATASET_RACE)
 
     def log_weights(self, experiment_id: str, state: Mapping[str, Any], name: str, step: int,
@@ -173,13 +467,13 @@ class RunHandle:
         import torch
         from mlflow.entities import LoggedModelOutput
 
-        model = _with_retry(self.client.create_logged_model, experiment_id, name=name, source_run_id=self.run_id,
+        model = self._retry(self.client.create_logged_model, experiment_id, name=name, source_run_id=self.run_id,
                             params={k: str(v) for k, v in params.items()}, model_type="pytorch-state-dict")
         with tempfile.TemporaryDirectory(prefix="sweeper-weights-") as folder:
             torch.save(dict(state), Path(folder) / WEIGHTS_FILE)
-            _with_retry(self.client.log_model_artifacts, model.model_id, folder)
-        _with_retry(self.client.finalize_logged_model, model.model_id, "READY")
-        _with_retry(self.client.log_outputs, self.run_id, [LoggedModelOutput(model.model_id, step)])
+            self._retry(self.client.log_model_artifacts, model.model_id, folder)
+        self._retry(self.client.finalize_logged_model, model.model_id, "READY")
+        self._retry(self.client.log_outputs, self.run_id, [LoggedModelOutput(model.model_id, step)])
         self.set_tags({TAG_MODEL_ID: model.model_id})
         return model.model_id
 
@@ -216,11 +510,38 @@ def run_name(config: Mapping[str, Any], keys: Sequence[str]) -> str:
 
 
 def find_child(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
-    runs = client(tracking_uri).search_runs(
-        [experiment_id],
+    runs = _with_retry(
+        client(tracking_uri).search_runs, [experiment_id],
         filter_string=f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_TRIAL}` = '{trial_id}'",
         max_results=2)
     return runs[0] if runs else None
+
+
+def _create_child(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, run_name: str,
+                  tags: Mapping[str, str]):
+    """create_run is not idempotent: a retry after an answer that never came (a timeout, a dropped
+    connection) first looks for the run the server may have created after all."""
+    attempts = 0
+
+    def create():
+        nonlocal attempts
+        attempts += 1
+        found = find_child(tracking_uri, experiment_id, parent_run_id, trial_id) if attempts > 1 else None
+        return found or client(tracking_uri).create_run(experiment_id, run_name=run_name, tags=dict(tags))
+
+    return _with_retry(create)
+
+
+def _delete_tag(handle: RunHandle, key: str) -> None:
+    """delete_tag, where a tag already gone (a retry whose first attempt did delete it) is fine."""
+    def delete():
+        try:
+            handle.client.delete_tag(handle.run_id, key)
+        except Exception as exc:
+            if "no tag with name" not in str(exc).lower():
+                raise
+
+    _with_retry(delete)
 
 
 def open_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
@@ -235,12 +556,12 @@ def open_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, tr
         handle.reopen()
         if existing.data.tags.get(TAG_STOP) == STOP_ERROR:    # retried by Tune: it runs again
             for key in (TAG_STOP, "stop_detail"):
-                _with_retry(handle.client.delete_tag, handle.run_id, key)
+                _delete_tag(handle, key)
         return handle
     tags = {TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_SWEEP: sweep_name, TAG_ROLE: ROLE_TRIAL}
     if description:
         tags[TAG_NOTE] = description
-    run = _with_retry(client(tracking_uri).create_run, experiment_id, run_name=trial_name, tags=tags)
+    run = _create_child(tracking_uri, experiment_id, parent_run_id, trial_id, trial_name, tags)
     handle = RunHandle(tracking_uri, run.info.run_id, created=True, experiment_id=experiment_id)
     handle.log_params(params)
     return handle
