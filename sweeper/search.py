@@ -36,7 +36,7 @@ from ray.tune.search.sample import Domain, Sampler
 from ray.tune.search.variant_generator import RecursiveDependencyError
 
 from sweeper.errors import SweeperError
-from sweeper.spec import Parameter, SweepSpec
+from sweeper.spec import Parameter, SweepSpec, condition_holds
 from trainables.vae.catalog import ENDED_BY_ITSELF, FAILED, RESULT_RUN_ID
 
 logger = logging.getLogger(__name__)
@@ -89,17 +89,18 @@ def _suggest(trial: optuna.Trial, p: Parameter) -> Any:
 
 class DefineByRunSpace:
     """The spec's parameters as an Optuna define-by-run function: a parameter whose `when`
-    condition fails is never suggested, so it is absent from the trial (its default applies)
-    and from the study. A class, not a closure, so the searcher pickles for `Tuner.restore`."""
+    condition fails is never suggested, so it is absent from the trial (its default applies,
+    also to the conditions that test it: `condition_holds`) and from the study. A class, not a
+    closure, so the searcher pickles for `Tuner.restore`."""
 
     def __init__(self, parameters: Sequence[Parameter], base: Mapping[str, Any]):
         self.parameters = tuple(parameters)
         self.base = dict(base)  # every trial key's effective value, for the conditions
 
     def __call__(self, trial: optuna.Trial) -> None:
-        config = dict(self.base)
+        config: dict[str, Any] = {}   # what was suggested; the rest has its value from `base`
         for p in self.parameters:
-            if p.applies(config):
+            if p.applies(config, self.base):
                 config[p.name] = _suggest(trial, p)
         return None  # Ray collects the suggest_* values itself
 
@@ -295,19 +296,21 @@ class _ConditionalSampler(Sampler):
         trial = dict.get(config, "config", config) if isinstance(config, dict) else {}
         values = {}
         for key in domain.when:
-            value = dict.get(trial, key, domain.base.get(key))
+            value = dict.get(trial, key)
             if isinstance(value, Domain):
                 raise RecursiveDependencyError(f"{key} is not resolved yet")  # Ray retries later
             values[key] = value
-        if all(values[k] in allowed for k, allowed in domain.when.items()):
+        # A tested key that does not apply (None) has its default, as under Optuna.
+        if condition_holds(domain.when, values, domain.base):
             return domain.inner.sample(config, size=size, random_state=random_state)
         return domain.default
 
 
 class ConditionalDomain(Domain):
-    """A Ray Tune domain sampled from `inner` when the condition holds, else the trial config's
-    default. Like `tune.sample_from`, it sees the other resolved keys; unlike it, it samples with
-    Ray's seeded random state, so `search.seed` reproduces the sweep."""
+    """A Ray Tune domain sampled from `inner` when the condition holds (`condition_holds`, with
+    `base` for the keys that are absent or do not apply), else `default`. Like
+    `tune.sample_from`, it sees the other resolved keys; unlike it, it samples with Ray's seeded
+    random state, so `search.seed` reproduces the sweep."""
 
     default_sampler_cls = _ConditionalSampler
 

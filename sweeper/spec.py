@@ -82,10 +82,29 @@ class Metric:
     mode: str = "max"
 
 
+def condition_holds(when: Mapping[str, Sequence[Any]], config: Mapping[str, Any],
+                    defaults: Mapping[str, Any]) -> bool:
+    """Whether every `key: allowed` of a `when` condition holds for a trial.
+
+    A condition tests what the trial trains with: a key absent from `config`, or None there (a
+    searched parameter whose own condition failed: "does not apply"), has its value from
+    `defaults`, the trial config's defaults overlaid with the spec's fixed keys. Both searchers
+    and the validation use this one rule, so chained conditions mean the same everywhere.
+    """
+    for key, allowed in when.items():
+        value = config.get(key)
+        if value is None:
+            value = defaults.get(key)
+        if value not in allowed:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Parameter:
     """One searched trial key. `when` maps other keys to their allowed values: if any does not
-    hold, the key is not set and the trial config's default applies."""
+    hold, the key is not set and the trial config's default applies (also to the conditions of
+    other parameters that test this key: see `condition_holds`)."""
 
     name: str
     distribution: str
@@ -106,9 +125,10 @@ class Parameter:
     def is_log(self) -> bool:
         return self.distribution in LOG_DISTRIBUTIONS
 
-    def applies(self, config: Mapping[str, Any]) -> bool:
-        """Whether this parameter is set, given the (effective) values of the other keys."""
-        return all(config.get(key) in allowed for key, allowed in self.when.items())
+    def applies(self, config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> bool:
+        """Whether this parameter is set in a trial whose other keys are `config` (see
+        `condition_holds`; `defaults`: the values of keys absent or None there)."""
+        return condition_holds(self.when, config, defaults or {})
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"distribution": self.distribution}
@@ -592,8 +612,9 @@ class _Checker:
             if param is not None:
                 declared[name], raw[name] = param, spec
         # Conditions may test any choice/grid parameter, wherever it is declared.
+        conditional = {name for name, spec in raw.items() if "when" in spec}
         for name, param in declared.items():
-            when = self.check_when(param, raw[name], f"parameters.{name}", trial, declared)
+            when = self.check_when(param, raw[name], f"parameters.{name}", trial, declared, conditional)
             declared[name] = dataclasses.replace(param, when=when)
         return self.in_dependency_order(list(declared.values()))
 
@@ -711,7 +732,8 @@ class _Checker:
         return Parameter(name, dist, min=bounds["min"], max=bounds["max"])
 
     def check_when(self, param: Parameter, spec: Mapping, path: str, trial: Mapping[str, Any],
-                   declared: Mapping[str, Parameter]) -> dict[str, tuple[Any, ...]]:
+                   declared: Mapping[str, Parameter],
+                   conditional: set[str]) -> dict[str, tuple[Any, ...]]:
         if "when" not in spec:
             return {}
         path = f"{path}.when"
@@ -751,10 +773,16 @@ class _Checker:
                 ok, coerced = self.coerce(key, item, f"{kpath}[{i}]")
                 if not ok:
                     continue
-                if source is not None and coerced not in source.values:
+                # A conditional parameter that does not apply has its default (condition_holds).
+                reachable = list(source.values) if source is not None else []
+                if key in conditional and self.defaults[key] not in reachable:
+                    reachable.append(self.defaults[key])
+                if source is not None and coerced not in reachable:
+                    default = (f" nor its default {_show(self.defaults[key])} (what a trial where "
+                               f"it does not apply has)" if key in conditional else "")
                     self.add(f"{kpath}[{i}]", f"{_show(coerced)} is not one of parameters.{key}."
-                                              f"values {list(source.values)}; the condition never "
-                                              f"matches it")
+                                              f"values {list(source.values)}{default}; the condition "
+                                              f"never matches it")
                     continue
                 name_problem = self.value_problem(key, coerced)
                 if name_problem:

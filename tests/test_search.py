@@ -8,6 +8,7 @@ import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import optuna
 import pytest
 import ray.cloudpickle
@@ -24,6 +25,7 @@ from sweeper.search import (
     ResumableASHAScheduler,
     SchedulerStateCallback,
     define_by_run_space,
+    make_sampler,
     make_scheduler,
     make_search_alg,
     param_space,
@@ -96,6 +98,50 @@ def test_condition_on_a_fixed_trial_key() -> None:
     trial = optuna.create_study().ask()
     define_by_run_space(spec)(trial)
     assert set(trial.params) == {"lr"}
+
+
+def chained_spec(algorithm: str, priors: list[str]):
+    """K tests prior, which itself applies to 2-level models only: a 1-level trial trains with
+    the default prior, vamp, so K is searched for it (the default applies, as the spec says)."""
+    return make_spec(
+        trial={"dataset": "static_mnist", "max_epochs": MAX_EPOCHS},
+        parameters={"model": {"distribution": "choice", "values": ["vae", "hvae"]},
+                    "prior": {"distribution": "choice", "values": priors, "when": {"model": ["hvae"]}},
+                    "K": {"distribution": "int_uniform", "min": 2, "max": 9,
+                          "when": {"prior": ["vamp", "mog"] if "mog" in priors else ["vamp"]}}},
+        search={"algorithm": algorithm, "seed": 0, **({"sampler": "random"} if algorithm == "optuna" else {})},
+        scheduler={"type": "fifo"})
+
+
+def trained_with(config: dict) -> tuple[str, str, bool]:
+    """(model, prior, K searched) of the trial a suggested config gives (None: the default)."""
+    from trainables.vae_trainable import split_config
+
+    cfg, _ = split_config({**config, "sweeper": {}})
+    return cfg.model, cfg.prior, config.get("K") is not None
+
+
+@pytest.mark.parametrize("priors,kinds", [
+    # Every kind of trial the spec makes, and whether K is searched in it.
+    (["standard", "vamp"], {("vae", "vamp", True), ("hvae", "standard", False), ("hvae", "vamp", True)}),
+    # Validation accepts 'vamp' in K's condition: not a value of prior, but its default.
+    (["standard", "mog"], {("vae", "vamp", True), ("hvae", "standard", False), ("hvae", "mog", True)}),
+], ids=["vamp-a-value", "vamp-the-default"])
+def test_chained_conditions_mean_the_same_under_optuna_and_random_search(priors, kinds) -> None:
+    spec = chained_spec("optuna", priors)
+    space, study = define_by_run_space(spec), optuna.create_study(sampler=make_sampler(spec))
+    by_optuna = set()
+    for _ in range(20):
+        trial = study.ask()
+        space(trial)      # what Ray's OptunaSearch then passes as the trial's config
+        by_optuna.add(trained_with({**spec.trial, **trial.params}))
+        study.tell(trial, 0.0)
+    space = {"config": param_space(chained_spec("random", priors))}
+    rng = np.random.RandomState(0)   # one generator for the sweep, as BasicVariantGenerator keeps
+    by_random = {trained_with(s["config"]) for _ in range(20)
+                 for _, s in generate_variants(space, random_state=rng)}
+    assert by_optuna == kinds
+    assert by_random == kinds
 
 
 @pytest.fixture

@@ -169,6 +169,15 @@ INVALID = [
      "parameters.K.when.prior[1]", "unknown prior 'mogg'"),
     ("condition-not-list", edit("parameters.K.when", {"prior": "vamp"}),
      "parameters.K.when.prior", "list of allowed values"),
+    # prior is conditional itself: a trial where it does not apply has its default, vamp, so
+    # vamp could match; vamp_data is neither one of its values nor that default.
+    ("condition-never-matches", edit("parameters", {
+        "model": {"distribution": "choice", "values": ["vae", "hvae"]},
+        "prior": {"distribution": "choice", "values": ["standard", "mog"], "when": {"model": ["hvae"]}},
+        "K": {"distribution": "int_uniform", "min": 2, "max": 9, "when": {"prior": ["vamp", "vamp_data"]}}})
+     | {"trial": {"dataset": "static_mnist", "max_epochs": 30}},
+     "parameters.K.when.prior[1]", "'vamp_data' is not one of parameters.prior.values ['standard', "
+                                   "'mog'] nor its default 'vamp'"),
     ("bad-name", edit("name", "my sweep"), "name", "folder name"),
     ("cuda-without-gpu", edit("trial.device", "cuda"), "trial.device", "resources.gpu is 0"),
 ]
