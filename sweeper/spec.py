@@ -531,7 +531,7 @@ class _Checker:
         if top.get("checkpoint_every") is not None:
             counts["checkpoint_every"] = self.integer(top["checkpoint_every"], "checkpoint_every", minimum=1,
                                                       hint=" (epochs between a trial's checkpoints)")
-        resources = self.check_resources(top.get("resources"), trial)
+        resources = self.check_resources(top.get("resources"), trial, parameters)
 
         if self.problems:
             return None
@@ -882,7 +882,8 @@ class _Checker:
                                                f"grace_period or raise the epochs")
         return SchedulerSpec("asha", grace or 1, rf or 4, max_t)
 
-    def check_resources(self, value: Any, trial: Mapping[str, Any]) -> Resources:
+    def check_resources(self, value: Any, trial: Mapping[str, Any],
+                        parameters: Sequence[Parameter]) -> Resources:
         block = self.mapping(value, "resources", ("cpu", "gpu", "batched"))
         batched = block.get("batched", "auto")
         if batched not in (True, False, "auto"):
@@ -905,9 +906,8 @@ class _Checker:
         if cpu == 0 and gpu == 0:
             self.add("resources", "cpu: 0 and gpu: 0 reserve nothing, so Ray would start every trial "
                                   "at once on any node; set resources.cpu: 1")
-        if gpu == 0 and str(trial.get("device", "auto")).startswith("cuda"):
-            self.add("trial.device", f"{trial['device']!r} needs a GPU but resources.gpu is 0; set "
-                                     f"resources.gpu (e.g. 1 or 0.25) or device: auto")
+        resources = Resources(cpu if cpu is not None else 1, gpu if gpu is not None else 0, batched)
+        no_gpu_said = self.check_devices(trial, parameters, resources)
         if self.cluster is not None:
             have_cpu = float(self.cluster.get("CPU", 0))
             have_gpu = float(self.cluster.get("GPU", 0))
@@ -915,7 +915,7 @@ class _Checker:
                 self.add("resources.cpu", f"a trial asks for {_num(cpu)} CPU but the cluster has "
                                           f"{_num(have_cpu)}: it could never start; lower "
                                           f"resources.cpu (e.g. --set resources.cpu={_num(have_cpu) or 1})")
-            if gpu is not None and gpu > have_gpu:
+            if gpu is not None and gpu > have_gpu and not no_gpu_said:
                 if have_gpu == 0:
                     self.add("resources.gpu", f"a trial asks for {_num(gpu)} GPU but the cluster has "
                                               f"no GPU: it could never start; on this machine run with "
@@ -925,7 +925,71 @@ class _Checker:
                     self.add("resources.gpu", f"a trial asks for {_num(gpu)} GPU but the cluster has "
                                               f"{_num(have_gpu)}: it could never start; lower "
                                               f"resources.gpu (e.g. --set resources.gpu={_num(have_gpu)})")
-        return Resources(cpu if cpu is not None else 1, gpu if gpu is not None else 0, batched)
+        return resources
+
+    def check_devices(self, trial: Mapping[str, Any], parameters: Sequence[Parameter],
+                      resources: Resources) -> bool:
+        """Every device a trial may name (trial.device, or each value of parameters.device)
+        against what the trial gets; True when a device was refused because the cluster has no
+        GPU at all (that one message then also says what to do with resources.gpu)."""
+        searched = next((p for p in parameters if p.name == "device"), None)
+        if searched is not None:
+            devices = [(f"parameters.device.values[{i}]", v) for i, v in enumerate(searched.values)]
+        else:
+            devices = [("trial.device", trial.get("device", self.defaults["device"]))]
+        no_gpu_here = self.cluster is not None and float(self.cluster.get("GPU", 0)) == 0
+        said = False
+        for path, device in devices:
+            problem = self.device_problem(str(device), resources, no_gpu_here)
+            if problem:
+                self.add(path, problem)
+                said = said or (no_gpu_here and str(device).startswith("cuda"))
+        return said
+
+    def device_problem(self, device: str, resources: Resources, no_gpu_here: bool) -> str | None:
+        """Why a trial cannot train on `device` with these resources, and what works instead.
+
+        In its process Ray shows a trial only the GPUs it reserved, as cuda:0, cuda:1, ...; a
+        pooled trial trains on its pool's device: the GPU Ray gives it (cuda:0 there), or the
+        node's CPUs when it reserves no GPU. `auto` is always that device.
+        """
+        from trainables.vae.config import DEVICE_PATTERN
+
+        if device == "auto" or not DEVICE_PATTERN.fullmatch(device):
+            return None   # a malformed name is TrainConfig's problem (check_trial_configs)
+        gpu = resources.gpu
+        kind, _, index = device.partition(":")
+        if kind == "cuda" and no_gpu_here:
+            fix = "--set trial.device=auto" + (" --set resources.gpu=0" if gpu > 0 else "")
+            return (f"{device!r} needs a GPU and the cluster has none (without --address: this "
+                    f"machine); here trials train on the CPU: use device: auto (or cpu)"
+                    + (" and resources.gpu: 0" if gpu > 0 else "") + f", e.g. {fix}")
+        if kind == "cuda" and gpu == 0:
+            return (f"{device!r} needs a GPU but resources.gpu is 0, so Ray gives the trial none; "
+                    f"reserve one with resources.gpu (1, or a fraction such as 0.25 to share it), "
+                    f"or use device: auto")
+        if resources.pooled:
+            why = ("resources.batched: true" if resources.batched is True
+                   else f"resources.gpu: {_num(gpu)} with resources.batched: auto")
+            if gpu > 0 and (device == "cuda" or device == "cuda:0"):
+                return None
+            if gpu == 0 and device == "cpu":
+                return None
+            where = ("the GPU Ray gives each trial (cuda:0 in its process)" if gpu > 0
+                     else "the node's CPUs (no GPU reserved)")
+            alone = dataclasses.replace(resources, batched=False)
+            other = ("" if self.device_problem(device, alone, no_gpu_here) else
+                     f", or resources.batched: false to train each trial in its own process on {device!r}")
+            return (f"{device!r}: pooled trials ({why}) train on their pool's device, {where}; use "
+                    f"device: auto{other}")
+        if kind == "cuda" and index:
+            visible = max(1, int(gpu))
+            if int(index) >= visible:
+                return (f"{device!r}: Ray shows a trial only the GPUs it reserves, as cuda:0"
+                        f"{f'..cuda:{visible - 1}' if visible > 1 else ''} in its process "
+                        f"(resources.gpu: {_num(gpu)}); use device: cuda (or auto)"
+                        + (", or reserve more whole GPUs" if gpu >= 1 else ""))
+        return None
 
 
 def _num(value: float) -> str:

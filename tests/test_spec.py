@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -60,8 +62,14 @@ def test_shipped_specs_validate(path: Path) -> None:
     assert spec.source == str(path)
     # The round trip through plain data gives the same spec (the driver logs to_dict()).
     assert parse_spec(yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=False)), str(path)) == spec
-    # Key order does not matter, not even for conditions on parameters declared below.
-    assert parse_spec(yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=True)), str(path))
+    # Key order does not matter, not even for conditions on parameters declared below: the same
+    # spec, its parameters in an order where each comes after the keys its condition tests.
+    shuffled = parse_spec(yaml.safe_load(yaml.safe_dump(spec.to_dict(), sort_keys=True)), str(path))
+    assert sorted(shuffled.parameters, key=lambda p: p.name) == sorted(spec.parameters, key=lambda p: p.name)
+    assert dataclasses.replace(shuffled, parameters=spec.parameters) == spec
+    order = [p.name for p in shuffled.parameters]
+    assert all(order.index(key) < order.index(p.name) for p in shuffled.parameters for key in p.when
+               if key in order)
 
 
 def test_shipped_specs_are_what_the_issue_asks() -> None:
@@ -238,6 +246,79 @@ def test_cluster_resources() -> None:
     problems = problems_of(edit("resources.cpu", 4), cluster_resources={"CPU": 2.0, "GPU": 0})
     assert any(p.startswith("resources.cpu: ") and "has 2" in p for p in problems), problems
     parse_spec(edit("resources.gpu", 0.25), cluster_resources={"CPU": 2, "GPU": 1})
+
+
+NO_GPU = {"CPU": 2, "GPU": 0}
+
+
+def fixes_in(problem: str) -> list[str]:
+    """The `--set` overrides a problem's message proposes (after 'e.g.')."""
+    return re.findall(r"--set (\S+)", problem.partition("e.g. ")[2])
+
+
+@pytest.mark.parametrize("gpu", [0, 1, 0.25])
+def test_cuda_on_a_machine_without_gpu_gets_one_message_whose_fix_works(gpu, tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(edit("trial.device", "cuda") | {"resources": {"cpu": 1, "gpu": gpu}}))
+    with pytest.raises(SpecError) as info:
+        load_spec(path, cluster_resources=NO_GPU)
+    (problem,) = info.value.problems     # one message, not one per field
+    assert problem.startswith("trial.device: 'cuda' needs a GPU and the cluster has none"), problem
+    assert "resources.gpu (e.g. 1" not in problem          # what used to send users in a circle
+    fixes = fixes_in(problem)
+    assert fixes == ["trial.device=auto"] + (["resources.gpu=0"] if gpu else [])
+    spec = load_spec(path, fixes, cluster_resources=NO_GPU)
+    assert spec.trial["device"] == "auto" and spec.resources.gpu == 0
+
+
+POOLED_DEVICES = [
+    # (device, resources, cluster, None when accepted, else what the message must say)
+    ("auto", {"gpu": 0.25}, {"CPU": 8, "GPU": 1}, None),
+    ("cuda", {"gpu": 0.25}, {"CPU": 8, "GPU": 1}, None),
+    ("cuda:0", {"gpu": 0.25}, {"CPU": 8, "GPU": 1}, None),
+    ("cuda", {"gpu": 2, "batched": True}, {"CPU": 8, "GPU": 2}, None),
+    ("auto", {"gpu": 0, "batched": True}, NO_GPU, None),
+    ("cpu", {"gpu": 0, "batched": True}, NO_GPU, None),
+    ("cuda:1", {"gpu": 0.25}, {"CPU": 8, "GPU": 2}, "use device: auto"),
+    ("cuda:1", {"gpu": 2, "batched": True}, {"CPU": 8, "GPU": 2}, "or resources.batched: false"),
+    ("cpu", {"gpu": 0.25}, {"CPU": 8, "GPU": 1}, "or resources.batched: false"),
+    ("mps", {"gpu": 0.25}, None, "or resources.batched: false"),
+    ("mps", {"gpu": 0, "batched": True}, NO_GPU, "or resources.batched: false"),
+]
+
+
+@pytest.mark.parametrize("device,resources,cluster,refusal", POOLED_DEVICES,
+                         ids=[f"{d}-{r}" for d, r, _, _ in POOLED_DEVICES])
+def test_pooled_trials_train_on_their_pools_device_or_are_refused(device, resources, cluster, refusal) -> None:
+    data = edit("trial.device", device) | {"resources": {"cpu": 1, **resources}}
+    if refusal is None:
+        spec = parse_spec(data, cluster_resources=cluster)
+        assert spec.resources.pooled and spec.trial["device"] == device
+        return
+    (problem,) = problems_of(data, cluster_resources=cluster)
+    assert problem.startswith(f"trial.device: {device!r}: pooled trials ("), problem
+    assert refusal in problem
+    # Each way out the message offers validates: device auto, or (where it says so) unpooled.
+    parse_spec(edit("trial.device", "auto") | {"resources": data["resources"]}, cluster_resources=cluster)
+    if "resources.batched: false" in problem:
+        alone = parse_spec(data | {"resources": {**data["resources"], "batched": False}}, cluster_resources=cluster)
+        assert not alone.resources.pooled
+
+
+def test_searched_devices_are_checked_value_by_value() -> None:
+    data = edit("parameters.device", {"distribution": "choice", "values": ["auto", "cpu", "cuda"]})
+    problems = problems_of(data | {"resources": {"cpu": 1, "gpu": 0.25}}, cluster_resources={"CPU": 8, "GPU": 1})
+    assert [p.partition(": ")[0] for p in problems] == ["parameters.device.values[1]"], problems
+    (problem,) = problems_of(data, cluster_resources=NO_GPU)
+    assert problem.startswith("parameters.device.values[2]: 'cuda' needs a GPU and the cluster has none")
+
+
+def test_an_unpooled_trial_sees_only_the_gpus_it_reserves() -> None:
+    (problem,) = problems_of(edit("trial.device", "cuda:1") | {"resources": {"cpu": 1, "gpu": 1}},
+                             cluster_resources={"CPU": 8, "GPU": 2})
+    assert problem.startswith("trial.device: 'cuda:1': Ray shows a trial only the GPUs it reserves, as cuda:0 ")
+    parse_spec(edit("trial.device", "cuda:1") | {"resources": {"cpu": 1, "gpu": 2}},
+               cluster_resources={"CPU": 8, "GPU": 2})
 
 
 def test_combinations_of_a_grid_are_checked() -> None:
