@@ -17,14 +17,19 @@ def _states(output: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split() for line in output.splitlines() if not line.startswith("data root")}
 
 
-def test_list_shows_present_and_missing_datasets(shared_datasets):
-    result = CliRunner().invoke(main, ["data", "list", "--root", str(shared_datasets)])
+def test_list_shows_present_and_missing_datasets(shared_datasets, tmp_path):
+    # A data root holding a chosen set of files, so what happens to be fetched elsewhere does not matter.
+    for path in (CALTECH, FREY):
+        (tmp_path / path).parent.mkdir()
+        shutil.copyfile(shared_datasets / path, tmp_path / path)
+    result = CliRunner().invoke(main, ["data", "list", "--root", str(tmp_path)])
     assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0] == f"data root: {tmp_path}"
     rows = _states(result.stdout)
     assert set(rows) == {"static_mnist", "dynamic_mnist", "fashion_mnist", "caltech101", "frey_faces", "omniglot"}
-    for name in ("static_mnist", "dynamic_mnist", "caltech101", "frey_faces"):
+    for name in ("caltech101", "frey_faces"):
         assert rows[name][-1] == "ok", rows[name]
-    for name in ("fashion_mnist", "omniglot"):
+    for name in ("static_mnist", "dynamic_mnist", "fashion_mnist", "omniglot"):
         assert rows[name][-1] == "missing", rows[name]
     assert rows["static_mnist"][1:3] == ["bernoulli", "50000/10000/10000"]
     assert rows["frey_faces"][1:3] == ["logistic256", "1565/200/200"]
@@ -67,12 +72,16 @@ def test_fetch_downloads_from_a_mirror_and_rejects_unknown_names(file_server, sh
     assert unknown.stderr.startswith("error: unknown dataset 'frey_face'; did you mean 'frey_faces'?")
 
 
-def test_fetch_offline_is_a_clear_error(tmp_path):
+def test_fetch_offline_is_a_clear_error_and_leaves_nothing(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         base = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed below: the connection is refused
     runner = CliRunner(env={"SWEEPER_DATA_MIRROR": base})
-    result = runner.invoke(main, ["data", "fetch", "caltech101", "--root", str(tmp_path)])
+    root = tmp_path / "data"
+    result = runner.invoke(main, ["data", "fetch", "caltech101", "--root", str(root)])
     assert result.exit_code == 1
     assert f"{base}/{CALTECH}" in result.stderr
-    assert f"put it at {tmp_path / CALTECH}" in result.stderr
+    assert f"put it at {root / CALTECH}" in result.stderr
+    # How to use files already on this machine instead.
+    assert f"The data folder is {root}" in result.stderr and "point SWEEPER_DATA_DIR (or --root)" in result.stderr
+    assert list(tmp_path.iterdir()) == []       # neither the data root nor Caltech101Silhouettes/

@@ -165,7 +165,7 @@ def test_dynamic_mnist_matches_ref_and_is_reproducible(dynamic_mnist, shared_dat
     assert (s.train.shape, s.val.shape, s.test.shape) == ((50000, 784), (10000, 784), (10000, 784))
     assert s.info.binarization == "dynamic"
     assert _is_binary(s.val) and _is_binary(s.test)
-    assert not _is_binary(s.train)  # gray: the trainer binarizes it per batch
+    assert not _is_binary(s.train)  # gray: the trainer draws binary images from it every epoch
     gray_train = _idx_gray(shared_datasets / "MNIST/raw/train-images-idx3-ubyte.gz", 60000)
     gray_test = _idx_gray(shared_datasets / "MNIST/raw/t10k-images-idx3-ubyte.gz", 10000)
     assert torch.equal(s.train, torch.from_numpy(gray_train[:50000]))
@@ -320,7 +320,7 @@ def test_wrong_bytes_raise_with_both_digests_and_leave_nothing(file_server, shar
     assert dest.name in msg and url in msg
     assert f.checksums["md5"] in msg and hashlib.md5(bad).hexdigest() in msg
     assert f.checksums["sha256"] in msg and hashlib.sha256(bad).hexdigest() in msg
-    assert list(dest.parent.iterdir()) == []
+    assert _tree(tmp_path) == []  # no file, no temp, no lock, not the folders made for it
 
 
 def test_cut_transfer_and_404_fall_through_to_the_next_mirror(file_server, shared_datasets, tmp_path):
@@ -333,7 +333,7 @@ def test_cut_transfer_and_404_fall_through_to_the_next_mirror(file_server, share
     with pytest.raises(DataError) as exc:
         download_file([file_server.url + "/gone.mat", cut], dest, f.checksums)
     assert "HTTP 404" in str(exc.value) and f"{cut}: connection closed after 550292 of 1100584 bytes" in str(exc.value)
-    assert list(dest.parent.iterdir()) == []  # no partial file, no temp, no lock
+    assert _tree(tmp_path) == []  # no partial file, no temp, no lock, no folder
     download_file([file_server.url + "/gone.mat", cut, ok], dest, f.checksums)
     assert dest.read_bytes() == good and _tree(dest.parent) == [dest.name]
     assert file_server.hits["/gone.mat"] == 2 and file_server.hits["/ok.mat"] == 1
@@ -349,7 +349,33 @@ def test_refused_connection_names_the_url_and_the_manual_path(tmp_path):
     msg = str(exc.value)
     assert f"{base}/{FREY}" in msg and "refused" in msg.lower()
     assert str(tmp_path / FREY) in msg and "by hand" in msg
-    assert _tree(tmp_path) == ["Freyfaces"]  # only the empty folder
+    assert f"The data folder is {tmp_path}" in msg and "point SWEEPER_DATA_DIR (or --root)" in msg
+    assert _tree(tmp_path) == []  # not even the empty folder
+
+
+MNIST_RAW = "MNIST/raw"
+
+
+def test_a_failed_fetch_removes_the_folders_it_made_and_keeps_verified_files(file_server, shared_datasets,
+                                                                             tmp_path):
+    root = tmp_path / "fresh" / "data"           # nothing of it exists yet
+    with pytest.raises(DataError) as exc:
+        fetch("fashion_mnist", root, base_url=file_server.url)   # the server has none of its files
+    assert "HTTP 404" in str(exc.value) and f"The data folder is {root}" in str(exc.value)
+    assert _tree(tmp_path) == []                  # no <root>/FashionMNIST/raw/, no root
+    # One file comes, the next one fails: the verified file stays (a retry fetches only the rest).
+    names = [f.path for f in DATASETS["dynamic_mnist"].files.values()]
+    assert names[0] == f"{MNIST_RAW}/train-images-idx3-ubyte.gz"
+    file_server.serve(names[0], (shared_datasets / names[0]).read_bytes())
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz"):
+        fetch("dynamic_mnist", root, base_url=file_server.url)
+    assert _tree(tmp_path) == ["fresh", "fresh/data", "fresh/data/MNIST", f"fresh/data/{MNIST_RAW}",
+                               f"fresh/data/{names[0]}"]
+    for name in names[1:]:
+        file_server.serve(name, (shared_datasets / name).read_bytes())
+    fetch("dynamic_mnist", root, base_url=file_server.url)
+    assert dataset_state("dynamic_mnist", root) == "ok"
+    assert [file_server.hits["/" + name] for name in names] == [1, 2, 1, 1]
 
 
 _FETCH_IN_CHILD = textwrap.dedent("""

@@ -46,6 +46,7 @@ from trainables.vae.download import (  # noqa: F401 (re-exported: the data API i
     DataFile,
     FileState,
     bytes_digest,
+    data_root_hint,
     download_file,
     file_digest,
     file_state,
@@ -79,7 +80,7 @@ class DatasetInfo:
     likelihood: str                           # "bernoulli" or "logistic256"
     image_shape: tuple[int, int, int]         # (C, H, W)
     input_dim: int                            # C * H * W
-    binarization: str | None                  # "static", "dynamic" (train re-binarized per batch) or None
+    binarization: str | None                  # "static", "dynamic" (train re-binarized every epoch) or None
     pseudo_init: tuple[float, float]          # N(mean, std) init of the VampPrior pseudo-inputs
     split_sizes: tuple[int, int, int]         # train / val / test
 
@@ -329,7 +330,9 @@ class _IdxDataset(DatasetSpec):
     """MNIST-format gray images: train = first 50000, val = last 10000 of train, test = t10k.
 
     Pixels are /255. val and test are binarized once (REF, seed 777); train stays gray and the
-    trainer binarizes it per batch ("dynamic" binarization).
+    trainer draws fresh binary images from it every epoch ("dynamic" binarization: each image
+    a new Bernoulli draw each time it is seen, as REF's per-batch `torch.bernoulli`; the draw
+    comes from the run's own generator, trainables/vae/train.py `EpochDraws`).
     """
 
     pseudo_init = (0.05, 0.01)
@@ -536,7 +539,10 @@ def fetch(name: str, root: str | Path | None = None, *, base_url: str | None = N
     """Make sure every file of dataset `name` is present and valid in the data root; return paths.
 
     Missing files are downloaded (from `base_url`, else env SWEEPER_DATA_MIRROR, else the
-    official URLs); a corrupt file raises `DataError` saying to delete it (never overwritten).
+    official URLs); a corrupt file raises `DataError` saying to delete it (never overwritten). A
+    failed download raises `DataError` and leaves no trace of that file (no part, no lock, no
+    folder it created); the files of the dataset already downloaded and verified stay, so a
+    retry fetches only the rest.
     """
     spec, root = get_spec(name), resolve_root(root)
     paths = []
@@ -545,7 +551,8 @@ def fetch(name: str, root: str | Path | None = None, *, base_url: str | None = N
         if state.state == "corrupt":
             raise DataError(_corrupt_message(name, state.path, state.detail))
         if state.state == "missing":
-            download_file(urls_of(f, base_url), root / f.path, f.checksums, size=f.size, progress=progress)
+            download_file(urls_of(f, base_url), root / f.path, f.checksums, size=f.size, progress=progress,
+                          root=root)
         paths.append(state.path)
     return paths
 
@@ -567,8 +574,8 @@ def load_dataset(name: str, root: str | Path | None = None, *, download: bool = 
             if not download:
                 raise DataError(f"{name}: {root / f.path} is missing (it may also be gzipped as "
                                 f"{Path(f.path).name}.gz). Run `sweeper data fetch {name}` or put the "
-                                "official file there by hand.")
-            download_file(urls_of(f, None), root / f.path, f.checksums, size=f.size)
+                                f"official file there by hand. {data_root_hint(root)}")
+            download_file(urls_of(f, None), root / f.path, f.checksums, size=f.size, root=root)
             found = (root / f.path, False)
         try:
             blobs[role] = official_bytes(f, *found)

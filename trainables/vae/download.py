@@ -4,7 +4,8 @@ The machinery under `trainables/vae/data.py` (the dataset catalog): it knows fil
 datasets. A file is named by its place in the data root, its official URLs and its pinned
 checksums (`DataFile`); it is "ok" when its bytes (decompressed if stored as NAME.gz) match them.
 A download goes to a temporary file beside the destination, is checked, then renamed: a failed
-or interrupted download leaves no file behind, and a lock lets one process fetch while others wait.
+or interrupted download leaves no file behind (nor the folders it created for it), and a lock lets
+one process fetch while others wait.
 
 Data root: an explicit `root` > env `SWEEPER_DATA_DIR` > the per-user cache folder.
 Mirrors: env `SWEEPER_DATA_MIRROR=<base URL>` replaces the official URLs by `<base URL>/<path in
@@ -198,14 +199,49 @@ def _download_one(url: str, dest: Path, checksums: Mapping[str, str], size: int 
         tmp_path.unlink(missing_ok=True)
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _make_folder(folder: Path, created: list[Path]) -> None:
+    """mkdir -p `folder`, adding what it creates to `created` (deepest first)."""
+    created[:0] = [f for f in _missing_folders(folder) if f not in created]
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed download created (deepest first) that are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return  # not empty: another process's file is there, and so in every parent
+
+
+def data_root_hint(root: Path) -> str:
+    """Where the data folder comes from, and how to point it at files already on this machine."""
+    return (f"The data folder is {root} (--root, else ${DATA_DIR_ENV}, else the per-user cache): "
+            f"if the datasets are elsewhere on this machine, point {DATA_DIR_ENV} (or --root) at "
+            f"that folder.")
+
+
 def download_file(urls: Sequence[str], dest: str | Path, checksums: Mapping[str, str], *,
                   size: int | None = None, progress: bool | None = None,
-                  timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+                  timeout: float = DOWNLOAD_TIMEOUT_S, root: str | Path | None = None) -> Path:
     """Download the first URL that works to `dest`, verify `checksums`, rename atomically.
 
     A file lock on `<dest>.lock` makes concurrent processes download once: the others wait,
     then find the finished file. `progress`: a tqdm bar on stderr (default: when stderr is a tty).
-    Raises `DataError` naming each URL tried and where to put the file by hand.
+    Raises `DataError` naming each URL tried, where to put the file by hand and (given the data
+    `root` that `dest` is in) how to point the data folder elsewhere; a failed download leaves
+    neither a file nor the folders it created.
     """
     from filelock import FileLock
 
@@ -213,23 +249,32 @@ def download_file(urls: Sequence[str], dest: str | Path, checksums: Mapping[str,
     progress = sys.stderr.isatty() if progress is None else progress
     manual = (f"Download it by hand and put it at {dest} "
               f"(expected {', '.join(f'{k} {v}' for k, v in checksums.items())}).")
+    if root is not None:
+        manual += " " + data_root_hint(Path(root))
+    created: list[Path] = []
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(dest.parent, created)
         lock = FileLock(f"{dest}.lock")
         lock.acquire()
     except OSError as exc:
-        raise DataError(f"cannot write to {dest.parent} ({exc}); set SWEEPER_DATA_DIR or --root to a "
+        _remove_empty(created)
+        raise DataError(f"cannot write to {dest.parent} ({exc}); set {DATA_DIR_ENV} or --root to a "
                         f"writable folder, or: {manual}") from None
+    done = False
     try:
         if dest.is_file():  # another process finished while we waited for the lock
             bad = _mismatches(checksums, file_digests(dest, checksums))
             if bad:
                 raise DataError(f"{dest} is corrupt ({'; '.join(bad)}). Delete it and fetch again.")
+            done = True
             return dest
+        # Another process's failed download may have removed the folder while we waited.
+        _make_folder(dest.parent, created)
         failures = []
         for url in urls:
             try:
                 _download_one(url, dest, checksums, size, progress, timeout)
+                done = True
                 return dest
             except CorruptFile as exc:
                 failures.append(str(exc))
@@ -245,6 +290,8 @@ def download_file(urls: Sequence[str], dest: str | Path, checksums: Mapping[str,
         # the lock next re-checks `dest` before downloading, so a finished file is never fetched
         # twice; at worst two processes retry a failed download at once, each into its own temp.
         Path(f"{dest}.lock").unlink(missing_ok=True)
+        if not done:
+            _remove_empty(created)   # still under the lock: a waiting process re-creates them
         lock.release()
 
 
