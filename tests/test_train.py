@@ -159,16 +159,51 @@ def test_checkpoint_resume_continues_exactly(mnist):
     assert part == full
 
 
-def test_dynamic_binarization_resamples_every_batch(shared_datasets):
+def test_dynamic_binarization_draws_fresh_binary_images_every_epoch(shared_datasets):
+    """Each epoch the model trains on one fresh Bernoulli draw of the gray images (each image a new
+    draw each time it is seen, as REF's per-batch torch.bernoulli), drawn from the run's own
+    generator, with the gray values as their mean."""
+    import dataclasses
+
+    def image_set(x: torch.Tensor) -> list[bytes]:
+        return sorted(bytes(row) for row in x.to(torch.uint8).numpy())   # the rows, in any order
+
     splits = load_dataset("dynamic_mnist", shared_datasets)
-    trainer = Trainer(small(dataset="dynamic_mnist", max_epochs=1, train_subset=200), splits)
+    config = small(dataset="dynamic_mnist", max_epochs=2, train_subset=200, val_subset=100, batch_size=50)
+    trainer = Trainer(config, splits)
     assert trainer.dynamic
-    assert not torch.all((trainer.x_train == 0) | (trainer.x_train == 1))   # gray training images
-    seen = []
-    original = trainer.model.elbo
-    trainer.model.elbo = lambda x, beta=1.0, noise=None: (seen.append(x.clone()), original(x, beta, noise))[1]
-    trainer.step()
-    assert all(torch.all((x == 0) | (x == 1)) for x in seen)
+    gray = trainer.x_train                                                # [200, 784]
+    assert not torch.all((gray == 0) | (gray == 1))
+    seen = []                                   # the training batches (validation runs in eval mode)
+    model, original = trainer.model, trainer.model.elbo
+    model.elbo = lambda x, beta=1.0, noise=None: (model.training and seen.append(x.clone()),
+                                                  original(x, beta, noise))[1]
+    epochs = []
+    for epoch in range(2):
+        seen.clear()
+        torch.manual_seed(100 + epoch)          # the global generator: must not matter
+        trainer.step()
+        images = trainer.x_epoch.to(gray.dtype).clone()                  # this epoch's draw
+        # The 4 batches hold exactly the epoch's binary images, each once: one draw per epoch.
+        assert len(seen) == 4 and image_set(torch.cat(seen)) == image_set(images)
+        # Image i is a draw of gray image i: black stays black, white stays white.
+        assert torch.all(images[gray == 0] == 0) and torch.all(images[gray == 1] == 1)
+        epochs.append(images)
+    assert not torch.equal(epochs[0], epochs[1])                          # a fresh draw
+    # E[x] = gray: in each band of gray values, the draws' mean within 5 standard errors of it.
+    draws = torch.stack(epochs)                                           # [2, 200, 784]
+    for lo, hi in ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)):
+        band = (gray > lo) & (gray < hi)
+        p = gray[band].double()
+        assert p.numel() > 1000
+        error = math.sqrt(float((p * (1 - p)).sum()) * len(epochs)) / (len(epochs) * p.numel())
+        assert abs(float(draws[:, band].double().mean()) - float(p.mean())) < 5 * error, (lo, hi)
+    # From the run's generator: the same seed draws the same images, another seed others.
+    for seed, same in ((config.seed, True), (config.seed + 1, False)):
+        other = Trainer(dataclasses.replace(config, seed=seed), splits)
+        torch.manual_seed(12345)
+        other.step()
+        assert torch.equal(other.x_epoch.to(gray.dtype), epochs[0]) is same
 
 
 def test_config_rejects_unknown_keys_and_bad_values():
