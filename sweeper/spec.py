@@ -907,7 +907,8 @@ class _Checker:
             self.add("resources", "cpu: 0 and gpu: 0 reserve nothing, so Ray would start every trial "
                                   "at once on any node; set resources.cpu: 1")
         resources = Resources(cpu if cpu is not None else 1, gpu if gpu is not None else 0, batched)
-        no_gpu_said = self.check_devices(trial, parameters, resources)
+        # Devices are judged against a valid resources.gpu only (a bad one is its own problem).
+        no_gpu_said = gpu is not None and self.check_devices(trial, parameters, resources)
         if self.cluster is not None:
             have_cpu = float(self.cluster.get("CPU", 0))
             have_gpu = float(self.cluster.get("GPU", 0))
