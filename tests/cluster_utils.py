@@ -404,32 +404,188 @@ class LocalRayCluster:
 
 
 # --------------------------------------------------------------------------------------------
-# An MLflow tracking server with basic-auth
+# PostgreSQL, the tracking store for clusters (Debian's `postgresql` package; .ci/run installs it)
 
 
-class MlflowAuthServer:
-    """`mlflow server --app-name basic-auth` on 127.0.0.1, admin password and Flask secret taken
-    from the environment, artifacts proxied by the server (`--serve-artifacts`)."""
+def postgres_bindir() -> Path | None:
+    """The folder of PostgreSQL's server programs (initdb, postgres): on PATH, else Debian's
+    /usr/lib/postgresql/<version>/bin (the newest), else None."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return versions[-1].parent if versions else None
+
+
+def postgres_missing() -> str | None:
+    """Why a PostgreSQL server cannot be started here (None: it can)."""
+    if postgres_bindir() is None:
+        return ("PostgreSQL's server is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin): "
+                "apt-get install postgresql (as .ci/run does)")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return "psycopg is not installed (SQLAlchemy's PostgreSQL driver): pip install -e '.[dev]' -c constraints.txt"
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            return "running as root and there is no 'postgres' user to run the server as (PostgreSQL refuses root)"
+    return None
+
+
+class PostgresServer:
+    """A private PostgreSQL server: its own data folder, 127.0.0.1 on a free port, a database
+    `mlflow` owned by the password-protected role `mlflow` (scram-sha-256). PostgreSQL refuses to
+    run as root: as root it runs as the `postgres` user, in a folder of its own under /tmp."""
+
+    user = "mlflow"
+    database = "mlflow"
+
+    def __init__(self, root: Path, *, max_connections: int = 100, durable: bool = True,
+                 settings: Mapping[str, str] | None = None):
+        why = postgres_missing()
+        if why:
+            raise RuntimeError(why)
+        self.root = root
+        self.bindir = postgres_bindir()
+        self.password = secrets.token_urlsafe(18)
+        self.port = free_ports(1)[0]
+        self.max_connections = max_connections
+        self.durable = durable          # False: no fsync (tests: what is tested is not the disk)
+        self.settings = dict(settings or {})
+        # Its own folder (PostgreSQL wants its data folder private; pytest's tmp_path is root's, mode 700).
+        self.dir = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
+        self.data = self.dir / "data"
+        self.service: Service | None = None
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def uri(self) -> str:
+        """The SQLAlchemy URI MLflow takes (`--backend-store-uri`)."""
+        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    def _run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(self._as_user + argv, capture_output=True, text=True, check=False, cwd=self.dir, **kwargs)
+
+    def start(self, timeout_s: float = 60) -> None:
+        pwfile = self.dir / "pwfile"
+        pwfile.write_text(self.password)
+        if self._as_user:
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            os.chown(pwfile, pw.pw_uid, pw.pw_gid)
+        pwfile.chmod(0o600)
+        init = self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
+                          "--auth=scram-sha-256", "-E", "UTF8", "--no-sync", "--no-instructions"], timeout=timeout_s)
+        pwfile.unlink()
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed (exit {init.returncode}):\n{init.stdout[-2000:]}\n{init.stderr[-2000:]}")
+        options = {"listen_addresses": "127.0.0.1", "port": str(self.port), "unix_socket_directories": str(self.dir),
+                   "max_connections": str(self.max_connections), **self.settings}
+        if not self.durable:
+            options.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+        argv = self._as_user + [str(self.bindir / "postgres"), "-D", str(self.data)]
+        for key, value in options.items():
+            argv += ["-c", f"{key}={value}"]
+        log = self.dir / "postgres.log"
+        self.service = Service("postgres", argv, log, dict(os.environ), cwd=self.dir)
+        import psycopg
+
+        def ready():
+            if not self.service.alive():
+                raise RuntimeError(f"postgres exited:\n{self.service.describe()}")
+            try:
+                conn = psycopg.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                       dbname="postgres", connect_timeout=3, autocommit=True)
+            except psycopg.OperationalError:
+                return False
+            with conn:
+                conn.execute(f"CREATE DATABASE {self.database} OWNER {self.user}")
+            return True
+
+        wait_until(ready, timeout_s, f"postgres on 127.0.0.1:{self.port}", on_timeout=self.service.describe)
+
+    def query(self, sql: str) -> list[tuple]:
+        import psycopg
+
+        with psycopg.connect(self.uri) as conn:
+            return conn.execute(sql).fetchall()
+
+    def stop(self) -> None:
+        if self.service is not None:
+            self.service.stop(grace_s=10)
+            self.service = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# An MLflow tracking server: basic-auth (what cluster.yaml starts) or plain, sqlite or PostgreSQL
+
+
+def auth_config(path: Path, *, users_db: str, cache_ttl_s: int = 0) -> Path:
+    """The basic-auth app's config file (MLFLOW_AUTH_CONFIG_PATH): MLflow's defaults, the user
+    store at `users_db`, and a credential cache of `cache_ttl_s` seconds (0: none)."""
+    path.write_text("[mlflow]\n"
+                    "default_permission = READ\n"
+                    f"database_uri = {users_db}\n"
+                    "admin_username = admin\n"
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                    f"auth_cache_ttl_seconds = {int(cache_ttl_s)}\n")
+    return path
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with artifacts proxied by the server (`--serve-artifacts`).
+
+    auth: `--app-name basic-auth`, the admin password and Flask secret from the environment;
+    auth_cache_ttl_s: the credential cache (0: hash the password on every request, MLflow's
+    default); backend_uri: the run store (default: sqlite in `root`); pool_size / max_overflow:
+    the store's SQLAlchemy pool per worker (None: SQLAlchemy's 5 + 10).
+    """
 
     username = "admin"
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, auth: bool = True, backend_uri: str | None = None, workers: int = 2,
+                 auth_cache_ttl_s: int = 0, pool_size: int | None = None, max_overflow: int | None = None):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self.auth = auth
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
+        self.workers = workers
+        self.auth_cache_ttl_s = auth_cache_ttl_s
+        self.pool_size, self.max_overflow = pool_size, max_overflow
         self.password = secrets.token_urlsafe(18)
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.artifacts = root / "artifacts"
         self.service: Service | None = None
 
-    def start(self, timeout_s: float = 120) -> None:
+    def start(self, timeout_s: float = 180) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update(MLFLOW_AUTH_ADMIN_PASSWORD=self.password,
-                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
-        argv = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-                "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                "--serve-artifacts", "--artifacts-destination", str(self.artifacts), "--workers", "2"]
-        # basic_auth.db (the user store) is created in the working directory.
+        if self.pool_size is not None:
+            env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"] = str(self.pool_size)
+        if self.max_overflow is not None:
+            env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"] = str(self.max_overflow)
+        argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", self.backend_uri, "--serve-artifacts",
+                "--artifacts-destination", str(self.artifacts), "--workers", str(self.workers)]
+        if self.auth:
+            env.update(MLFLOW_AUTH_ADMIN_PASSWORD=self.password, MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(auth_config(self.root / "basic_auth.ini",
+                                                             users_db=f"sqlite:///{self.root / 'basic_auth.db'}",
+                                                             cache_ttl_s=self.auth_cache_ttl_s))
+            argv[2:2] = ["--app-name", "basic-auth"]
         self.service = Service("mlflow server", argv, self.root / "mlflow-server.log", env, cwd=self.root)
 
         def ready():
@@ -442,7 +598,7 @@ class MlflowAuthServer:
     def request(self, path: str, *, auth: bool | tuple[str, str] = False) -> tuple[int, str]:
         """GET `path`; (status, body). `auth=True` uses the admin credentials."""
         req = urllib.request.Request(self.url + path)
-        if auth:
+        if auth and self.auth:
             user, password = (self.username, self.password) if auth is True else auth
             req.add_header("Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode())
         try:
@@ -454,8 +610,17 @@ class MlflowAuthServer:
             return 0, str(exc)
 
     def client_env(self) -> dict[str, str]:
-        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password}
+        return {"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password} if self.auth else {}
 
     def stop(self) -> None:
         if self.service is not None:
             self.service.stop(grace_s=5)
+            self.service = None
+
+
+class MlflowAuthServer(MlflowServer):
+    """The server cluster.yaml starts: basic-auth with a credential cache, on `backend_uri`."""
+
+    def __init__(self, root: Path, backend_uri: str | None = None, **kwargs):
+        kwargs.setdefault("auth_cache_ttl_s", 60)
+        super().__init__(root, auth=True, backend_uri=backend_uri, **kwargs)

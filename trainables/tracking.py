@@ -81,7 +81,7 @@ def client(tracking_uri: str):
 # answers, timeouts and connection errors once MLflow's own HTTP retries gave up.
 TRANSIENT = ("locked", "queuepool limit", "temporarily_unavailable", "request_limit_exceeded",
              "failed with exception", "failed with timeout exception", "failed with error code 5",
-             "failed with error code 429", "too many connections", "remaining connection slots",
+             "failed with error code 429", "too many clients", "too many connections", "remaining connection slots",
              "the database system is starting up", "the database system is shutting down",
              "server closed the connection", "could not connect to server", "connection refused")
 # MlflowException error codes that say the same (a REST answer with a JSON body has no message text for it).
@@ -257,10 +257,14 @@ class _Outbox:
     def _send(self, batch: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
 
-        mlflow_client = client(self.tracking_uri)
+        def call(method: str, *args) -> Any:
+            # The client is made inside the retried call: a sqlite store's first connection may find
+            # the database locked too.
+            return _with_retry(lambda: getattr(client(self.tracking_uri), method)(self.run_id, *args),
+                               retry_s=self.retry_s)
+
         if batch[0]["kind"] == "metrics":
-            metrics = [Metric(k, v, ts, step) for write in batch for (k, v, ts, step) in write["metrics"]]
-            _with_retry(mlflow_client.log_batch, self.run_id, metrics=metrics, retry_s=self.retry_s)
+            call("log_batch", [Metric(k, v, ts, step) for write in batch for (k, v, ts, step) in write["metrics"]])
             return
         from mlflow.tracking.multimedia import compress_image_size, convert_to_pil_image
 
@@ -273,9 +277,9 @@ class _Outbox:
         with tempfile.TemporaryDirectory(prefix="sweeper-image-") as folder:
             image.save(Path(folder) / f"{name}.png")
             compress_image_size(image).save(Path(folder) / f"{name}+compressed.webp")
-            _with_retry(mlflow_client.log_artifacts, self.run_id, folder, "images", retry_s=self.retry_s)
+            call("log_artifacts", folder, "images")
         if not self._images_tagged:
-            _with_retry(mlflow_client.set_tag, self.run_id, TAG_LOGGED_IMAGES, True, retry_s=self.retry_s)
+            call("set_tag", TAG_LOGGED_IMAGES, True)
             self._images_tagged = True
 
 
