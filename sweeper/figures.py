@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import textwrap
+from collections import Counter
 from typing import Any, Iterable
 
 import numpy as np
@@ -26,6 +28,25 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float, np.floating)) and math.isfinite(value)
 
 
+def drawn(fig: Figure) -> Counter:
+    """What a figure shows, by artist gid: points of scatter collections, segments of line
+    collections (error bars), one per line. The report's text is written from this, so it says
+    what is drawn."""
+    seen: Counter = Counter()
+    for ax in fig.axes:
+        for artist in ax.get_children():
+            gid = artist.get_gid()
+            if not gid:
+                continue
+            if hasattr(artist, "get_offsets") and not hasattr(artist, "get_segments"):
+                seen[gid] += len(artist.get_offsets())
+            elif hasattr(artist, "get_segments"):
+                seen[gid] += len(artist.get_segments())
+            else:
+                seen[gid] += 1
+    return seen
+
+
 def order(values: Iterable[str], first: tuple[str, ...]) -> list[str]:
     """`first`'s names that occur, in its order, then the others by name."""
     values = set(values)
@@ -47,7 +68,7 @@ def _series_label(model: str, prior: str, models: set[str]) -> str:
 
 
 K_POINT_COLUMNS = ["run_id", "trial", "dataset", "model", "prior", "K", "lr", "seed", "epochs", "ended",
-                   "stop_reason", "config", "test_ll"]
+                   "stop_reason", "config", "score", "test_ll"]
 
 
 def k_points_frame(trials: pd.DataFrame) -> pd.DataFrame:
@@ -56,6 +77,8 @@ def k_points_frame(trials: pd.DataFrame) -> pd.DataFrame:
     `ended`: it trained to its own end (max epochs or early stopping); the others (stopped by the
     scheduler) were cut at `epochs` and are only comparable with trials of the same budget.
     `config`: every param but the seed and K, so seeds of one setting can be averaged per K.
+    `score`: what chooses the best setting per K (the spec's metric at the tested epoch, higher is
+    better; sweeper.report.with_histories).
     """
     if trials.empty:
         return pd.DataFrame(columns=K_POINT_COLUMNS)
@@ -117,17 +140,20 @@ def _epoch_sizes(epochs: pd.Series | np.ndarray, top: float) -> np.ndarray:
     return 12.0 + 110.0 * np.sqrt(e / max(top, 1.0))
 
 
-def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None) -> Figure:
+def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None,
+                   chosen_on: str = "val_elbo") -> Figure:
     """Test LL against K (log axis), like with like; one panel per dataset.
 
     - Trials that trained to their own end (filled markers, gid='ended') are comparable with each
       other: the seeds of one setting are averaged per K (error bar: their std, gid='seed_spread'),
-      and a line (gid='best_ended') joins the best setting per K of each (model, prior).
+      and a line (gid='best_ended') joins, per K, the setting with the best mean `score` (the
+      metric `chosen_on`, never the test LL) of each (model, prior), at its mean test LL.
     - Trials the scheduler stopped (hollow markers, gid='stopped') ran a shorter budget: they are
       drawn, never joined, and their budget is visible as the marker size.
     - Marker area grows with the epochs trained; colour is the learning rate (colour bar) when it
       varies, else the prior. Shape: the prior.
-    `baselines` (dataset, model, test_ll): the standard prior's best ended trial, a horizontal line.
+    `baselines` (dataset, model, test_ll, n_seeds): the standard prior's configuration chosen on
+    validation among its ended trials, a horizontal line (gid='baseline').
     """
     datasets = order(points["dataset"], DATASET_ORDER)
     fig, axes = _panel_grid(len(datasets))
@@ -154,27 +180,31 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None) 
                 # Seeds of one setting at one K: mean and spread.
                 agg = ended.groupby(["config", "K"], sort=False).agg(
                     mean=("test_ll", "mean"), std=("test_ll", "std"), n=("test_ll", "size"),
-                    lr=("lr", "first")).reset_index()
+                    score=("score", "mean"), lr=("lr", "first")).reset_index()
                 spread = agg[agg["n"] > 1]
                 if len(spread):
                     bars = ax.errorbar(spread["K"], spread["mean"], yerr=spread["std"], fmt="none", ecolor="k",
                                        elinewidth=1.0, capsize=3)
                     for collection in bars.lines[2]:
                         collection.set_gid("seed_spread")
-                best = agg.groupby("K")["mean"].max().sort_index()
-                if len(best) > 1:
+                # Per K the setting chosen on validation (the first where none has a score), at its test LL.
+                chosen = agg.loc[agg["score"].fillna(-np.inf).groupby(agg["K"]).idxmax()].set_index("K").sort_index()
+                if len(chosen) > 1:
                     line_style = MODEL_LINESTYLES.get(model, "-")
-                    ax.plot(best.index, best.values, line_style, color=PRIOR_COLORS.get(prior, "#3465a4"), lw=1.2,
-                            alpha=0.8, gid="best_ended", label=f"{label}: best setting per K (seed mean)")
+                    ax.plot(chosen.index, chosen["mean"], line_style, color=PRIOR_COLORS.get(prior, "#3465a4"),
+                            lw=1.2, alpha=0.8, gid="best_ended",
+                            label=f"{label}: per K, the setting with the best {chosen_on} (seed mean)")
             if len(stopped):
                 ax.scatter(stopped["K"], stopped["test_ll"], s=_epoch_sizes(stopped["epochs"], top),
                            marker=marker, facecolors="none", edgecolors=colour(stopped, prior), linewidths=1.0,
                            alpha=0.8, gid="stopped", label=f"{label}: stopped by the scheduler (shorter budget)")
         if baselines is not None and not baselines.empty:
             for b in baselines[baselines["dataset"] == dataset].itertuples(index=False):
-                ax.axhline(b.test_ll, color=PRIOR_COLORS["standard"], lw=1,
+                seeds = f", mean of {int(b.n_seeds)} seeds" if "n_seeds" in baselines and b.n_seeds > 1 else ""
+                ax.axhline(b.test_ll, color=PRIOR_COLORS["standard"], lw=1, gid="baseline",
                            ls=MODEL_LINESTYLES.get(b.model, "-") if b.model != "vae" else ":",
-                           label=f"{_series_label(b.model, 'standard', models | {b.model})} (best trial)")
+                           label=f"{_series_label(b.model, 'standard', models | {b.model})}: chosen by "
+                                 f"{chosen_on}{seeds}")
         ax.set_xscale("log")
         ks = sorted(set(here["K"]))
         if len(ks) <= 8:   # few K values (a grid): label exactly those
@@ -203,25 +233,26 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None) 
     return fig
 
 
-def histograms_figure(per_image: list[tuple[str, str, str, np.ndarray]]) -> Figure:
-    """(dataset, model, prior, per-image LL) of the best trial per prior, overlaid per dataset."""
+def histograms_figure(per_image: list[tuple[str, str, str, np.ndarray, str]]) -> Figure:
+    """(dataset, model, prior, per-image LL, budget) of the trial shown per prior (chosen on
+    validation), overlaid per dataset; the legend gives each trial's budget ('6 epoch(s), early stopping')."""
     datasets = order({d for d, *_ in per_image}, DATASET_ORDER)
-    models = {m for _, m, _, _ in per_image}
+    models = {m for _, m, *_ in per_image}
     fig, axes = _panel_grid(len(datasets))
     for ax, dataset in zip(axes, datasets):
-        here = [(m, p, v) for d, m, p, v in per_image if d == dataset]
-        values = np.concatenate([v for *_, v in here])
+        here = [(m, p, v, b) for d, m, p, v, b in per_image if d == dataset]
+        values = np.concatenate([v for _, _, v, _ in here])
         bins = np.histogram_bin_edges(values, bins=min(60, max(10, values.size // (10 * len(here)))))
-        for model, prior, v in here:
+        for model, prior, v, budget in here:
             color = PRIOR_COLORS.get(prior)
             ax.hist(v, bins=bins, color=color, alpha=0.35, histtype="stepfilled")
             ax.hist(v, bins=bins, color=color, histtype="step", lw=1.2,
-                    label=f"{_series_label(model, prior, models)} (mean {v.mean():.2f}, {v.size} images)")
+                    label=f"{_series_label(model, prior, models)}: mean {v.mean():.2f}, {v.size} images\n({budget})")
         ax.set_xlabel("test log-likelihood per image (nats)")
         ax.set_ylabel("images")
         ax.set_title(dataset)
-        ax.legend(fontsize=8)
-    fig.suptitle("Per-image test log-likelihood of the best trial per prior")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Per-image test log-likelihood of the trial shown per prior")
     return fig
 
 
@@ -278,7 +309,8 @@ def learning_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure
 
     Colour: K (continuous colour map and colour bar; the standard prior, which has no K, in gray)
     when K varies, else the learning rate when it varies, else the prior. Line style: the model.
-    A cross (gid='scheduler') marks the last epoch of each trial the scheduler stopped, a triangle
+    A dot (gid='best_epoch') marks each trial's tested (best) epoch, whose weights were restored;
+    a cross (gid='scheduler') the last epoch of each trial the scheduler stopped, a triangle
     (gid='nan') the last finite epoch of each trial that diverged. The y-axis starts at the
     CURVES_LOW_PERCENTILE-th percentile of the panel's values, so one diverging trial cannot flatten
     the others (`curves_clip`)."""
@@ -289,7 +321,7 @@ def learning_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure
     fig, axes = _panel_grid(len(datasets), width=5.5)
     for ax, dataset in zip(axes, datasets):
         ids = [r for r in curves["run_id"].unique() if info.at[r, "dataset"] == dataset]
-        seen, stops, diverged = set(), [], []
+        seen, stops, diverged, tested = set(), [], [], []
         here = curves[curves["run_id"].isin(ids)]
         for run_id, c in here.groupby("run_id", sort=False):
             c = c.sort_values("epoch")
@@ -304,11 +336,19 @@ def learning_curves_figure(curves: pd.DataFrame, trials: pd.DataFrame) -> Figure
             ax.plot(c["epoch"], c["val_elbo"], color=color, lw=1, alpha=0.7, gid=run_id,
                     ls=MODEL_LINESTYLES.get(model, "-"), label=None if label in seen else label)
             seen.add(label)
+            best = info.at[run_id, "best_epoch"] if "best_epoch" in info else None
+            at_best = c[c["epoch"] == best] if best is not None and pd.notna(best) else c.iloc[0:0]
+            if len(at_best):
+                tested.append((at_best["epoch"].iloc[0], at_best["val_elbo"].iloc[0], color))
             last = (c["epoch"].iloc[-1], c["val_elbo"].iloc[-1])
             if info.at[run_id, "stop_reason"] == STOP_SCHEDULER:
                 stops.append(last)
             elif info.at[run_id, "stop_reason"] == STOP_NAN:
                 diverged.append(last)
+        if tested:
+            x, y, colors = zip(*tested)
+            ax.scatter(x, y, marker="o", c=list(colors), edgecolors="k", linewidths=0.5, s=18, zorder=3,
+                       gid="best_epoch", label="tested (best) epoch")
         if stops:
             x, y = zip(*stops)
             ax.scatter(x, y, marker="x", color="k", s=30, zorder=3, gid="scheduler", label="stopped by the scheduler")
@@ -341,18 +381,21 @@ def _axis_values(values: list, log: bool) -> tuple[np.ndarray, list[float], list
     if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values):
         x = np.log10(np.asarray(values, dtype=float)) if log else np.asarray(values, dtype=float)
         lo, hi = float(x.min()), float(x.max())
-        span = hi - lo or 1.0
-        ticks = np.linspace(lo, hi, 3) if hi > lo else np.array([lo])
+        if hi == lo:   # one value: mid-axis, as a single category
+            return np.full(len(x), 0.5), [0.5], [short(10 ** lo if log else lo)]
+        ticks = np.linspace(lo, hi, 3)
         labels = [short(10 ** t if log else t) for t in ticks]
-        return (x - lo) / span, list((ticks - lo) / span), labels
+        return (x - lo) / (hi - lo), list((ticks - lo) / (hi - lo)), labels
     cats = sorted({str(v) for v in values})
     pos = {c: (i / (len(cats) - 1) if len(cats) > 1 else 0.5) for i, c in enumerate(cats)}
     return np.array([pos[str(v)] for v in values]), list(pos.values()), cats
 
 
-def optuna_figure(study, metric: str, importances: dict[str, float]) -> Figure:
-    """Left: PED-ANOVA importances (bars, gid='importance'). Right: one line per COMPLETE trial
-    across the searched parameters and the metric, coloured by the metric (gid='trial_lines')."""
+def optuna_figure(study, metric: str, importances: dict[str, float],
+                  why: str = "too few completed trials") -> Figure:
+    """Left: PED-ANOVA importances (bars, gid='importance'), or `why` they are left out. Right: one
+    line per COMPLETE trial across the searched parameters and the metric, coloured by the metric
+    (gid='trial_lines')."""
     import optuna
     from matplotlib import colormaps
 
@@ -366,7 +409,8 @@ def optuna_figure(study, metric: str, importances: dict[str, float]) -> Figure:
         ax_imp.barh(names, [importances[n] for n in names], color="#3465a4", gid="importance")
         ax_imp.set_xlabel("importance (PED-ANOVA, normalised)")
     else:
-        ax_imp.text(0.5, 0.5, "too few completed trials", ha="center", va="center", transform=ax_imp.transAxes)
+        ax_imp.text(0.5, 0.5, textwrap.fill(why, 40), ha="center", va="center", transform=ax_imp.transAxes,
+                    fontsize=9)
         ax_imp.set_axis_off()
     ax_imp.set_title("parameter importance")
     if complete and params:
@@ -382,7 +426,8 @@ def optuna_figure(study, metric: str, importances: dict[str, float]) -> Figure:
             columns.append((full, ticks, labels))
         metric_values = np.array([t.value for t in complete])
         columns.append(_axis_values(list(metric_values), False))
-        norm = Normalize(metric_values.min(), metric_values.max())
+        low, high = float(metric_values.min()), float(metric_values.max())
+        norm = Normalize(low, high) if high > low else Normalize(low - 1.0, high + 1.0)
         cmap = colormaps["viridis"]
         xs = np.arange(len(axes_names))
         ys = np.stack([c[0] for c in columns], axis=1)        # [trials, axes]

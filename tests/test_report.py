@@ -156,7 +156,7 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     marks = {c.get_gid(): len(c.get_offsets()) for ax in figure.axes for c in ax.collections if c.get_gid()}
     assert marks == {"scheduler": 1, "nan": 1}
     names = {p.name for p in result.files}
-    assert names == {"table.csv", "trials.csv", "ll_vs_K.png", "learning_curves.png", "report.md"}
+    assert names == {"table.csv", "trials.csv", "ll_vs_K.png", "learning_curves.png", "report.md", "report.html"}
     listed = pd.read_csv(tmp_path / "out" / "trials.csv", dtype=str, keep_default_na=False).set_index("run_id")
     assert listed.at[nan, "stop_reason"] == "nan" and listed.at[asha, "epochs"] == "1"
     assert listed.at[asha, "K"] == "" and listed.at[asha, "lr"] == "0.0005"   # blank, not the unused default
@@ -277,7 +277,8 @@ def test_only_nan_trials_give_notes_and_the_learning_curves(tmp_path):
     assert result.exit_code == 0, result.output
     assert result.exception is None
     assert "no trial has a test log-likelihood yet" in result.output and "diverged (NaN)" in result.output
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["learning_curves.png", "report.md", "trials.csv"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["learning_curves.png", "report.html", "report.md",
+                                                                  "trials.csv"]
 
 
 def test_an_empty_experiment_gives_a_clear_message(tmp_path):
@@ -288,7 +289,7 @@ def test_an_empty_experiment_gives_a_clear_message(tmp_path):
     assert result.exception is None and "Traceback" not in result.output
     assert "has no runs yet" in result.output
     assert "has no runs yet" in (out / "report.md").read_text()
-    assert [p.name for p in out.iterdir()] == ["report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.md"]
 
 
 def test_an_unknown_experiment_is_an_error_naming_it_and_the_known_ones(tmp_path):
@@ -355,7 +356,7 @@ def test_every_file_is_produced_valid_and_logged_to_the_sweep(sweep, report):
     outcome, _ = sweep
     out = report.out
     expected = {"table.csv", "trials.csv", "ll_vs_K.png", "ll_histograms.png", "learning_curves.png", "report.md",
-                "best_static_mnist_vae_standard.png", "best_static_mnist_vae_vamp.png"}
+                "report.html", "best_static_mnist_vae_standard.png", "best_static_mnist_vae_vamp.png"}
     assert {p.name for p in report.files} == expected
     assert {p.name for p in out.iterdir()} == expected
     for png in out.glob("*.png"):
