@@ -272,3 +272,31 @@ def test_one_constraints_file_pins_the_tested_ray_optuna_mlflow_everywhere():
         assert '-e ".[dev]" -c constraints.txt' in (ROOT / path).read_text(), path
     cluster = (ROOT / "cluster.yaml").read_text()
     assert cluster.count("-c ~/vampprior-sweeper/constraints.txt") == 2       # head and workers
+
+
+def test_the_heads_mlflow_runs_on_postgresql_with_pools_that_fit_together(config):
+    """What benchmarks/tracking.py measured, as cluster.yaml sets it: PostgreSQL on a Unix socket
+    only, a SQLAlchemy pool per worker that a full worker cannot exhaust, max_connections for all
+    workers' pools, and the credential cache."""
+    import anyio
+
+    commands = config["head_start_ray_commands"]
+    server = next(c for c in commands if "mlflow server" in c)
+    postgres = next(c for c in commands if "pg_ctl" in c)
+    workers = int(re.search(r"--workers (\d+)", server)[1])
+    pool = int(re.search(r"MLFLOW_SQLALCHEMYSTORE_POOL_SIZE=(\d+)", server)[1])
+    overflow = int(re.search(r"MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW=(\d+)", server)[1])
+    max_connections = int(re.search(r"max_connections=(\d+)", postgres)[1])
+
+    async def threads() -> int:   # how many requests one worker runs at once (Flask under anyio)
+        return int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+
+    assert pool + overflow >= 2 * anyio.run(threads), "log_batch holds two connections per request"
+    assert max_connections >= workers * (pool + overflow) + 10
+    assert '${MLFLOW_BACKEND_STORE_URI:-postgresql+psycopg://' in server
+    assert "listen_addresses=''" in postgres and "--auth=peer" in postgres     # no TCP port, no password
+    assert "MLFLOW_AUTH_CONFIG_PATH=" in server
+    ini = next(c for c in commands if "basic_auth.ini" in c and "printf" in c)
+    assert "'auth_cache_ttl_seconds = 60'" in ini and "'default_permission = READ'" in ini
+    setup = " ".join(config["head_setup_commands"])
+    assert "apt-get install" in setup and "postgresql" in setup and "psycopg[binary]" in setup

@@ -5,6 +5,10 @@ authentication, an `mlflow server --app-name basic-auth` on 127.0.0.1, and `swee
 --address ... --tracking-uri http://...` as a separate driver process, exactly as on the cluster
 (`ray exec cluster.yaml 'sweeper run ...'`). Each node has 1 CPU, so two concurrent trials
 must land on different nodes. Needs `mlflow[auth]` (Flask-WTF) for the basic-auth server.
+
+The server is configured as cluster.yaml's (credential cache, larger pool) and stores runs in a
+real PostgreSQL (Debian's package, which .ci/run installs); where PostgreSQL cannot be had it
+falls back to sqlite, and tests/test_tracking_server.py says why in its skip.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from cluster_utils import (
     WORKER_IP,
     LocalRayCluster,
     MlflowAuthServer,
+    PostgresServer,
+    postgres_missing,
     tail,
     wait_until,
 )
@@ -37,12 +43,22 @@ def mlflow_server(tmp_path_factory):
         import flask_wtf  # noqa: F401
     except ImportError:
         pytest.fail("the MLflow basic-auth server needs Flask-WTF: pip install 'mlflow[auth]'")
-    server = MlflowAuthServer(tmp_path_factory.mktemp("mlflow-server"))
+    root = tmp_path_factory.mktemp("mlflow-server")
+    pg = None if postgres_missing() else PostgresServer(root / "pg", durable=False)
+    server = None
     try:
+        if pg:
+            pg.start()
+        server = MlflowAuthServer(root, backend_uri=pg.uri if pg else None, workers=2, auth_cache_ttl_s=60,
+                                  pool_size=20, max_overflow=30)
+        server.postgres = pg
         server.start()
         yield server
     finally:
-        server.stop()
+        if server:
+            server.stop()
+        if pg:
+            pg.stop()
 
 
 @pytest.fixture
@@ -113,6 +129,8 @@ def test_sweep_places_trials_on_both_nodes_and_logs_over_http(cluster, mlflow_se
     for path in ("/api/2.0/mlflow/experiments/search?max_results=5", "/ajax-api/2.0/mlflow/runs/search"):
         status, _ = server.request(path)
         assert status == 401, f"unauthenticated GET {path} answered {status}, expected 401"
+    assert server.request("/api/2.0/mlflow/experiments/search?max_results=5", auth=True)[0] == 200
+    # Wrong credentials are refused, also while the right ones are in the server's cache.
     status, _ = server.request("/api/2.0/mlflow/experiments/search?max_results=5", auth=("admin", "wrong"))
     assert status == 401
     wrong = {**cluster.env, "RAY_AUTH_TOKEN": "0" * 64}
@@ -151,6 +169,12 @@ def test_sweep_places_trials_on_both_nodes_and_logs_over_http(cluster, mlflow_se
             images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
             assert any(p.startswith("images/pseudo_inputs+step+1+") for p in images), images
         assert_arrived_over_http(run, server, client, workdir)
+    if server.postgres:   # the runs are PostgreSQL's rows, each epoch once
+        pg = server.postgres
+        ids = ", ".join(f"'{run.info.run_id}'" for run in runs)
+        assert pg.query(f"SELECT count(*) FROM runs WHERE run_uuid IN ({ids})") == [(4,)]
+        assert pg.query(f"SELECT run_uuid, step FROM metrics WHERE key = 'val_elbo' AND run_uuid IN ({ids}) "
+                        "GROUP BY run_uuid, step HAVING count(*) > 1") == []
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["processes", "pooled"])
