@@ -340,10 +340,12 @@ def worker(args: dict, uri: str, env: dict, experiment_id: str, parent_id: str, 
 # Server side
 
 
-def tree_cpu_s(service) -> float:
-    """CPU seconds of a session's processes, the reaped children included."""
+def tree_cpu_s(root_pid: int) -> float:
+    """CPU seconds of a process and its descendants, the reaped children included."""
+    from cluster_utils import tree_pids
+
     total = 0
-    for pid in service.pids():
+    for pid in tree_pids(root_pid):
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         except OSError:
@@ -419,9 +421,9 @@ def run_config(args: argparse.Namespace, n_trials: int, traffic_file: str, root:
         for p in procs:
             p.start()
         time.sleep(max(0.0, t0 - time.time()))
-        server0, pg0 = tree_cpu_s(server.service), (tree_cpu_s(pg.service) if pg else 0.0)
+        server0, pg0 = tree_cpu_s(server.service.sid), (tree_cpu_s(pg.service.sid) if pg else 0.0)
         time.sleep(max(0.0, t1 - time.time()))
-        server1, pg1 = tree_cpu_s(server.service), (tree_cpu_s(pg.service) if pg else 0.0)
+        server1, pg1 = tree_cpu_s(server.service.sid), (tree_cpu_s(pg.service.sid) if pg else 0.0)
         cpu_s = (server1 - server0) + (pg1 - pg0)
         results = [out.get(timeout=args.seconds + 900) for _ in procs]
         for p in procs:

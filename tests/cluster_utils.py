@@ -222,6 +222,27 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def tree_pids(root: int) -> list[int]:
+    """`root` and its live descendants, by parent id (PostgreSQL's backends each start a session
+    of their own, so a session does not hold them)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
 def process_name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -522,9 +543,23 @@ class PostgresServer:
         with psycopg.connect(self.uri) as conn:
             return conn.execute(sql).fetchall()
 
+    def pids(self) -> list[int]:
+        """The server's processes: the postmaster and its backends (each in a session of its own)."""
+        return tree_pids(self.service.sid) if self.service else []
+
     def stop(self) -> None:
         if self.service is not None:
-            self.service.stop(grace_s=10)
+            # Fast shutdown (SIGINT to the postmaster): clients are cut, the backends end with it.
+            postmaster = [p for p in tree_pids(self.service.sid) if process_name(p) == "postgres"][:1]
+            for pid in postmaster:
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in self.pids()[1:]):
+                time.sleep(0.2)
+            self.service.stop(grace_s=5)
             self.service = None
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -78,8 +78,8 @@ def test_only_the_named_transient_errors_are_retried():
 TRANSIENT_ANSWERS = {
     # log_batch needs two pooled connections: 15+ requests in one worker exhaust SQLAlchemy's 5 + 10.
     "QueuePool 400": lambda: RestException({"error_code": "BAD_REQUEST", "message": (
-        "(sqlalchemy.exc.TimeoutError) QueuePool limit of size 5 overflow 10 reached, connection timed out, "
-        "timeout 30.00 (Background on this error at: https://sqlalche.me/e/21/3o7r)")}),
+        "QueuePool limit of size 5 overflow 10 reached, connection timed out, timeout 30.00 "
+        "(Background on this error at: https://sqlalche.me/e/21/3o7r)")}),
     "sqlite locked": lambda: MlflowException("(sqlite3.OperationalError) database is locked",
                                              error_code=TEMPORARILY_UNAVAILABLE),
     "503 after MLflow's retries": lambda: RestException({"error_code": "TEMPORARILY_UNAVAILABLE",
