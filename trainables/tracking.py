@@ -187,6 +187,7 @@ class _Outbox:
             self._raise()
             self._queue.append(write)
             self._bytes += size
+            self._closed = False          # a closed run's handle used again (a reused actor)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"mlflow-outbox-{self.run_id[:8]}",
                                                 daemon=True)
@@ -320,7 +321,10 @@ class RunHandle:
 
     `log_metrics` and `log_image` queue their write in the run's outbox (see the module's
     docstring); with `wait=True` (the default) they return once it is stored, with `wait=False` at
-    once. Other calls are synchronous, retried while the server says "not now".
+    once. Writes are stored in the order they were queued, so a trainable that queues an epoch's
+    image before its metrics knows that an epoch whose metrics are stored has its image too
+    (`resume` returns the last such epoch). Other calls are synchronous, retried while the server
+    says "not now"; `terminate` and `last_step` first wait for the queue.
     """
 
     tracking_uri: str
