@@ -250,3 +250,20 @@ def test_a_write_that_fails_for_good_fails_the_trials_next_call(tmp_path):
     with pytest.raises(tracking.TrackingError):
         run.log_metrics({"epoch": 2}, step=2, wait=False)
     assert len(run.unacknowledged()) == 1       # still there for the checkpoint
+
+
+def test_a_failing_run_still_closes_and_its_failed_writes_go_out_when_the_trial_resumes(tmp_path):
+    uri, run_id, client = new_run(tmp_path)
+    client.delete_run(run_id)
+    run = tracking.RunHandle(uri, run_id)
+    run.log_metrics({"epoch": 1}, step=1, wait=False)
+    with pytest.raises(tracking.TrackingError):
+        run.flush()
+    checkpoint = run.unacknowledged()
+    with pytest.raises(tracking.TrackingError):
+        run.terminate("FINISHED")             # not FINISHED without its writes
+    client.restore_run(run_id)
+    run.terminate("FAILED")                   # a failing trial's run is closed all the same
+    assert client.get_run(run_id).info.status == "FAILED"
+    restored = tracking.RunHandle(uri, run_id)
+    assert restored.resume(checkpoint, "epoch") == 1      # its checkpoint's writes are sent again

@@ -210,6 +210,15 @@ class _Outbox:
             self._raise()
             return True
 
+    def retry(self) -> None:
+        """After a failure: the writes still queued are tried again (a restored trial)."""
+        with self._cond:
+            self._error = None
+            if self._queue and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"mlflow-outbox-{self.run_id[:8]}",
+                                                daemon=True)
+                self._thread.start()
+
     def close(self) -> None:
         """The thread ends once the queue is empty (what is still queued is still sent)."""
         with self._cond:
@@ -387,6 +396,7 @@ class RunHandle:
         stored, and return the last step of metric `step_key` in the run (0 if none). The images
         the run already has are remembered, so that replayed epochs do not log them again."""
         box = self._outbox
+        box.retry()
         for write in unacknowledged:
             if write["kind"] == "image":
                 box.images.add((write["key"], write["step"]))
@@ -446,8 +456,15 @@ class RunHandle:
         return max((m.step for m in history), default=0)
 
     def terminate(self, status: str = "FINISHED") -> None:
-        """Close the run as `status` once everything queued for it is stored."""
-        self.flush()
+        """Close the run as `status` once everything queued for it is stored. A run that cannot
+        be FINISHED for want of its writes raises TrackingError; a failing or killed run is closed
+        all the same (what was not stored is in the trial's checkpoint)."""
+        try:
+            self.flush()
+        except TrackingError as exc:
+            if status == "FINISHED":
+                raise
+            _logger.warning("%s", exc)
         self._retry(self.client.set_terminated, self.run_id, status)
         self._outbox.close()
         _drop_outbox(self.tracking_uri, self.run_id)
