@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import threading
 import time
 
 import pytest
 import ray
 import torch
 
-from test_batched import config, synthetic
-from trainables.vae.errors import ConfigError
-from trainables.pool import PoolActor, TrialPool, group_key
+from test_batched import D, config, synthetic
+from trainables.pool import Failure, Membership, PoolActor, PoolError, TrialPool, group_key
+from trainables.vae.batched import BatchedTrainer
+from trainables.vae.config import TrainConfig
 from trainables.vae.train import Trainer
 
 
@@ -23,38 +26,40 @@ def pool_with(splits, **members) -> TrialPool:
 
 
 def slot_params(pool: TrialPool, trial_id: str) -> dict[str, torch.Tensor]:
-    group = pool.groups[pool.group_of(trial_id)]
-    return {k: v.detach().clone() for k, v in group.trainer.extract(group.slots.index(trial_id)).state_dict().items()}
+    return pool.state(trial_id)["model"]
 
 
 def test_trials_of_one_architecture_train_as_one_batch_each_with_its_own_metrics():
     splits = synthetic(100)
     pool = pool_with(splits, a=config(K=3, seed=0, lr=1e-3), b=config(K=6, seed=1, lr=3e-3, warmup=2))
     key = pool.group_of("a")
-    assert pool.group_of("b") == key and len(pool.groups) == 1
+    assert pool.group_of("b") == key and {m.key for m in pool.membership.members.values()} == {key}
     first = pool.run_round(key)
     second = pool.run_round(key)
     assert set(first) == set(second) == {"a", "b"}
     assert [first["a"]["epoch"], second["a"]["epoch"]] == [1, 2]
     assert first["b"]["beta"] == 0.5 and first["a"]["beta"] == 1.0      # each its own warm-up
     assert first["a"]["pool_size"] == 2 and first["a"]["train_loss"] != first["b"]["train_loss"]
-    assert pool.groups[key].rebuilds == 1                              # no change, no rebuild
-    assert pool.stats()["model_epochs"] == 4
+    assert pool.device_trainers.groups[key].rebuilds == 1              # no change, no rebuild
+    assert pool.device_trainers.model_epochs == 4
 
 
 def test_a_joining_trial_starts_fresh_and_the_others_keep_their_state():
     splits = synthetic(100)
-    pool = pool_with(splits, a=config(K=3, seed=0), b=config(K=4, seed=1))
+    cfg_a = config(K=3, seed=0)
+    pool = pool_with(splits, a=cfg_a, b=config(K=4, seed=1))
     key = pool.group_of("a")
     pool.run_round(key)
-    before = slot_params(pool, "a")
+    before = pool.state("a")
     pool.join("c", config(K=5, seed=2))
-    pool._rebuild(pool.groups[key])                                    # what the next round does first
-    after = slot_params(pool, "a")
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    out = pool.run_round(key)
+    out = pool.run_round(key)                                          # rebuilt with c
     assert {t: m["epoch"] for t, m in out.items()} == {"a": 2, "b": 2, "c": 1}
-    assert out["c"]["pool_size"] == 3
+    assert out["c"]["pool_size"] == 3 and pool.device_trainers.groups[key].rebuilds == 2
+    alone = Trainer(cfg_a, splits, "cpu")                              # a, continued alone from its state
+    alone.load_state_dict(copy.deepcopy(before))
+    assert out["a"]["train_loss"] == pytest.approx(alone.step()["train_loss"], rel=1e-5)
+    fresh = Trainer(config(K=5, seed=2), splits, "cpu").step()        # c, as its seed builds it
+    assert out["c"]["train_loss"] == pytest.approx(fresh["train_loss"], rel=1e-5)
 
 
 def test_a_trial_that_leaves_is_gone_from_the_next_round():
@@ -66,10 +71,10 @@ def test_a_trial_that_leaves_is_gone_from_the_next_round():
     pool.leave("b")                                                    # idempotent
     out = pool.run_round(key)
     assert set(out) == {"a"} and out["a"]["pool_size"] == 1
-    with pytest.raises(KeyError, match="must join again"):
+    with pytest.raises(PoolError, match="must join again"):
         pool.group_of("b")
     pool.leave("a")
-    assert pool.groups == {}                                           # the trainer is freed
+    assert pool.device_trainers.groups == {} and pool.membership.members == {}   # the trainer is freed
 
 
 def test_a_slot_state_is_a_trainer_checkpoint_and_rejoining_with_it_continues_the_trial():
@@ -106,7 +111,8 @@ def test_a_trial_whose_training_stopped_is_not_waited_for():
     assert pool.state("short")["stop_reason"] == "completed"            # still there until it leaves
 
 
-def test_a_failed_rebuild_loses_no_members_state():
+def test_a_state_that_does_not_load_fails_its_trial_alone_and_the_others_keep_theirs():
+    """Issue 20, finding 3, one level down: one member's failure in a rebuild is its own."""
     splits = synthetic(100)
     pool = pool_with(splits, a=config(K=3, seed=0), b=config(K=4, seed=1))
     key = pool.group_of("a")
@@ -114,11 +120,12 @@ def test_a_failed_rebuild_loses_no_members_state():
         pool.run_round(key)
     wrong = Trainer(config(K=9, seed=2), splits, "cpu").state_dict()     # K=9 state for a K=4 slot
     pool.join("c", config(K=4, seed=2), wrong)
-    with pytest.raises(ConfigError, match="K=9"):
-        pool.run_round(key)
-    pool.leave("c")
     out = pool.run_round(key)
-    assert {t: m["epoch"] for t, m in out.items()} == {"a": 3, "b": 3}   # not rebuilt from their seeds
+    assert isinstance(out["c"], Failure) and "K=9" in out["c"].message
+    assert {t: out[t]["epoch"] for t in "ab"} == {"a": 3, "b": 3}       # not rebuilt from their seeds
+    assert pool.members(key) == ["a", "b"]                              # c must join again
+    out = pool.run_round(key)
+    assert {t: m["epoch"] for t, m in out.items()} == {"a": 4, "b": 4}
 
 
 def test_a_late_leave_of_an_earlier_incarnation_does_not_remove_the_trial():
@@ -128,7 +135,7 @@ def test_a_late_leave_of_an_earlier_incarnation_does_not_remove_the_trial():
     pool.leave("a", first)                           # the dead process's cleanup, late
     assert pool.members(pool.group_of("a")) == ["a"]
     pool.leave("a", second)
-    assert pool.groups == {}
+    assert pool.membership.members == {}
 
 
 def test_other_architectures_get_their_own_group_and_2_level_models_pool_too():
@@ -143,6 +150,219 @@ def test_other_architectures_get_their_own_group_and_2_level_models_pool_too():
     assert metrics["d"]["train_loss"] == pytest.approx(alone["train_loss"], rel=1e-5)   # a slot is its trial
 
 
+# -- the actor's logic, on an event loop of the test (no Ray: deterministic, and fast) -----------
+def run(coroutine, timeout: float = 120.0):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+async def on_thread(event: threading.Event) -> None:
+    """Wait for a threading.Event without blocking the event loop."""
+    assert await asyncio.get_running_loop().run_in_executor(None, event.wait, 60), "timed out"
+
+
+def alone(cfg: TrainConfig, splits, epochs: int) -> list[dict]:
+    trainer = Trainer(cfg, splits, "cpu")
+    return [trainer.step() for _ in range(epochs)]
+
+
+def test_the_actor_runs_a_round_once_every_member_asked_for_it():
+    splits = synthetic(100)
+
+    async def scenario():
+        actor = PoolActor("cpu", 60, splits)
+        await actor.join("a", config(K=3, seed=0))
+        await actor.join("b", config(K=5, seed=1))
+        first = asyncio.ensure_future(actor.step("a"))
+        await asyncio.sleep(0)                     # a's request is in
+        stats = await actor.stats()                # answered by the device thread: after any queued round
+        assert stats["rounds"] == 0 and not first.done()       # a waits for b: no round was started
+        a, b = await asyncio.gather(first, actor.step("b"))
+        assert a["epoch"] == b["epoch"] == 1 and a["pool_size"] == b["pool_size"] == 2
+        assert (await actor.stats())["rounds"] == 1
+        # A member that leaves releases the one waiting for it.
+        waiting = asyncio.ensure_future(actor.step("a"))
+        await asyncio.sleep(0)
+        await actor.leave("b")
+        assert (await waiting)["pool_size"] == 1
+
+    run(scenario())
+
+
+def test_a_trial_that_joins_while_the_device_is_busy_trains_only_the_epochs_it_asks_for():
+    """Issue 20, finding 1: c joined while another group's round held the device; the next round
+    of its group used to train c too (it had not asked), and c's first step returned epoch 2."""
+    splits = synthetic(100)
+    started, release = threading.Event(), threading.Event()
+
+    def build(configs, *args, **kw):
+        if configs[0].prior == "mog":              # the other group's rebuild holds the device thread
+            started.set()
+            release.wait(60)
+        return BatchedTrainer(configs, *args, **kw)
+
+    async def scenario():
+        actor = PoolActor("cpu", 60, splits, build=build)
+        for trial_id, cfg in (("a", config(seed=0)), ("b", config(seed=1)), ("x", config(prior="mog", seed=2))):
+            await actor.join(trial_id, cfg)
+        other = asyncio.ensure_future(actor.step("x"))
+        await on_thread(started)                   # the device thread is busy now
+        await actor.join("c", config(seed=3))
+        a, b = asyncio.ensure_future(actor.step("a")), asyncio.ensure_future(actor.step("b"))
+        await asyncio.sleep(0)
+        release.set()
+        assert (await other)["epoch"] == 1
+        c = await actor.step("c")
+        results = {"a": await a, "b": await b, "c": c}
+        assert {t: m["epoch"] for t, m in results.items()} == {"a": 1, "b": 1, "c": 1}
+        assert {m["pool_size"] for m in results.values()} == {3}          # one round, all three
+        for t, seed in (("a", 0), ("c", 3)):
+            assert results[t]["train_loss"] == pytest.approx(alone(config(seed=seed), splits, 1)[0]["train_loss"],
+                                                             rel=1e-5)
+
+    run(scenario())
+
+
+def test_only_the_event_loop_touches_the_membership():
+    """Issue 20, finding 2: the device thread read the pool's members while the event loop changed
+    them ("dictionary changed size during iteration"). Every access to the membership, under
+    joins, leaves, rounds and state requests at once, is on the event loop's thread."""
+    splits = synthetic(100)
+    threads = set()
+
+    class Watched(Membership):
+        def __getattribute__(self, name):
+            threads.add(threading.get_ident())
+            return super().__getattribute__(name)
+
+    async def scenario():
+        actor = PoolActor("cpu", 60, splits)
+        actor._membership = Watched()
+        await actor.join("a", config(seed=0))
+        await actor.join("b", config(seed=1))
+
+        async def churn():
+            for i in range(40):
+                await actor.join(f"y{i}", config(prior="mog", seed=i))
+                await actor.state("a")
+                await actor.leave(f"y{i}")
+
+        async def train():
+            out = []
+            for _ in range(6):
+                out.append(await asyncio.gather(actor.step("a"), actor.step("b")))
+            return out
+
+        rounds, _ = await asyncio.gather(train(), churn())
+        assert [a["epoch"] for a, _ in rounds] == [1, 2, 3, 4, 5, 6]
+        return threading.get_ident()
+
+    loop_thread = run(scenario())
+    assert threads == {loop_thread}
+
+
+def test_a_member_that_fails_fails_alone_and_joins_again_from_its_checkpoint():
+    """Issue 20, finding 3: one failure in a round used to evict and fail the whole group."""
+    splits = synthetic(100)
+
+    async def scenario():
+        actor = PoolActor("cpu", 60, splits)
+        await actor.join("a", config(K=3, seed=0))
+        await actor.join("b", config(K=4, seed=1))
+        await asyncio.gather(actor.step("a"), actor.step("b"))
+        checkpoint = await actor.state("b")
+        wrong = Trainer(config(K=9, seed=1), splits, "cpu").state_dict()    # a K=9 state for b's K=4 slot
+        await actor.join("b", config(K=4, seed=1), wrong)                   # a retry with a bad checkpoint
+        a, b = await asyncio.gather(actor.step("a"), actor.step("b"), return_exceptions=True)
+        assert isinstance(b, PoolError) and "K=9" in str(b)
+        assert a["epoch"] == 2 and a["pool_size"] == 1                      # a trained on
+        with pytest.raises(PoolError, match="must join again"):
+            await actor.step("b")
+        await actor.join("b", config(K=4, seed=1), checkpoint)              # Tune retries it properly
+        a, b = await asyncio.gather(actor.step("a"), actor.step("b"))
+        assert (a["epoch"], b["epoch"]) == (3, 2)
+        assert b["train_loss"] == pytest.approx(alone(config(K=4, seed=1), splits, 2)[1]["train_loss"], rel=1e-5)
+
+    run(scenario())
+
+
+def test_a_group_too_big_for_memory_trains_as_smaller_trainers_and_a_failed_batch_fails_only_its_trials():
+    splits = synthetic(100)
+    cfgs = {f"t{i}": config(K=2 + i, seed=i, lr=1e-3 * (1 + i)) for i in range(5)}
+    built = []
+
+    class Flaky(BatchedTrainer):
+        def step(self):
+            if any(c.seed == 4 for c in self.configs) and self.epoch == 1:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return super().step()
+
+    def build(configs, *args, **kw):
+        if len(configs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        built.append(len(configs))
+        return Flaky(configs, *args, **kw)
+
+    async def scenario():
+        actor = PoolActor("cpu", 60, splits, build=build)
+        for t, c in cfgs.items():
+            await actor.join(t, c)
+        first = await asyncio.gather(*(actor.step(t) for t in cfgs))
+        assert [m["epoch"] for m in first] == [1] * 5 and max(m["pool_size"] for m in first) == 2
+        second = await asyncio.gather(*(actor.step(t) for t in cfgs), return_exceptions=True)
+        failed = {t for t, r in zip(cfgs, second) if isinstance(r, Exception)}
+        assert failed == {"t3", "t4"} or failed == {"t4"}                 # t4's trainer, and whoever shared it
+        assert all("illegal memory access" in str(r) for r in second if isinstance(r, Exception))
+        for t, r in zip(cfgs, second):
+            if t not in failed:
+                assert r["epoch"] == 2
+                assert r["train_loss"] == pytest.approx(alone(cfgs[t], splits, 2)[1]["train_loss"], rel=1e-5)
+        return failed
+
+    run(scenario())
+    assert max(built) == 2                                               # never again a trainer of 3+
+
+
+def test_a_member_that_is_alive_is_not_evicted_and_a_rejoined_one_is_a_new_request():
+    splits = synthetic(100)
+    now = [0.0]
+
+    async def scenario():
+        actor = PoolActor("cpu", 1.0, splits, clock=lambda: now[0])
+        await actor.join("a", config(seed=0))
+        await actor.join("b", config(seed=1))
+        waiting = asyncio.ensure_future(actor.step("a"))
+        await asyncio.sleep(0)
+        for _ in range(8):                     # b checkpoints for 2.4 s (> wait_s) before it asks
+            await actor.state("b")
+            now[0] += 0.3
+        assert actor.stale_members(actor._membership.get("a").key) == []
+        a, b = await asyncio.gather(waiting, actor.step("b"))
+        assert a["pool_size"] == b["pool_size"] == 2 and actor.evicted == []
+        # a's process dies while it waits; its retry joins again: the dead request does not count.
+        stale = asyncio.ensure_future(actor.step("a"))
+        await asyncio.sleep(0)
+        await actor.join("a", config(seed=0))
+        with pytest.raises(PoolError, match="joined the pool again"):
+            await stale
+        first_b = asyncio.ensure_future(actor.step("b"))
+        await asyncio.sleep(0)
+        assert (await actor.stats())["rounds"] == 1 and not first_b.done()   # b waits for the new a
+        a, b = await asyncio.gather(actor.step("a"), first_b)
+        assert a["epoch"] == 1 and b["epoch"] == 2          # a starts fresh, b goes on
+        # b stops asking (its process died); a waits; after wait_s b is evicted and a trains alone.
+        waiting = asyncio.ensure_future(actor.step("a"))
+        await asyncio.sleep(0)
+        now[0] += 0.5
+        assert actor.stale_members(actor._membership.get("a").key) == []
+        now[0] += 1.0
+        assert actor.stale_members(actor._membership.get("a").key) == ["b"]
+        assert (await waiting)["pool_size"] == 1 and actor.evicted == ["b"]
+        with pytest.raises(PoolError, match="must join again"):
+            await actor.step("b")
+
+    run(scenario())
+
+
 # -- the Ray actor ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def local_ray():
@@ -151,56 +371,16 @@ def local_ray():
     ray.shutdown()
 
 
-def _actor(wait_s: float):
-    """A PoolActor on synthetic data (the sweep's pools load the trials' dataset)."""
-    return ray.remote(PoolActor).options(max_concurrency=100).remote("cpu", wait_s, synthetic(100))
-
-
-def test_the_actor_runs_a_round_once_every_member_asked_for_it(local_ray):
-    actor = _actor(wait_s=60)
-    ray.get([actor.join.remote("a", config(K=3, seed=0).to_dict()), actor.join.remote("b", config(K=5, seed=1).to_dict())])
-    first = actor.step.remote("a")
-    time.sleep(0.5)
-    ready, _ = ray.wait([first], timeout=0.1)
-    assert not ready                                                   # a waits for b
-    a, b = ray.get([first, actor.step.remote("b")])
-    assert a["epoch"] == b["epoch"] == 1 and a["pool_size"] == b["pool_size"] == 2
-    assert ray.get(actor.stats.remote())["rounds"] == 1
-    # A member that leaves releases the one waiting for it.
-    waiting = actor.step.remote("a")
-    ray.get(actor.leave.remote("b"))
-    assert ray.get(waiting, timeout=30)["pool_size"] == 1
-
-
-def test_a_member_that_is_alive_is_not_evicted_and_a_rejoined_one_is_a_new_request(local_ray):
-    actor = _actor(wait_s=1.0)
-    ray.get([actor.join.remote("a", config(seed=0).to_dict()), actor.join.remote("b", config(seed=1).to_dict())])
-    waiting = actor.step.remote("a")
-    for _ in range(8):                     # b checkpoints for 2.4 s (> wait_s) before it asks
-        ray.get(actor.state.remote("b"))
-        time.sleep(0.3)
-    a, b = ray.get([waiting, actor.step.remote("b")], timeout=60)
-    assert a["pool_size"] == b["pool_size"] == 2 and ray.get(actor.stats.remote())["evicted"] == []
-    # a's process dies while it waits; its retry joins again: the dead request does not count.
-    stale = actor.step.remote("a")
-    ray.get(actor.join.remote("a", config(seed=0).to_dict()))
-    with pytest.raises(ray.exceptions.RayTaskError, match="joined the pool again"):
-        ray.get(stale, timeout=30)
-    first_b = actor.step.remote("b")
-    time.sleep(0.5)
-    assert not ray.wait([first_b], timeout=0.1)[0]   # b waits for the new a
-    a, b = ray.get([actor.step.remote("a"), first_b], timeout=60)
-    assert a["epoch"] == 1 and b["epoch"] == 2          # a starts fresh, b goes on
-
-
-def test_the_actor_evicts_a_member_that_stops_asking_and_tells_it_to_rejoin(local_ray):
-    actor = _actor(wait_s=1.0)
-    ray.get([actor.join.remote("a", config(seed=0).to_dict()), actor.join.remote("gone", config(seed=1).to_dict())])
-    result = ray.get(actor.step.remote("a"), timeout=60)               # "gone" never asks
-    assert result["pool_size"] == 1
-    assert ray.get(actor.stats.remote())["evicted"] == ["gone"]
-    with pytest.raises(ray.exceptions.RayTaskError, match="must join again"):
-        ray.get(actor.step.remote("gone"))
+def test_the_actor_through_ray_takes_validated_configs_and_answers_every_member(local_ray):
+    actor = ray.remote(PoolActor).options(max_concurrency=100).remote("cpu", 60, synthetic(100))
+    ray.get([actor.join.remote("a", TrainConfig.from_dict({**config(K=3, seed=0).to_dict()})),
+             actor.join.remote("b", config(K=5, seed=1).to_dict())])     # a config or a mapping
+    a, b = ray.get([actor.step.remote("a"), actor.step.remote("b")], timeout=120)
+    assert a["epoch"] == b["epoch"] == 1 and a["pool_size"] == 2
+    state = ray.get(actor.state.remote("b"))
+    assert state["epoch"] == 1 and state["model"]["prior.pseudo_params"].device.type == "cpu"
+    assert ray.get(actor.pseudo_inputs.remote("a", 2)).shape == (2, D)
+    ray.kill(actor)
 
 
 def test_a_trial_finds_its_nodes_pool_by_name_and_the_driver_removes_the_sweeps_pools(local_ray):

@@ -67,10 +67,9 @@ def _set_threads(sweep: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(sweep.get("cpus_per_trial", 1))))  # 1-CPU trials: no oversubscription
 
 
-def _make_trainer(config: dict[str, Any]) -> tuple[Trainer, TrainConfig, dict[str, Any]]:
-    cfg, sweep = split_config(config)
+def _make_trainer(cfg: TrainConfig, sweep: dict[str, Any]) -> Trainer:
     _set_threads(sweep)
-    return Trainer(cfg, _cached_splits(cfg.dataset, cfg.data_root), device=trial_device(cfg)), cfg, sweep
+    return Trainer(cfg, _cached_splits(cfg.dataset, cfg.data_root), device=trial_device(cfg))
 
 
 IMAGES_NOTE = (f"pseudo_inputs (step = epoch; step 0 = at initialisation): the first {N_GRID_IMAGES} "
@@ -140,9 +139,9 @@ def log_pseudo_inputs(run: tracking.RunHandle, u: torch.Tensor, image_shape: tup
     run.log_image(display_grid(u[:N_GRID_IMAGES], image_shape), "pseudo_inputs", step)
 
 
-def trainer_from_state(config: dict[str, Any], state: dict[str, Any]) -> Trainer:
+def trainer_from_state(cfg: TrainConfig, sweep: dict[str, Any], state: dict[str, Any]) -> Trainer:
     """A plain Trainer in this process holding a (pooled) trial's state: to finalize it here."""
-    trainer, _, _ = _make_trainer(config)
+    trainer = _make_trainer(cfg, sweep)
     trainer.load_state_dict(state)
     return trainer
 
@@ -211,9 +210,9 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint", trial_id: str) -> dict[str, Any]:
     """Finalize a trial the scheduler stopped, from its last checkpoint (runs as a Ray task)."""
-    with checkpoint.as_directory() as directory:
-        trainer = trainer_from_state(config, read_checkpoint(directory)["trainer"])
     cfg, sweep = split_config(config)
+    with checkpoint.as_directory() as directory:
+        trainer = trainer_from_state(cfg, sweep, read_checkpoint(directory)["trainer"])
     scheduler = sweep.get("scheduler", "")
     trainer.stop_detail = f"stopped by the scheduler ({scheduler}) after epoch {trainer.epoch}"
     run = _open_run(sweep, trial_id, cfg, config)
@@ -250,7 +249,7 @@ class VAETrainable(tune.Trainable):
             _set_threads(self.sweep)
             self.trainer = None
         else:
-            self.trainer, _, _ = _make_trainer(config)
+            self.trainer = _make_trainer(self.cfg, self.sweep)
 
     def _begin(self) -> None:
         """What the trial does outside its process (join its pool, create or reopen its MLflow
@@ -272,7 +271,8 @@ class VAETrainable(tune.Trainable):
         self.begun = True
 
     def _join(self, state: dict[str, Any] | None) -> None:
-        self.pool_token = ray.get(self.pool.join.remote(self.trial_id, self.cfg.to_dict(), state))
+        # The validated config itself: the pool does not validate it again.
+        self.pool_token = ray.get(self.pool.join.remote(self.trial_id, self.cfg, state))
         self.pool_member = self.trial_id
 
     def _leave(self) -> None:
@@ -295,24 +295,26 @@ class VAETrainable(tune.Trainable):
                 self.run.terminate("FAILED")
             raise
         epoch = metrics["epoch"]
+        stopped = metrics["stop_reason"] is not None
+        trainer = self.trainer
+        if stopped and self.pool is not None:
+            # Its state leaves the pool with it; it is finalized here, in the trial's process.
+            self.final_state = ray.get(self.pool.state.remote(self.trial_id))
+            self._leave()
+            trainer = trainer_from_state(self.cfg, self.sweep, self.final_state)
         # A retry from a checkpoint replays the epochs after it exactly (pooled or not: a trial's
         # randomness is its own); the run has them, so they are not logged twice.
         if self.run is not None and epoch > self.logged_through:
             self.run.log_metrics(metrics, step=epoch)
             every = self.cfg.image_every
-            if every and (epoch % every == 0 or metrics["stop_reason"] is not None):
-                self._log_pseudo_inputs(epoch)   # every image_every epochs, and the last one
+            if every and (epoch % every == 0 or stopped):
+                self._log_pseudo_inputs(epoch, trainer)   # every image_every epochs, and the last one
         # No stop_reason in the result until the trial ends by itself: its absence in the last
         # result tells the driver and the searcher that the scheduler stopped the trial.
         result = {k: v for k, v in metrics.items() if v is not None}
         if self.run is not None:
             result[RESULT_RUN_ID] = self.run.run_id
-        if metrics["stop_reason"] is not None:
-            trainer = self.trainer
-            if self.pool is not None:
-                self.final_state = ray.get(self.pool.state.remote(self.trial_id))
-                self._leave()
-                trainer = trainer_from_state(self.config_dict, self.final_state)
+        if stopped:
             result.update(finalize(trainer, self.run, metrics["stop_reason"]))
             result["done"] = True
             if self.pool is not None and trainer.device.type == "cuda":
@@ -321,9 +323,11 @@ class VAETrainable(tune.Trainable):
                 torch.cuda.empty_cache()
         return result
 
-    def _log_pseudo_inputs(self, epoch: int) -> None:
-        if self.pool is None:
-            u = getattr(self.trainer.model.prior, "pseudo_inputs", None)
+    def _log_pseudo_inputs(self, epoch: int, trainer: Trainer | None = None) -> None:
+        """From `trainer` (this process's), else from the trial's slot in its pool."""
+        trainer = trainer if trainer is not None else self.trainer
+        if trainer is not None:
+            u = getattr(trainer.model.prior, "pseudo_inputs", None)
         else:
             u = ray.get(self.pool.pseudo_inputs.remote(self.trial_id, N_GRID_IMAGES))
         if u is not None:

@@ -66,8 +66,9 @@ PRIOR_PREFIX = "prior."
 
 
 def _as_config(value: TrainConfig | Mapping[str, Any], i: int) -> TrainConfig:
+    """A TrainConfig was validated where it was built (`TrainConfig.from_dict`): a pool rebuilds
+    its trainers often and does not validate its trials' configs again; a mapping is validated."""
     if isinstance(value, TrainConfig):
-        value.check(where=f"configs[{i}]")
         return value
     return TrainConfig.from_dict(value, where=f"configs[{i}]")
 
