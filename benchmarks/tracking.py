@@ -119,12 +119,15 @@ class Counters:
     lock: threading.Lock = field(default_factory=threading.Lock)
     batch_latency_s: list[float] = field(default_factory=list)
     calls: int = 0
+    calls_in_window: int = 0
+    window: tuple[float, float] = (0.0, float("inf"))
     failed: int = 0
     failures: dict[str, int] = field(default_factory=dict)
 
     def record(self, name: str, seconds: float, error: BaseException | None) -> None:
         with self.lock:
             self.calls += 1
+            self.calls_in_window += int(self.window[0] <= time.time() <= self.window[1])
             if name == "log_batch" and error is None:
                 self.batch_latency_s.append(seconds)
             if error is not None:
@@ -218,7 +221,7 @@ def worker(args: dict, uri: str, env: dict, experiment_id: str, parent_id: str, 
     os.environ["MLFLOW_HTTP_POOL_MAXSIZE"] = str(4 * n_trials + 4)
     import numpy as np
 
-    counters = Counters()
+    counters = Counters(window=(t0, t1))
     instrument(counters)
     tracking = load_client(args["client"])
     traffic = np.load(args["traffic"], allow_pickle=True)["traffic"].item()
@@ -331,7 +334,8 @@ def worker(args: dict, uri: str, env: dict, experiment_id: str, parent_id: str, 
         t.start()
     for t in threads:
         t.join()
-    results["requests"] = {"calls": counters.calls, "failed": counters.failed, "failures": counters.failures,
+    results["requests"] = {"calls": counters.calls, "in_window": counters.calls_in_window,
+                           "failed": counters.failed, "failures": counters.failures,
                            "batch_latency_s": counters.batch_latency_s}
     out.put(results)
 
@@ -443,6 +447,7 @@ def run_config(args: argparse.Namespace, n_trials: int, traffic_file: str, root:
             "mode": args.mode, "client": args.client, "trials": n_trials * (pools if args.mode == "pool" else 1),
             "trial_epochs_per_s": epochs_window / args.seconds,
             "server_cpu_ms_per_trial_epoch": 1000 * cpu_s / max(1, epochs_window),
+            "server_cpu_ms_per_request": 1000 * cpu_s / max(1, sum(r["requests"]["in_window"] for r in results)),
             "postgres_cpu_share": (pg1 - pg0) / max(1e-9, cpu_s),
             "batch_p50_ms": 1000 * percentile(latency, 50), "batch_p99_ms": 1000 * percentile(latency, 99),
             "blocked_p50_ms": 1000 * percentile(blocked, 50), "blocked_p99_ms": 1000 * percentile(blocked, 99),
