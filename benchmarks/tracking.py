@@ -38,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,7 @@ def load_client(kind: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("tracking_old", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module           # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
@@ -429,7 +431,13 @@ def run_config(args: argparse.Namespace, n_trials: int, traffic_file: str, root:
         time.sleep(max(0.0, t1 - time.time()))
         server1, pg1 = tree_cpu_s(server.service.sid), (tree_cpu_s(pg.service.sid) if pg else 0.0)
         cpu_s = (server1 - server0) + (pg1 - pg0)
-        results = [out.get(timeout=args.seconds + 900) for _ in procs]
+        results = []
+        while len(results) < len(procs):      # a worker that died reports nothing: do not wait for it
+            try:
+                results.append(out.get(timeout=10))
+            except queue.Empty:
+                if all(not p.is_alive() for p in procs) and out.empty():
+                    raise RuntimeError(f"{len(procs) - len(results)} load-generating process(es) died")
         for p in procs:
             p.join()
         epochs_window = sum(r["epochs_in_window"] for r in results)
