@@ -39,6 +39,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -497,6 +498,8 @@ def main() -> None:
     p.add_argument("--data-root", default=os.environ.get("SWEEPER_DATA_DIR"))
     p.add_argument("--out", type=Path, default=None, help="append the rows as JSON lines")
     args = p.parse_args()
+    # SIGTERM unwinds like Ctrl-C: the servers this script started are stopped in `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     import numpy as np
 
