@@ -149,10 +149,17 @@ def test_retries_stop_after_retry_s():
 # The outbox: logging leaves the caller's path; nothing lost, nothing stored twice
 
 
-def new_run(tmp_path: Path) -> tuple[str, str, mlflow.MlflowClient]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[str, mlflow.MlflowClient, str, Path]:
+    """One sqlite store for the outbox tests (creating one costs seconds); each test has its run."""
+    root = tmp_path_factory.mktemp("outbox")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    experiment = client.create_experiment("outbox", artifact_location=str(tmp_path / "artifacts"))
+    return uri, client, client.create_experiment("outbox", artifact_location=str(root / "artifacts")), root
+
+
+def new_run(store) -> tuple[str, str, mlflow.MlflowClient]:
+    uri, client, experiment, _ = store
     return uri, client.create_run(experiment).info.run_id, client
 
 
@@ -170,8 +177,8 @@ def assert_stored_once(client, run_id: str, epochs: int, image_steps: set[int]) 
     assert client.get_run(run_id).data.tags[tracking.TAG_LOGGED_IMAGES] == "True"
 
 
-def test_queued_writes_go_out_in_order_and_each_is_stored_once(tmp_path):
-    uri, run_id, client = new_run(tmp_path)
+def test_queued_writes_go_out_in_order_and_each_is_stored_once(store):
+    uri, run_id, client = new_run(store)
     run = tracking.RunHandle(uri, run_id)
     for epoch in range(1, 41):
         if epoch % 10 == 0:
@@ -202,17 +209,17 @@ time.sleep(600)
 """
 
 
-def test_a_killed_trial_loses_nothing_its_checkpoint_held_and_a_resume_stores_nothing_twice(tmp_path):
+def test_a_killed_trial_loses_nothing_its_checkpoint_held_and_a_resume_stores_nothing_twice(store, tmp_path):
     """A trial process logs 12 epochs while the store is locked (nothing can be acknowledged),
     checkpoints after epoch 10 and is SIGKILLed. Restored from that checkpoint, its run gets epochs
     1..10 and the image of epoch 5 and 10 exactly once, however often the checkpoint is re-sent;
     epochs 11 and 12 are the ones the trainable replays, and the image of an epoch it replays is
     not logged twice."""
-    uri, run_id, client = new_run(tmp_path)
+    uri, run_id, client = new_run(store)
     run = tracking.RunHandle(uri, run_id)
     run.log_metrics({"setup": 1.0}, step=0)         # the store's tables exist before the lock
     checkpoint = tmp_path / "checkpoint.pkl"
-    lock = sqlite3.connect(tmp_path / "mlflow.db", timeout=30)
+    lock = sqlite3.connect(store[3] / "mlflow.db", timeout=30)
     lock.execute("BEGIN EXCLUSIVE")                 # every write of the trial now finds it locked
     trial = subprocess.Popen([sys.executable, "-c", TRIAL, uri, run_id, str(checkpoint)], stdout=subprocess.PIPE,
                              text=True, cwd=Path(__file__).resolve().parents[1])
@@ -240,8 +247,8 @@ def test_a_killed_trial_loses_nothing_its_checkpoint_held_and_a_resume_stores_no
     assert_stored_once(client, run_id, 12, {5, 10})
 
 
-def test_a_write_that_fails_for_good_fails_the_trials_next_call(tmp_path):
-    uri, run_id, client = new_run(tmp_path)
+def test_a_write_that_fails_for_good_fails_the_trials_next_call(store):
+    uri, run_id, client = new_run(store)
     client.delete_run(run_id)         # logging to a deleted run is refused: a permanent answer
     run = tracking.RunHandle(uri, run_id)
     run.log_metrics({"epoch": 1}, step=1, wait=False)
@@ -252,8 +259,8 @@ def test_a_write_that_fails_for_good_fails_the_trials_next_call(tmp_path):
     assert len(run.unacknowledged()) == 1       # still there for the checkpoint
 
 
-def test_a_failing_run_still_closes_and_its_failed_writes_go_out_when_the_trial_resumes(tmp_path):
-    uri, run_id, client = new_run(tmp_path)
+def test_a_failing_run_still_closes_and_its_failed_writes_go_out_when_the_trial_resumes(store):
+    uri, run_id, client = new_run(store)
     client.delete_run(run_id)
     run = tracking.RunHandle(uri, run_id)
     run.log_metrics({"epoch": 1}, step=1, wait=False)
