@@ -172,6 +172,7 @@ class Trial:
         self.image_every = image_every
         self.run = None
         self.epoch = 0
+        self.first = 1              # the first epoch this trial logs (a pool's slots start mid-trial)
 
     def open(self) -> None:
         from trainables.vae.config import TrainConfig
@@ -241,7 +242,7 @@ def worker(args: dict, uri: str, env: dict, experiment_id: str, parent_id: str, 
 
     def record_run(trial, failed):
         with lock:
-            results["runs"].append({"run_id": trial.run.run_id if trial.run else None,
+            results["runs"].append({"run_id": trial.run.run_id if trial.run else None, "first": trial.first,
                                     "epochs": trial.epoch, "failed": failed, "image_every": args["image_every"]})
 
     def fail(trial, exc):
@@ -288,6 +289,7 @@ def worker(args: dict, uri: str, env: dict, experiment_id: str, parent_id: str, 
                     trial.open()
                     if first:
                         trial.epoch = i % args["trial_epochs"]
+                        trial.first = trial.epoch + 1
                         first = False
                     active[i] = True
                     while trial.epoch < args["trial_epochs"]:
@@ -374,7 +376,7 @@ def verify(uri: str, env: dict, runs: list[dict]) -> dict[str, int]:
         if run["run_id"] is None or run["failed"]:
             continue
         steps = sorted(m.step for m in client.get_metric_history(run["run_id"], "epoch"))
-        first = steps[0] if steps else 1
+        first = run["first"]
         if steps != list(range(first, run["epochs"] + 1)):
             bad.append((run["run_id"], "epochs", steps[:5], len(steps), run["epochs"]))
         every = run["image_every"]
