@@ -299,7 +299,8 @@ class DeviceTrainers:
     def initial_state(self, config: TrainConfig) -> dict[str, Any]:
         """The state of a trial that has not trained yet: its run as its seed starts it (on the
         CPU: no device memory for a state nobody trains)."""
-        return Trainer(config, self._splits_for(config), "cpu").state_dict()
+        with torch.random.fork_rng(devices=[]):      # Trainer seeds torch's global generator
+            return Trainer(config, self._splits_for(config), "cpu").state_dict()
 
     def _single_model(self, config: TrainConfig, state: Mapping[str, Any] | None) -> LatentVariableModel:
         """The trial's single model on the CPU: as its seed builds it, or with `state`'s weights."""
