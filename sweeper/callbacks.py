@@ -1,4 +1,5 @@
-"""The driver's Tune callbacks: bookkeeping a trial cannot do itself, the time left, the pools.
+"""The driver's Tune callbacks: bookkeeping a trial cannot do itself, the time left, the pools,
+and the console's table of trials.
 
 They hold plain data only: Tune pickles callbacks with the experiment (and `Tuner.restore`
 unpickles its own copies).
@@ -6,13 +7,15 @@ unpickles its own copies).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 from ray import tune
+from ray.tune import CLIReporter
 
 from sweeper import tracking
-from trainables.vae.catalog import STOP_ERROR, STOP_SCHEDULER
+from trainables.vae.catalog import METRIC_EPOCH_SECONDS, METRIC_TEST_LL, STOP_ERROR, STOP_SCHEDULER, short
 
 
 def trial_name(trial) -> str:
@@ -114,54 +117,126 @@ def asha_expected_epochs(grace: int, eta: float, max_t: int) -> float:
 
 
 class TimeLeftCallback(tune.Callback):
-    """Prints, once the first epochs are in and then every `every_s`, how long the sweep has left.
+    """Prints, once the first epochs are in and then every `every_s`, how long the sweep has left;
+    the driver says at the end how the first estimate compared (`compare`).
 
-    How: the mean seconds per epoch of the trials' latest epochs, times the epochs still to train
-    (running trials up to their budget, trials not started yet a whole budget), divided by the
-    trials that run at once. The budget is max_epochs ("at most": no trial stops early) and, under
-    ASHA, the epochs a trial trains on average if each rung keeps 1/reduction_factor of the trials
-    ("expected"). Test evaluations are not included. Plain data only: Tune pickles callbacks."""
+    What a trial costs, measured as the sweep goes: its start-up (from Tune starting it to its
+    first epoch: a process, imports, data, its MLflow run), its epochs as the wall time between
+    its results (logging and checkpoints included), and its own end (test LL, images, weights:
+    the extra time of its last result). Until a trial has ended, the end is guessed as
+    `finish_guess_epochs` epochs. The work left is: running trials up to their budget, trials
+    not started yet a start-up and a whole budget, every unfinished trial its end, and the
+    trials the scheduler stopped their test evaluation (Ray tasks after the trials, which start
+    processes of their own), divided by the trials that run at once. The budget is max_epochs
+    ("at most": no trial stops early) and, under ASHA, the epochs a trial trains on average if
+    each rung keeps 1/reduction_factor of the trials ("expected"). Plain data only: Tune
+    pickles callbacks."""
+
+    # The first estimate of each sweep in this driver process: (time.time(), expected s, at most s).
+    # On the class: `Tuner.restore` unpickles its own copy of the callback.
+    _FIRST: dict[str, tuple[float, float | None, float]] = {}
 
     def __init__(self, total_trials: int, max_epochs: int, expected_epochs: float | None, at_once: int,
-                 every_s: float = 300.0):
+                 every_s: float = 300.0, *, sweep_id: str = "", finish_guess_epochs: float = 0.0):
+        self.sweep_id = sweep_id
         self.total, self.max_epochs, self.expected, self.at_once = total_trials, max_epochs, expected_epochs, at_once
+        self.finish_guess_epochs = finish_guess_epochs
         self.every_s = every_s
-        self.seconds: dict[str, float] = {}      # trial id -> seconds of its latest epoch
-        self.last_print = 0.0
+        self.seconds: dict[str, float] = {}      # trial id -> wall seconds of its latest epoch
+        self.startup_s: list[float] = []         # each trial start's seconds to its first epoch
+        self.finish_s: list[float] = []          # each trial's own end (its last result's extra time)
+        self._started: dict[str, float] = {}     # trial id -> when Tune started it (until its first result)
+        self._last: dict[str, float] = {}        # trial id -> when its latest result came
+        self.last_print: float | None = None
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._started[trial.trial_id] = time.monotonic()
+        self._last.pop(trial.trial_id, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("epoch_seconds") is not None:
-            self.seconds[trial.trial_id] = float(result["epoch_seconds"])
-        now = time.monotonic()
-        if len(self.seconds) >= min(2, self.total) and now - self.last_print >= self.every_s:
+        now, tid = time.monotonic(), trial.trial_id
+        epoch = result.get("epoch_seconds")
+        epoch = float(epoch) if epoch is not None else None
+        if tid in self._started:
+            self.startup_s.append(max(0.0, now - self._started.pop(tid) - (epoch or 0.0)))
+            if epoch is not None:
+                self.seconds[tid] = epoch
+        elif tid in self._last:
+            wall = now - self._last[tid]
+            if result.get("stop_reason"):      # its last step also ended it: test LL, images, weights
+                self.finish_s.append(max(0.0, wall - (epoch or 0.0)))
+            else:
+                self.seconds[tid] = wall
+        self._last[tid] = now
+        due = self.last_print is None or now - self.last_print >= self.every_s
+        if len(self.seconds) >= min(2, self.total) and due:
             self.last_print = now
+            self._FIRST.setdefault(self.sweep_id, (time.time(), *self.seconds_left(trials)))
             print(self.estimate(trials), flush=True)
 
     def estimate(self, trials) -> str:
-        """From Tune's trials as they are now (a resumed sweep's finished ones included)."""
+        """The line to print, from Tune's trials as they are now (a resumed sweep's finished ones included)."""
+        expected_s, at_most_s = self.seconds_left(trials)
+        per_epoch, startup, finish, measured = self._costs()
+        left = self.total - sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
+        text = f"time left: at most ~{duration(at_most_s)} (every trial to {self.max_epochs} epochs)"
+        if expected_s is not None:
+            text = (f"time left: ~{duration(expected_s)} expected with ASHA (~{self.expected:.0f} epochs per "
+                    f"trial), at most ~{duration(at_most_s)}")
+        guess = "" if measured else ", a guess until a trial has ended"
+        return (f"{text}: {left} trial(s) to go, {per_epoch:.1f} s per epoch per trial, {self.at_once} at once, "
+                f"~{startup:.0f} s to start a trial, ~{finish:.0f} s to test one{guess}; early stopping can end "
+                "trials sooner")
+
+    def _costs(self) -> tuple[float, float, float, bool]:
+        """(seconds per epoch, to start a trial, to end one; whether the end was measured)."""
         per_epoch = sum(self.seconds.values()) / len(self.seconds)
+        # The latest start-up: later trials mostly reuse a warm process (reuse_actors).
+        startup = self.startup_s[-1] if self.startup_s else 0.0
+        measured = bool(self.finish_s)
+        finish = (sum(self.finish_s) / len(self.finish_s)) if measured else self.finish_guess_epochs * per_epoch
+        return per_epoch, startup, finish, measured
+
+    def seconds_left(self, trials) -> tuple[float | None, float]:
+        """(seconds left expected under ASHA, or None without it; seconds left at most)."""
+        per_epoch, startup, finish, _ = self._costs()
+        cold = max(self.startup_s, default=0.0)   # the evaluation tasks start processes of their own
         done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        # Ended without a reason of its own: the scheduler stopped it, the driver tests it at the end.
+        stopped = sum(1 for t in trials if t.status == "TERMINATED" and not (t.last_result or {}).get("stop_reason"))
         epochs = {t.trial_id: int((t.last_result or {}).get("training_iteration", 0)) for t in trials}
 
-        def hours(budget: float) -> float:
-            running = sum(max(0.0, budget - e) for t, e in epochs.items() if t not in done)
-            waiting = max(0, self.total - len(epochs)) * budget
-            return (running + waiting) * per_epoch / max(1, self.at_once) / 3600
+        def seconds(budget: float, stops_expected: bool) -> float:
+            work = sum(max(0.0, budget - e) * per_epoch + finish + (startup if e == 0 else 0.0)
+                       for t, e in epochs.items() if t not in done)
+            work += max(0, self.total - len(epochs)) * (startup + budget * per_epoch + finish)
+            evaluations = (cold + stopped * finish / max(1, self.at_once)) if stopped or stops_expected else 0.0
+            return work / max(1, self.at_once) + evaluations
 
-        left = self.total - len(done)
-        at_most = _duration(hours(self.max_epochs))
-        text = f"time left: at most ~{at_most} (every trial to {self.max_epochs} epochs)"
-        if self.expected is not None:
-            text = (f"time left: ~{_duration(hours(self.expected))} expected with ASHA "
-                    f"(~{self.expected:.0f} epochs per trial), at most ~{at_most}")
-        return (f"{text}: {left} trial(s) to go, {per_epoch:.1f} s per epoch per trial, {self.at_once} at once; "
-                "early stopping can end trials sooner, test evaluations come on top")
+        return (seconds(self.expected, True) if self.expected is not None else None), seconds(self.max_epochs, False)
+
+    @classmethod
+    def compare(cls, sweep_id: str, now: float | None = None) -> str | None:
+        """Once the sweep has ended: how long it took since the first estimate, beside what that said."""
+        first = cls._FIRST.pop(sweep_id, None)
+        if first is None:
+            return None
+        at, expected_s, at_most_s = first
+        said = (f"~{duration(expected_s)} expected, at most ~{duration(at_most_s)}" if expected_s is not None
+                else f"at most ~{duration(at_most_s)}")
+        took = (now or time.time()) - at
+        return f"time: {duration(took)} from the first estimate to the end of the sweep (it said {said})"
 
 
-def _duration(hours: float) -> str:
-    if hours < 1 / 60:
-        return f"{hours * 3600:.0f} s"
-    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+def duration(seconds: float) -> str:
+    """Seconds as a person reads a duration: '45 s', '2 min 5 s', '12 min', '3.4 h', '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 10:
+        return f"{int(minutes)} min {seconds - 60 * int(minutes):.0f} s"
+    hours = minutes / 60
+    return f"{minutes:.0f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 class PoolLeaveCallback(tune.Callback):
@@ -180,3 +255,73 @@ class PoolLeaveCallback(tune.Callback):
 
         for pool in sweep_pools(self.sweep_id):
             pool.leave.remote(trial.trial_id)   # fire and forget: the driver does not wait
+
+
+class SweepReporter(CLIReporter):
+    """The console's table of trials: what a user of the sweep reads, nothing else.
+
+    Tune's own table adds the node address of every trial (`loc`), Tune's result folder in /tmp
+    and the scheduler's internals (rung cut-offs) at each report, and a "current best trial"
+    chosen on the latest epoch's value; this table has one row per trial with its parameters,
+    why it ended (`completed`, `early_stopping`, `nan`, `scheduler`, `error`), its epochs, seconds
+    per epoch, latest value of the sweep's metric and test LL. Running trials come first, then the
+    ended ones by their latest metric (the sweep's choice of the best trial, on the metric at
+    each trial's tested epoch, is printed at the end). Tune still decides when to report (every
+    `every_s` and at the end). Plain data only: Tune pickles it with the experiment."""
+
+    ORDER = {"RUNNING": 0, "PENDING": 1, "PAUSED": 1, "TERMINATED": 2, "ERROR": 3}
+
+    def __init__(self, parameters: list[str], metric: str, mode: str, every_s: float = 30.0, max_rows: int = 20):
+        # metric/mode are Tune's (TuneConfig): the base class refuses them twice.
+        super().__init__(parameter_columns=list(parameters), max_report_frequency=every_s, max_progress_rows=max_rows)
+        self.parameters, self.metric_name, self.metric_mode, self.max_rows = list(parameters), metric, mode, max_rows
+
+    def report(self, trials, done: bool, *sys_info: str) -> None:
+        print(self.render(trials, done), flush=True)
+
+    @staticmethod
+    def status(trial) -> str:
+        """A trial's state as the table shows it: why an ended trial ended."""
+        if trial.status != "TERMINATED":
+            return trial.status.lower()
+        return (trial.last_result or {}).get("stop_reason") or STOP_SCHEDULER
+
+    def render(self, trials, done: bool) -> str:
+        from tabulate import tabulate
+
+        sign = -1.0 if self.metric_mode == "max" else 1.0
+
+        def order(trial):
+            value = (trial.last_result or {}).get(self.metric_name)
+            rank = sign * float(value) if isinstance(value, (int, float)) and value == value else float("inf")
+            return self.ORDER.get(trial.status, 1), rank
+
+        rows = []
+        shown = sorted(trials, key=order)
+        for trial in shown if done else shown[:self.max_rows]:
+            result = trial.last_result or {}
+            config = trial.config or {}
+            rows.append([trial_name(trial), self.status(trial),
+                         *[short(config.get(p)) for p in self.parameters],
+                         result.get("training_iteration", ""), _fixed(result.get(METRIC_EPOCH_SECONDS)),
+                         _fixed(result.get(self.metric_name)), _fixed(result.get(METRIC_TEST_LL))])
+        counts: dict[str, int] = {}
+        for trial in trials:
+            counts[self.status(trial)] = counts.get(self.status(trial), 0) + 1
+        states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        planned = getattr(self, "_total_samples", 0)
+        total = f"/{planned}" if planned and planned < sys.maxsize else ""
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(max(0.0, time.time() - (self._start_time or time.time()))))
+        lines = [f"== {len(trials)}{total} trials ({states}), {elapsed} =="]
+        headers = ["Trial name", "status", *self.parameters, "epoch", "s/epoch", self.metric_name, METRIC_TEST_LL]
+        # Numbers right-aligned, words (a prior's name) left, as written (no number parsing: 2.34e-3 stays).
+        words = [any(isinstance((t.config or {}).get(p), str) for t in trials) for p in self.parameters]
+        align = ("left", "left", *["left" if w else "right" for w in words], "right", "right", "right", "right")
+        lines.append(tabulate(rows, headers=headers, tablefmt="psql", disable_numparse=True, colalign=align))
+        if len(rows) < len(trials):
+            lines.append(f"... and {len(trials) - len(rows)} more")
+        return "\n".join(lines)
+
+
+def _fixed(value, digits: int = 2) -> str:
+    return f"{float(value):.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""

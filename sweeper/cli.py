@@ -189,7 +189,9 @@ def ui(tracking_uri: str | None, port: int) -> None:
     """Open the MLflow UI on 127.0.0.1 against the sweeps' tracking store."""
     from sweeper.tracking import launch_ui
 
-    launch_ui(tracking_uri, port, echo=click.echo)
+    code = launch_ui(tracking_uri, port, echo=click.echo)   # returns when the server stops (Ctrl-C)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,15 +33,17 @@ class Rescored:
 def rescore_run(run_id: str, samples: int = 20_000, tracking_uri: str | None = None, device: str = "auto",
                 data_root: str | None = None, echo=print) -> Rescored:
     """Re-estimate run `run_id`'s test log-likelihood with `samples` importance samples and log it."""
+    if samples < 1:
+        raise SweeperError(f"--samples must be >= 1, got {samples}")
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.require_database(uri, "evaluate")   # never an empty ./mlflow.db where the command was typed
+
     import torch
 
     from trainables.vae.config import TrainConfig
     from trainables.vae.evaluate import log_likelihood
     from trainables.vae.train import DeviceData, build_trial_model, resolve_device
 
-    if samples < 1:
-        raise SweeperError(f"--samples must be >= 1, got {samples}")
-    uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.client(uri)
     try:
         run = client.get_run(run_id)

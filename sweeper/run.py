@@ -4,31 +4,42 @@ The driver resolves every path and URI to an absolute one (Ray runs each trial i
 folder, maybe on another node), validates the spec against the cluster before anything starts,
 creates the MLflow experiment and the parent run, and hands Tune a trainable whose trials log to
 nested child runs. `--resume` continues the newest sweep of the spec's name: the same parent
-run, the same child runs, the searcher's study and ASHA's rungs.
+run, the same child runs, the searcher's study and ASHA's rungs; a resumed sweep runs the spec it
+started with, so a changed spec or `--set` is refused with what changed.
+
+Every choice the driver makes (the summary's order, "the best trial", the parent run's best_*
+values) is made on the spec's metric at the epoch whose weights each trial tested; the test
+log-likelihood is shown beside it and never used to choose.
 """
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
+import glob
 import json
 import logging
+import math
 import os
+import re
 import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 from ray import tune
 
 from sweeper import tracking
 from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
-from sweeper.callbacks import (PoolLeaveCallback, TimeLeftCallback, TrialRunsCallback, asha_expected_epochs,
-                               trial_name)
+from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallback, TrialRunsCallback,
+                               asha_expected_epochs, duration, trial_name)
 from sweeper.spec import SweepSpec, load_spec
-from trainables.vae.catalog import (METRIC_EPOCH_SECONDS, METRIC_TEST_LL, METRIC_VAL_ELBO, STOP_SCHEDULER, short,
-                                    stop_reason)
+from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_LL, METRIC_VAL_ELBO,
+                                    STOP_ERROR, STOP_SCHEDULER, short, stop_reason)
 
 STATE_FILE = "sweep.json"
 # What the trials need from the driver's environment: MLflow credentials and the data location.
@@ -75,11 +86,13 @@ def plan_sweep(spec: SweepSpec, *, storage_path: str | None, tracking_uri: str |
     local_root = Path(storage) if not _is_uri(storage) else workdir / "sweeps"
     uri = tracking.resolve_tracking_uri(tracking_uri, workdir)
     if resume:
-        candidates = sorted((p for p in local_root.glob(f"{spec.name}-*") if (p / STATE_FILE).is_file()),
-                            key=lambda p: p.name)
+        # Exactly <name>-YYYYMMDD-HHMMSS: spec `quick` must not continue a sweep of spec `quick-gpu`.
+        own = sweep_id_pattern(spec.name)
+        candidates = sorted((p for p in local_root.glob(f"{glob.escape(spec.name)}-*")
+                             if own.fullmatch(p.name) and (p / STATE_FILE).is_file()), key=lambda p: p.name)
         if not candidates:
-            raise SweeperError(f"--resume: no earlier sweep named {spec.name!r} under {local_root} "
-                               f"(looked for {spec.name}-*/{STATE_FILE}); run it without --resume first")
+            raise SweeperError(f"--resume: no earlier sweep of spec {spec.name!r} under {local_root} "
+                               f"(looked for {spec.name}-YYYYMMDD-HHMMSS/{STATE_FILE}); run it without --resume first")
         state = json.loads((candidates[-1] / STATE_FILE).read_text())
         if tracking_uri is None:
             uri = state["tracking_uri"]
@@ -88,26 +101,91 @@ def plan_sweep(spec: SweepSpec, *, storage_path: str | None, tracking_uri: str |
     return SweepPlan(sweep_id, storage, local_root / sweep_id, uri)
 
 
+def sweep_id_pattern(spec_name: str) -> re.Pattern[str]:
+    """The names of a spec's sweeps: `<spec name>-YYYYMMDD-HHMMSS` (see plan_sweep)."""
+    return re.compile(re.escape(spec_name) + r"-\d{8}-\d{6}")
+
+
+def resolved_spec(spec: SweepSpec) -> dict[str, Any]:
+    """The spec as it runs (defaults filled in, overrides applied), as JSON gives it back."""
+    return json.loads(json.dumps(spec.to_dict()))
+
+
+def spec_changes(started: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Every value that differs between two resolved specs, as 'path: before -> now'."""
+    before, after = tracking.flatten("", started), tracking.flatten("", now)
+    missing = "(not set)"
+    return [f"{key}: {json.dumps(before.get(key, missing))} when the sweep started, {json.dumps(after.get(key, missing))} now"
+            for key in sorted(set(before) | set(after)) if before.get(key, missing) != after.get(key, missing)]
+
+
+def refuse_changed_spec(plan: SweepPlan, spec: SweepSpec) -> None:
+    """--resume runs the spec the sweep started with, or nothing: Tune restores the search space,
+    the searcher, the scheduler and the trials' settings from its own state, so a new value
+    would apply in part (new resources and `batched` would, a new space would not)."""
+    state = json.loads((plan.state_dir / STATE_FILE).read_text())
+    if "spec_resolved" not in state:      # a sweep started by an older version: nothing to compare
+        return
+    changes = spec_changes(state["spec_resolved"], resolved_spec(spec))
+    if changes:
+        how = f"\nContinue it as it started:\n  {state['resume_command']}" if state.get("resume_command") else ""
+        raise SweeperError(
+            f"--resume: sweep {plan.sweep_id} started with other settings than the spec and options given now "
+            f"({len(changes)} change(s)):\n  - " + "\n  - ".join(changes) + "\nA resumed sweep runs what it started "
+            "with (Tune restores its search space, scheduler and trial settings), so changes are refused, not "
+            f"applied in part.{how}\nOr start a new sweep with the new settings (without --resume).")
+
+
 def _datasets_of(spec: SweepSpec) -> set[str]:
     """The datasets the sweep's trials will load: the searched ones, else the fixed one."""
     searched = {v for p in spec.parameters if p.name == "dataset" and p.values for v in p.values}
     return searched or {spec.base_config()["dataset"]}
 
 
+# Ray's token-authentication notice for a local Ray: it is on by default there (which is what a
+# sweep wants), and the notice only says how to turn it off.
+RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def _init_ray(address: str | None) -> dict[str, float]:
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
+    # Ray's and Tune's INFO lines ("Started a local Ray instance", "Wrote the latest version of
+    # all result files ...", "Total run time") are not for the user: the driver prints its own.
+    quiet = {"logging_level": logging.WARNING, "runtime_env": runtime_env, "log_to_driver": True}
     if address:
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, **quiet)
         except Exception as exc:
             raise SweeperError(f"--address {address}: cannot connect to the Ray cluster: {exc}. "
                                "Check the address (ray status on the head prints it) and, with token "
                                "authentication, RAY_AUTH_MODE=token and the token") from exc
     else:
-        ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=True)
+        notice = logging.getLogger(RAY_TOKEN_NOTICE_LOGGER)
+        level = notice.level
+        notice.setLevel(logging.ERROR)
+        try:
+            ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False, **quiet)
+        finally:
+            notice.setLevel(level)
     return dict(ray.cluster_resources())
+
+
+def quiet_libraries() -> None:
+    """Library messages a user of `sweeper run` does not need, turned off where they come from:
+    MLflow's "Creating initial MLflow database tables" and Optuna's "A new study created"."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+
+
+def no_reset_code_at_exit() -> None:
+    """Ray's CLI logger calls colorama.init() when imported, whose exit handler writes an ANSI
+    reset code to a terminal after the command's last line: unregister that handler."""
+    initialise = sys.modules.get("colorama.initialise")
+    if initialise is not None and hasattr(initialise, "reset_all"):
+        atexit.unregister(initialise.reset_all)
 
 
 def local_resources() -> dict[str, float]:
@@ -216,11 +294,17 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
     spec_path = Path(spec_path).expanduser().resolve()
     options = {"num_samples": num_samples, "max_concurrent": max_concurrent, "address": address,
                "tracking_uri": tracking_uri, "storage_path": storage_path}
-    # Everything that can be known before Ray starts: the spec, this machine's GPUs, the data.
+    started = time.time()
+    quiet_libraries()
+    # Everything that can be known before Ray starts: the spec, this machine's GPUs, the tracking
+    # store (a dead server or refused credentials fail here, in seconds), the data.
     local = None if address else local_resources()
     spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
                      cluster_resources=local)
     plan = plan_sweep(spec, storage_path=storage_path, tracking_uri=tracking_uri, resume=resume, workdir=workdir)
+    if resume:
+        refuse_changed_spec(plan, spec)
+    tracking.check_store(plan.tracking_uri)
     if not address:  # one download in the driver instead of one per trial process
         check_local_data(spec, download=True)
     command = resume_command(spec_arg, overrides, options)
@@ -234,13 +318,17 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                                  cluster_resources=cluster)
                 at_once = trials_at_once(spec, cluster)
                 _warn_concurrency(spec, cluster, at_once, echo)
-                return _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command, at_once)
+                outcome = _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command, at_once)
             finally:
                 ray.shutdown()
+            echo(f"done in {duration(time.time() - started)}")
+            return outcome
         except KeyboardInterrupt:
             # A second Ctrl-C while the first one's stop was under way, or one before the sweep began.
             raise SweepInterrupted(interrupts.message or "interrupted before the sweep started; nothing "
                                    "was launched") from None
+        finally:
+            no_reset_code_at_exit()
 
 
 def run_name_keys(spec: SweepSpec) -> list[str]:
@@ -279,57 +367,61 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
     resumable = f"sweep {plan.sweep_id} interrupted; continue it with:\n  {command}"
     plan.state_dir.mkdir(parents=True, exist_ok=True)
     state_file = plan.state_dir / STATE_FILE
-    if resume:
-        parent_id = json.loads(state_file.read_text())["parent_run_id"]
-        parent = tracking.RunHandle(plan.tracking_uri, parent_id)
-        closed = tracking.close_stale_children(plan.tracking_uri, experiment_id, parent_id)
-        if closed:
-            echo(f"closed {len(closed)} run(s) left RUNNING by the interrupted sweep as KILLED")
-        parent.reopen()
-        echo(f"resuming sweep {plan.sweep_id} (MLflow parent run {parent_id})")
-    else:
-        parent = tracking.RunHandle(plan.tracking_uri, tracking.client(plan.tracking_uri).create_run(
-            experiment_id, run_name=plan.sweep_id,
-            tags={tracking.TAG_ROLE: tracking.ROLE_SWEEP, tracking.TAG_SWEEP: plan.sweep_id,
-                  tracking.TAG_NOTE: spec.description or f"sweep {spec.name}"}).info.run_id)
-        parent.log_params({"spec_file": spec_path.name, **tracking.flatten("", spec.to_dict())})
-        if spec.search.algorithm == "optuna":
-            from sweeper.search import study_storage_url
-
-            parent.set_tags({tracking.TAG_STUDY_STORAGE: study_storage_url(plan.state_dir),
-                             tracking.TAG_STUDY_NAME: spec.name})
-        parent.log_artifact(spec_path, "spec")
-        if overrides:
-            parent.log_text("\n".join(overrides) + "\n", "spec/overrides.txt")
-        state_file.write_text(json.dumps({
-            "sweep_id": plan.sweep_id, "parent_run_id": parent.run_id, "experiment_id": experiment_id,
-            "tracking_uri": plan.tracking_uri, "storage": plan.storage, "spec": str(spec_path),
-        }, indent=2))
-        echo(f"sweep {plan.sweep_id}: {spec.total_trials} trial(s), MLflow experiment {spec.experiment!r} "
-             f"at {plan.tracking_uri}, parent run {parent.run_id}")
-    # From here on an interrupt leaves a sweep to resume (sweep.json and the parent run exist).
-    interrupts.message = resumable
-
-    sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
-                 "parent_run_id": parent.run_id, "sweep_name": plan.sweep_id,
-                 "name_keys": run_name_keys(spec),
-                 "cpus_per_trial": max(1, int(spec.resources.cpu)), "scheduler": spec.scheduler.type}
     pooled = spec.resources.pooled
-    if pooled:
-        sweep_cfg["pool"] = {"sweep_id": plan.sweep_id}
-        if resume and remove_pools(plan.sweep_id):
-            echo("removed the interrupted sweep's trial pools; their trials rejoin from their checkpoints")
-        echo("trials that share a device train together as one batched model (resources.batched)")
-    trainable = tune.with_resources(VAETrainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    outcome = SweepOutcome(plan.sweep_id, parent.run_id, experiment_id, plan.tracking_uri, plan.experiment_path)
-    # Tune saves the experiment's state (which trials exist) every >= 10 s by default; a trial that
-    # started since then is unknown to a resumed sweep (mark_lost_trials). Every 2 s narrows that.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    reporter = _reporter(spec)   # also on resume: the same console as a fresh run
+    parent: tracking.RunHandle | None = None
+    outcome: SweepOutcome | None = None
+    failed_evaluations: list[str] = []
+    status = "FAILED"
     ray_hints = _DropRayHints()
     logging.getLogger("ray.tune.tune").addFilter(ray_hints)
-    status = "FAILED"
     try:
+        if resume:
+            parent_id = json.loads(state_file.read_text())["parent_run_id"]
+            parent = tracking.RunHandle(plan.tracking_uri, parent_id)
+            closed = tracking.close_stale_children(plan.tracking_uri, experiment_id, parent_id)
+            if closed:
+                echo(f"closed {len(closed)} run(s) left RUNNING by the interrupted sweep as KILLED")
+            parent.reopen()
+            echo(f"resuming sweep {plan.sweep_id} (MLflow parent run {parent_id})")
+        else:
+            parent = tracking.RunHandle(plan.tracking_uri, tracking.client(plan.tracking_uri).create_run(
+                experiment_id, run_name=plan.sweep_id,
+                tags={tracking.TAG_ROLE: tracking.ROLE_SWEEP, tracking.TAG_SWEEP: plan.sweep_id,
+                      tracking.TAG_NOTE: spec.description or f"sweep {spec.name}"}).info.run_id)
+            parent.log_params({"spec_file": spec_path.name, **tracking.flatten("", spec.to_dict())})
+            if spec.search.algorithm == "optuna":
+                from sweeper.search import study_storage_url
+
+                parent.set_tags({tracking.TAG_STUDY_STORAGE: study_storage_url(plan.state_dir),
+                                 tracking.TAG_STUDY_NAME: spec.name})
+            parent.log_artifact(spec_path, "spec")
+            if overrides:
+                parent.log_text("\n".join(overrides) + "\n", "spec/overrides.txt")
+            state_file.write_text(json.dumps({
+                "sweep_id": plan.sweep_id, "parent_run_id": parent.run_id, "experiment_id": experiment_id,
+                "tracking_uri": plan.tracking_uri, "storage": plan.storage, "spec": str(spec_path),
+                "resume_command": command, "spec_resolved": resolved_spec(spec),   # what --resume must match
+            }, indent=2))
+            echo(f"sweep {plan.sweep_id}: {spec.total_trials} trial(s), MLflow experiment {spec.experiment!r} "
+                 f"at {plan.tracking_uri}, parent run {parent.run_id}")
+        # From here on an interrupt leaves a sweep to resume (sweep.json and the parent run exist).
+        interrupts.message = resumable
+        outcome = SweepOutcome(plan.sweep_id, parent.run_id, experiment_id, plan.tracking_uri, plan.experiment_path)
+
+        sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
+                     "parent_run_id": parent.run_id, "sweep_name": plan.sweep_id,
+                     "name_keys": run_name_keys(spec),
+                     "cpus_per_trial": max(1, int(spec.resources.cpu)), "scheduler": spec.scheduler.type}
+        if pooled:
+            sweep_cfg["pool"] = {"sweep_id": plan.sweep_id}
+            if resume and remove_pools(plan.sweep_id):
+                echo("removed the interrupted sweep's trial pools; their trials rejoin from their checkpoints")
+            echo("trials that share a device train together as one batched model (resources.batched)")
+        trainable = tune.with_resources(VAETrainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        # Tune saves the experiment's state (which trials exist) every >= 10 s by default; a trial that
+        # started since then is unknown to a resumed sweep (mark_lost_trials). Every 2 s narrows that.
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+        reporter = _reporter(spec)   # (a resumed sweep gets the same one, saved with its experiment)
         if resume:
             tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -350,7 +442,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
                     # was. At the end too, so a scheduler-stopped trial has its last epoch's checkpoint.
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
                                                             checkpoint_frequency=spec.checkpoint_frequency),
-                    callbacks=[SchedulerStateCallback(scheduler), _time_left(spec, at_once),
+                    callbacks=[SchedulerStateCallback(scheduler), _time_left(spec, at_once, plan.sweep_id),
                                TrialRunsCallback(plan.tracking_uri, experiment_id, parent.run_id,
                                                  spec.scheduler.type, plan.sweep_id),
                                *([PoolLeaveCallback(plan.sweep_id)] if pooled else [])],
@@ -369,11 +461,22 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
                          seen=TrialRunsCallback.seen_in(parent.run_id))
         outcome.errors = [f"{trial_name_of(r)}: {error_line(r)} (traceback: {Path(r.path) / 'error.txt'})"
                           for r in results if r.error is not None]
-        evaluate_stopped_trials(results, plan.tracking_uri, experiment_id, parent.run_id, spec, echo)
+        failed_evaluations = evaluate_stopped_trials(results, plan.tracking_uri, experiment_id, parent.run_id,
+                                                     spec, echo)
+        outcome.errors += failed_evaluations
         status = "FINISHED" if not outcome.errors else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
+        if parent is None:
+            raise      # nothing was created yet: run_sweep says so
         closed = tracking.close_stale_children(plan.tracking_uri, experiment_id, parent.run_id)
+        if not resume and not _tune_started(plan):
+            # Nothing of Tune's exists to continue: this sweep never started, --resume must not find it.
+            parent.set_tags({"stop_detail": "interrupted before the sweep launched any trial"})
+            parent.terminate("KILLED")
+            state_file.unlink(missing_ok=True)
+            raise SweepInterrupted(f"interrupted before sweep {plan.sweep_id} started: nothing was launched "
+                                   f"(its MLflow run {parent.run_id} is closed as KILLED)") from None
         parent.terminate("KILLED")
         raise SweepInterrupted(
             f"sweep {plan.sweep_id} interrupted; {len(closed)} running trial run(s) closed as KILLED, "
@@ -382,36 +485,68 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         logging.getLogger("ray.tune.tune").removeFilter(ray_hints)
         if pooled and ray.is_initialized():
             remove_pools(plan.sweep_id)
-        if status != "KILLED":
-            outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo,
-                                        errors=outcome.errors)
+        if parent is not None and status != "KILLED":
+            if outcome is not None:
+                outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo,
+                                            errors=outcome.errors)
             parent.terminate(status)
-            echo_urls(outcome, echo)
+            timing = TimeLeftCallback.compare(plan.sweep_id)
+            if timing:
+                echo(timing)
+            if outcome is not None:
+                echo_urls(outcome, echo)
     if outcome.errors:
         parent.set_tags({tracking.TAG_ERRORS: f"{len(outcome.errors)} trial(s) ended with an error: "
                                               + "; ".join(outcome.errors)[:4000]})
+        again = (f"\nAfter fixing the cause, `{command}` evaluates the trial(s) whose test evaluation failed again."
+                 if failed_evaluations else "")
         raise SweepFailed(f"{len(outcome.errors)} trial(s) of sweep {plan.sweep_id} ended with an error "
-                          "(the other trials finished):\n  - " + "\n  - ".join(outcome.errors))
+                          "(the other trials finished):\n  - " + "\n  - ".join(outcome.errors) + again)
     return outcome
 
 
+def _tune_started(plan: SweepPlan) -> bool:
+    """Whether Tune saved an experiment state for this sweep (so --resume has something to continue)."""
+    try:
+        return tune.Tuner.can_restore(plan.experiment_path)
+    except Exception:      # a storage it cannot read now: assume it did, and keep the sweep resumable
+        return True
+
+
 def echo_urls(outcome: SweepOutcome, echo: Callable[[str], None]) -> None:
-    """Where to look: the sweep's run and its best trial's, as `sweeper ui` (or the server) serves them."""
+    """Where to look: the sweep's run and its best trial's (by validation), as `sweeper ui` (or the server) serves them."""
     base = tracking.ui_base(outcome.tracking_uri)
     how = "" if outcome.tracking_uri.startswith("http") else " (start the UI with `sweeper ui`)"
     echo(f"\nMLflow{how}:\n  the sweep:      {tracking.ui_url(base, outcome.experiment_id, outcome.parent_run_id)}")
-    summary = outcome.summary
-    if summary is not None and len(summary) and METRIC_TEST_LL in summary and summary.iloc[0].notna()[METRIC_TEST_LL]:
-        best = summary.iloc[0]
+    best = best_trial(outcome.summary)
+    if best is not None:
         echo(f"  the best trial: {tracking.ui_url(base, outcome.experiment_id, best['run_id'])} ({best['trial']})")
 
 
-def _time_left(spec: SweepSpec, at_once: int) -> TimeLeftCallback:
+def _time_left(spec: SweepSpec, at_once: int, sweep_id: str) -> TimeLeftCallback:
     max_epochs = int(spec.base_config()["max_epochs"])
     s = spec.scheduler
     expected = (asha_expected_epochs(s.grace_period, s.reduction_factor, s.max_t or max_epochs)
                 if s.type == "asha" else None)
-    return TimeLeftCallback(spec.total_trials, max_epochs, expected, at_once)
+    return TimeLeftCallback(spec.total_trials, max_epochs, expected, at_once, sweep_id=sweep_id,
+                            finish_guess_epochs=finish_guess_epochs(spec))
+
+
+def finish_guess_epochs(spec: SweepSpec) -> float:
+    """A trial's own end (test LL with S importance samples, images, weights) in epochs, until
+    one is measured: half of test images x S forward passes over an epoch's 3 x training (forward
+    and backward) + validation passes. Measured: ~1.3 epochs on the quickstart (~1.5 guessed);
+    ~70-180 on static MNIST with S=5000 on 2 CPU cores (~156 guessed)."""
+    from trainables.vae.data import get_spec
+
+    cfg = spec.base_config()
+    guesses = []
+    for name in _datasets_of(spec):
+        train, val, test = get_spec(name).info.split_sizes
+        train, val, test = (min(n, cfg[k] or n) for n, k in ((train, "train_subset"), (val, "val_subset"),
+                                                              (test, "test_subset")))
+        guesses.append(0.5 * test * int(cfg["test_samples"]) / (3 * train + val))
+    return max(guesses, default=0.0)
 
 
 def trial_name_of(result) -> str:
@@ -451,15 +586,21 @@ def mark_lost_trials(results, plan: SweepPlan, spec: SweepSpec, experiment_id: s
         fail_running_study_trials(plan.state_dir, spec.name)
 
 
+TAG_EVALUATION_FAILED = "sweeper.evaluation_failed"   # a stopped trial whose test evaluation failed
+EVALUATION_ERROR_FILE = "evaluation_error.txt"          # ... its traceback, an artifact of its run
+
+
 def evaluate_stopped_trials(results, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                            spec: SweepSpec, echo: Callable[[str], None]) -> None:
+                            spec: SweepSpec, echo: Callable[[str], None]) -> list[str]:
     """Test-evaluate, from their last checkpoints, the trials the scheduler stopped (Ray tasks).
 
     Which trials: those whose run the driver tagged `stop_reason: scheduler` when the scheduler
-    stopped them (`TrialRunsCallback`) and that have no test_ll yet. So it is idempotent, a
-    resumed sweep finishes what an interrupt cut short, and a trial that Ctrl-C merely ended is
-    never evaluated half-trained.
-    """
+    stopped them (`TrialRunsCallback`) and that have no test_ll yet, and those whose evaluation
+    failed before. So it is idempotent, a resumed sweep finishes what an interrupt cut short or
+    an error broke, and a trial that Ctrl-C merely ended is never evaluated half-trained.
+
+    Returns one line per evaluation that failed; that trial's run is closed as FAILED (stop
+    reason `error`, what failed in `stop_detail`, the traceback as its artifact)."""
     from trainables.vae_trainable import evaluate_stopped_trial
 
     by_id = {}
@@ -467,88 +608,227 @@ def evaluate_stopped_trials(results, tracking_uri: str, experiment_id: str, pare
         trial_id = (result.metrics or {}).get("trial_id")
         if trial_id and result.error is None and result.checkpoint is not None:
             by_id[str(trial_id)] = result
-    task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(evaluate_stopped_trial)
-    pending = []
+    todo = []
     for run in tracking.child_runs(tracking_uri, experiment_id, parent_run_id):
         tags = run.data.tags
-        if (stop_reason(tags.get(tracking.TAG_STOP)) != STOP_SCHEDULER or METRIC_TEST_LL in run.data.metrics
-                or tracking.TAG_ORPHANED in tags):
+        retry = TAG_EVALUATION_FAILED in tags
+        if ((stop_reason(tags.get(tracking.TAG_STOP)) != STOP_SCHEDULER and not retry)
+                or METRIC_TEST_LL in run.data.metrics or tracking.TAG_ORPHANED in tags):
             continue
         result = by_id.get(tags.get(tracking.TAG_TRIAL, ""))
-        if result is None:
-            continue
-        pending.append(task.remote(result.config, result.checkpoint, tags[tracking.TAG_TRIAL]))
-    if pending:
-        echo(f"evaluating {len(pending)} trial(s) stopped by the scheduler on the test set ...")
-        ray.get(pending)
+        if result is not None:
+            todo.append((run, result))
+    if not todo:
+        return []
+    echo(f"evaluating {len(todo)} trial(s) stopped by the scheduler on the test set ...")
+    task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(evaluate_stopped_trial)
+    pending = []
+    for run, result in todo:
+        if TAG_EVALUATION_FAILED in run.data.tags:     # tried before and failed: it is a stopped trial again
+            handle = tracking.RunHandle(tracking_uri, run.info.run_id)
+            handle.set_tags({tracking.TAG_STOP: STOP_SCHEDULER})
+            handle.client.delete_tag(run.info.run_id, TAG_EVALUATION_FAILED)
+        pending.append((task.remote(result.config, result.checkpoint, run.data.tags[tracking.TAG_TRIAL]), run))
+    failed = []
+    for ref, run in pending:
+        try:
+            ray.get(ref)
+        except Exception as exc:     # the task raised (RayTaskError) or its worker died
+            failed.append(_evaluation_failed(tracking_uri, run, exc))
+    return failed
 
 
-def _reporter(spec: SweepSpec):
-    from ray.tune import CLIReporter
+def _evaluation_failed(tracking_uri: str, run, exc: BaseException) -> str:
+    """Close a stopped trial's run whose test evaluation raised; the line for the sweep's errors."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = (lines[-1] if lines else type(exc).__name__)[:300]
+    epoch = int(run.data.metrics.get("epoch", 0))
+    handle = tracking.RunHandle(tracking_uri, run.info.run_id)
+    where = f"the artifact {EVALUATION_ERROR_FILE} of MLflow run {run.info.run_id}"
+    try:
+        handle.log_text(text, EVALUATION_ERROR_FILE)
+    except Exception:   # the traceback is a courtesy; the run's state is what matters
+        where = "the driver's console above"
+    handle.set_tags({tracking.TAG_STOP: STOP_ERROR, TAG_EVALUATION_FAILED: "1",
+                     "stop_detail": f"stopped by the scheduler after epoch {epoch}; its test evaluation failed: "
+                                    f"{last} (traceback: {where})"})
+    handle.terminate("FAILED")
+    return (f"trial_{run.data.tags.get(tracking.TAG_TRIAL, '?')} ({run.info.run_name}): stopped by the scheduler "
+            f"after epoch {epoch}, its test evaluation failed: {last} (traceback: {where})")
 
-    # The legacy reporter lets us choose the table's columns; the new one ignores reporters.
+
+def _reporter(spec: SweepSpec) -> SweepReporter:
+    # The legacy output engine, whose reporters Tune calls; the new one ignores reporters.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Checkpointing every epoch is deliberate (exact resume); Ray warns about it every few seconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    metrics = {"training_iteration": "epoch", METRIC_EPOCH_SECONDS: "s/epoch", spec.metric.name: spec.metric.name,
-               METRIC_TEST_LL: METRIC_TEST_LL}
-    return CLIReporter(metric_columns=metrics, parameter_columns=[p.name for p in spec.parameters],
-                       max_report_frequency=30, sort_by_metric=True, max_progress_rows=20)
+    return SweepReporter([p.name for p in spec.parameters], spec.metric.name, spec.metric.mode)
+
+
+# --------------------------------------------------------------------------------------------
+# The summary: every choice on the spec's metric at each trial's tested epoch
+
+
+def typed_params(params: Mapping[str, str]) -> dict[str, Any]:
+    """A run's MLflow params (strings) as the trial's values: '13' -> 13, 'True' -> True,
+    'None' -> None, by the type of each `TrainConfig` field (other keys stay strings)."""
+    from trainables.vae.config import TrainConfig
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for key, text in params.items():
+        kind = types.get(key, "str").replace(" | None", "")
+        try:
+            if text == "None" and key in types:
+                out[key] = None
+            elif kind == "bool":
+                out[key] = {"True": True, "False": False}[text]
+            elif kind == "int":
+                out[key] = int(float(text)) if float(text).is_integer() else float(text)
+            elif kind == "float":
+                out[key] = float(text)
+            else:
+                out[key] = text
+        except (KeyError, ValueError):
+            out[key] = text
+    return out
+
+
+def metric_at_tested_epoch(client, run, metric: str) -> tuple[float | None, int | None]:
+    """(the run's `metric` at the epoch whose weights it tested, that epoch), or (its latest value,
+    None) for a trial without a tested epoch (running, killed, failed).
+
+    val_elbo: the trial's `best_val_elbo`; for runs made before it existed, and for other
+    metrics, the metric's history at step `best_epoch` (the trainable logs epochs as steps)."""
+    m = run.data.metrics
+    latest = m.get(metric)
+    if METRIC_BEST_EPOCH not in m:
+        return latest, None
+    epoch = int(m[METRIC_BEST_EPOCH])
+    value = m.get(METRIC_BEST_VAL_ELBO)
+    if metric == METRIC_VAL_ELBO and value is not None and math.isfinite(value):
+        return value, epoch
+    at = [h.value for h in client.get_metric_history(run.info.run_id, metric) if h.step == epoch]
+    return (at[-1], epoch) if at else (latest, None)
+
+
+def best_trial(table) -> Any:
+    """The summary's best trial (its first row), or None when no trial has a tested epoch."""
+    if table is None or not len(table) or METRIC_BEST_EPOCH not in table:
+        return None
+    first = table.iloc[0]
+    return first if first.notna()[METRIC_BEST_EPOCH] else None
 
 
 def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tracking.RunHandle,
               echo: Callable[[str], None], errors: Sequence[str] = ()):
-    """The trials' child runs as a table (best test LL first), printed and logged to the parent."""
+    """The trials' child runs as a table, printed and logged to the parent (summary.csv, .md).
+
+    Best first by the spec's metric at each trial's tested epoch; trials without one (running,
+    killed, failed) after them, by their latest value, marked `latest`. The parent run's
+    best_run_id / best_trial tags and best_* metrics are the first row's: test LL is shown
+    beside, never used to choose."""
     import pandas as pd
 
+    client = tracking.client(tracking_uri)
+    metric, defaults = spec.metric.name, spec.base_config()
+    at_column = f"{metric}_at"
     rows = []
     for run in tracking.child_runs(tracking_uri, experiment_id, parent.run_id):
-        m, p, t = run.data.metrics, run.data.params, run.data.tags
+        m, t = run.data.metrics, run.data.tags
         if tracking.TAG_ORPHANED in t:
             continue      # not a trial of the sweep (see mark_lost_trials)
+        params = typed_params(run.data.params)
+        value, tested = metric_at_tested_epoch(client, run, metric)
         row = {"trial": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
-               "stop_reason": stop_reason(t.get(tracking.TAG_STOP)), "epochs": int(m.get("epoch", 0))}
+               "stop_reason": stop_reason(t.get(tracking.TAG_STOP)), "epochs": int(m.get("epoch", 0)),
+               METRIC_BEST_EPOCH: tested, metric: value, at_column: METRIC_BEST_EPOCH if tested else "latest"}
         # A conditional parameter that did not apply shows blank, not the config's default.
-        row.update({q.name: p.get(q.name) if q.applies(p) else None for q in spec.parameters})
-        for key in (METRIC_VAL_ELBO, METRIC_TEST_LL, "test_elbo", "active_units", "test_bits_per_dim"):
+        row.update({q.name: params.get(q.name) if q.applies(params, defaults) else None for q in spec.parameters})
+        if metric != METRIC_VAL_ELBO and tested is not None:
+            row[METRIC_BEST_VAL_ELBO] = metric_at_tested_epoch(client, run, METRIC_VAL_ELBO)[0]
+        for key in (METRIC_TEST_LL, "test_elbo", "active_units", "test_bits_per_dim"):
             if key in m:
                 row[key] = m[key]
         rows.append(row)
     if not rows:
         echo("no trial opened an MLflow run" + (" (every trial failed in its setup; see below)" if errors else ""))
         return pd.DataFrame()
-    table = pd.DataFrame(rows)
-    sort_key = METRIC_TEST_LL if METRIC_TEST_LL in table else spec.metric.name
-    if sort_key in table:
-        table = table.sort_values(sort_key, ascending=False, na_position="last")
-    shown = [c for c in ("trial", "stop_reason", "epochs", *[q.name for q in spec.parameters], METRIC_VAL_ELBO,
-                         METRIC_TEST_LL, "test_bits_per_dim", "active_units") if c in table]
-    echo(f"\n{len(table)} trial(s); best first:\n" + _readable(table[shown]).head(10).to_string(index=False))
+    table = pd.DataFrame(rows, dtype=object)    # K stays 48, not 48.0, beside blanks
+    sign = 1.0 if spec.metric.mode == "max" else -1.0
+    table = (table.assign(_tested=table[METRIC_BEST_EPOCH].notna(), _key=sign * pd.to_numeric(table[metric]))
+             .sort_values(["_tested", "_key"], ascending=[False, False], na_position="last")
+             .drop(columns=["_tested", "_key"]).reset_index(drop=True))
+    shown = [c for c in ("trial", "stop_reason", "epochs", METRIC_BEST_EPOCH, *[q.name for q in spec.parameters],
+                         metric, METRIC_TEST_LL, "test_bits_per_dim", "active_units") if c in table]
+    readable = _readable(table[shown], marks=table[at_column], metric=metric)
+    legend = (f"Best first by {metric} ({spec.metric.mode}) at the epoch whose weights each trial tested "
+              f"({METRIC_BEST_EPOCH}); {METRIC_TEST_LL} is shown beside and never used to choose.")
+    if (table[at_column] == "latest").any():
+        legend += (" '(latest)': a trial without a tested epoch (running, killed or failed), with its latest "
+                   "value, after the others.")
+    echo(f"\n{len(table)} trial(s); best first:\n" + readable.head(10).to_string(index=False) + f"\n{legend}")
     parent.log_text(table.to_csv(index=False), "summary.csv")
-    parent.log_text(_readable(table[shown]).to_markdown(index=False) if _has_tabulate()
-                    else _readable(table[shown]).to_string(index=False), "summary.md")
-    best = table.iloc[0]
-    if METRIC_TEST_LL in table and pd.notna(best.get(METRIC_TEST_LL)):
-        parent.log_metrics({"best_test_ll": best[METRIC_TEST_LL], "trials": len(table),
-                            **({"best_val_elbo": best[METRIC_VAL_ELBO]} if pd.notna(best.get(METRIC_VAL_ELBO)) else {})})
-        parent.set_tags({"best_run_id": best["run_id"], "best_trial": best["trial"]})
+    parent.log_text(f"# Sweep {parent_name(parent)}: {len(table)} trial(s)\n\n{legend}\n\n{markdown_table(readable)}\n",
+                    "summary.md")
+    best = best_trial(table)
+    metrics: dict[str, Any] = {"trials": len(table)}
+    if best is not None:
+        metrics.update({f"best_{metric}": best[metric], METRIC_BEST_EPOCH: best[METRIC_BEST_EPOCH]})
+        best_elbo = best[metric] if metric == METRIC_VAL_ELBO else best.get(METRIC_BEST_VAL_ELBO)
+        if best_elbo is not None and pd.notna(best_elbo):
+            metrics[METRIC_BEST_VAL_ELBO] = best_elbo
+        if pd.notna(best.get(METRIC_TEST_LL)):
+            metrics["best_test_ll"] = best[METRIC_TEST_LL]    # the test LL of the trial chosen on validation
+        parent.set_tags({"best_run_id": best["run_id"], "best_trial": best["trial"],
+                         "best_chosen_by": f"{metric} ({spec.metric.mode}) at each trial's tested epoch; "
+                                           "test LL not used"})
+    parent.log_metrics(metrics)
     return table
 
 
-def _readable(table):
+def markdown_table(readable) -> str:
+    """A table of strings (`_readable`) as a markdown (pipe) table, the text as it is (no number
+    parsing: '2.34e-3' stays); columns of numbers right-aligned."""
+    from tabulate import tabulate
+
+    def numeric(column) -> bool:
+        values = [v for v in readable[column] if v != ""]
+        try:
+            [float(str(v).split(" ")[0]) for v in values]
+        except ValueError:
+            return False
+        return bool(values)
+
+    align = ["right" if numeric(c) else "left" for c in readable.columns]
+    return tabulate(readable.values.tolist(), headers=list(readable.columns), tablefmt="pipe",
+                    disable_numparse=True, colalign=align)
+
+
+def parent_name(parent: tracking.RunHandle) -> str:
+    try:
+        return parent.client.get_run(parent.run_id).info.run_name
+    except Exception:
+        return parent.run_id
+
+
+def _readable(table, marks=None, metric: str | None = None):
     """Numbers as people read them: parameters to 3 significant digits, metrics to 2 decimals,
-    blank (not NaN/None) where a value does not apply."""
+    blank (not NaN/None) where a value does not apply; `metric` values whose `marks` entry is
+    'latest' say so."""
     out = table.copy().astype(object)
     for column in out:
         values = []
-        for v in out[column]:
+        for i, v in enumerate(out[column]):
             if v is None or (isinstance(v, float) and v != v):
                 values.append("")
-            elif column in (METRIC_VAL_ELBO, METRIC_TEST_LL, "test_elbo"):
-                values.append(f"{float(v):.2f}")
+            elif column in (METRIC_VAL_ELBO, METRIC_TEST_LL, "test_elbo", metric):
+                latest = marks is not None and column == metric and marks.iloc[i] == "latest"
+                values.append(f"{float(v):.2f}" + (" (latest)" if latest else ""))
             elif column == "test_bits_per_dim":
                 values.append(f"{float(v):.4f}")
-            elif column == "active_units":
+            elif column in ("active_units", "epochs", METRIC_BEST_EPOCH):
                 values.append(str(int(float(v))))
             elif isinstance(v, (int, float, str)) and not isinstance(v, bool):
                 try:
@@ -559,14 +839,6 @@ def _readable(table):
                 values.append(v)
         out[column] = values
     return out
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def validate(spec_path: str | Path, overrides: Sequence[str] = (), *, address: str | None = None,

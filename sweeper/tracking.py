@@ -7,6 +7,7 @@ its names are re-exported here, so the sweeper has one module to use.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from sweeper.errors import SweeperError
@@ -133,6 +134,50 @@ def tag_orphans(tracking_uri: str, experiment_id: str, parent_run_id: str, known
     return out
 
 
+def require_database(tracking_uri: str, command: str) -> None:
+    """A sqlite store must already exist for commands that only read it: MlflowClient would
+    silently create an empty database (and ./mlartifacts) wherever the command was typed."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        raise SweeperError(f"no MLflow database at {tracking_uri[len('sqlite:///'):]}: run `sweeper {command}` "
+                           "in the folder where the sweep ran, or pass --tracking-uri")
+
+
+STORE_CHECK_TIMEOUT_S = 5.0
+
+
+def check_store(tracking_uri: str, timeout_s: float = STORE_CHECK_TIMEOUT_S) -> None:
+    """Fail in seconds, before Ray starts, on a tracking store the sweep cannot use: a server
+    that does not answer or refuses the credentials, a sqlite file in a missing folder.
+
+    MLflow's client retries a dead server for minutes (7 retries with backoff); this probe asks
+    once, with the credentials the trials will use (MLFLOW_TRACKING_USERNAME/_PASSWORD/_TOKEN),
+    for a page of experiments: the basic-auth app answers 401 to missing or wrong credentials."""
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise SweeperError(f"--tracking-uri {tracking_uri}: the folder {folder} does not exist")
+        return
+    if not tracking_uri.startswith(("http://", "https://")):
+        return     # databricks and plugin stores: their own client decides
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(get_default_host_creds(tracking_uri), "/api/2.0/mlflow/experiments/search", "POST",
+                                max_retries=0, timeout=timeout_s, json={"max_results": 1})
+    except Exception as exc:   # refused, unknown host, timeout, TLS
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise SweeperError(f"cannot reach the MLflow tracking server {tracking_uri} ({reason}): is it running, "
+                           "and is the address right? Nothing was started") from None
+    if response.status_code in (401, 403):
+        raise SweeperError(f"the MLflow tracking server {tracking_uri} refused the credentials (HTTP "
+                           f"{response.status_code}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                           "(or MLFLOW_TRACKING_TOKEN) to an account of that server. Nothing was started")
+    if response.status_code != 200:
+        raise SweeperError(f"{tracking_uri} did not answer as an MLflow tracking server (HTTP {response.status_code} "
+                           "to a search of experiments); check the address. Nothing was started")
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Whether a server could bind host:port now."""
     import socket
@@ -145,29 +190,102 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def launch_ui(tracking_uri: str | None, port: int, echo=print) -> None:
-    """Replace this process by `mlflow ui` bound to 127.0.0.1 (never on all interfaces)."""
+UI_START_TIMEOUT_S = 300.0
+# What `mlflow ui` would print that a user of a local UI does not need, turned off where it
+# comes from: uvicorn's start-up and access lines (its log level), MLflow's INFO lines (its
+# logger level), the registry-store notice (the URI given), and the Starlette deprecation
+# warning MLflow's server module triggers at import (a warnings filter for that module). The
+# GenAI job runner (seven huey processes that each import MLflow: half a minute of both cores
+# on a small machine, for features a sweep does not use) is not started.
+UI_ENV = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+UI_WARNINGS_FILTER = "ignore::UserWarning:mlflow.server.fastapi_app"
+
+
+def ui_command(tracking_uri: str, port: int) -> list[str]:
+    """`mlflow ui` on 127.0.0.1 only (never on all interfaces), one worker: a personal UI on a
+    small machine starts in seconds instead of importing MLflow in four processes."""
     import shutil
     import sys
 
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    args = [mlflow, "ui", "--backend-store-uri", tracking_uri, "--registry-store-uri", tracking_uri,
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--uvicorn-opts", "--log-level warning --no-access-log"]
+    root = artifact_root_for(tracking_uri)
+    if root:
+        args += ["--default-artifact-root", root]
+    return args
+
+
+def server_answers(base: str, timeout_s: float = 2.0) -> bool:
+    """Whether the MLflow server at `base` answers its health check now."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base.rstrip('/')}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except Exception:
+        return False
+
+
+def launch_ui(tracking_uri: str | None, port: int, echo=print, start_timeout_s: float = UI_START_TIMEOUT_S) -> int:
+    """Run `mlflow ui` bound to 127.0.0.1 until it exits (Ctrl-C); print its links once it answers.
+
+    The server runs in a process group of its own, and Ctrl-C (SIGINT, SIGTERM, SIGHUP) here is
+    passed to that whole group once: the server stops cleanly, whether the signal came from a
+    terminal or was sent to this process alone. Returns the server's exit code (0 after Ctrl-C)."""
+    import signal
+    import subprocess
+
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise SweeperError(f"no MLflow database at {uri[len('sqlite:///'):]}: run a sweep here first "
-                           "(`sweeper run SPEC`) or pass --tracking-uri")
     if uri.startswith("http"):
         raise SweeperError(f"{uri} is an MLflow server: open it in a browser instead")
+    require_database(uri, "ui")
     if not port_free(port):
         raise SweeperError(f"port {port} on 127.0.0.1 is in use (another `sweeper ui` or MLflow server?); "
                            f"pass another one, e.g. `sweeper ui --port {port + 1}`")
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    args = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
-    root = artifact_root_for(uri)
-    if root:
-        args += ["--default-artifact-root", root]
-    echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C to stop)")
-    for exp in sweep_experiments(uri):
-        echo(f"  {exp.name}: {ui_url(ui_base(uri, port), exp.experiment_id)}")
-    os.execv(args[0], args)
+    base = ui_base(uri, port)
+    warnings = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), UI_WARNINGS_FILTER) if w)
+    env = {**os.environ, **UI_ENV, "PYTHONWARNINGS": warnings}
+    echo(f"starting the MLflow UI for {uri} on {base} (a few seconds) ...")
+    server = subprocess.Popen(ui_command(uri, port), env=env, start_new_session=True)
+    stopping: list[int] = []
+
+    def stop(signum, frame) -> None:
+        if not stopping and server.poll() is None:
+            os.killpg(server.pid, signal.SIGINT)     # uvicorn's graceful shutdown
+        stopping.append(signum)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in handled}
+    try:
+        experiments = sweep_experiments(uri)      # read while the server starts
+        deadline = time.monotonic() + start_timeout_s
+        while not stopping and not server_answers(base):
+            if server.poll() is not None:
+                raise SweeperError(f"the MLflow UI did not start (exit code {server.returncode}); its messages "
+                                   "are above")
+            if time.monotonic() > deadline:
+                raise SweeperError(f"the MLflow UI did not answer on {base} within {start_timeout_s:.0f} s; "
+                                   "its messages are above")
+            time.sleep(0.5)
+        if not stopping:
+            echo(f"MLflow UI on {base} (Ctrl-C to stop)")
+            for exp in experiments:
+                echo(f"  {exp.name}: {ui_url(base, exp.experiment_id)}")
+        code = server.wait()
+        return 0 if stopping else code
+    finally:
+        if server.poll() is None:        # an error above, or the server ignores the signal
+            for sig, grace in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(server.pid, sig)
+                    server.wait(timeout=grace)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def sweep_experiments(tracking_uri: str) -> list:
