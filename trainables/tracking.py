@@ -375,9 +375,9 @@ class RunHandle:
         outbox. Logged once per (key, step): a replayed epoch does not add a second copy."""
         box = self._outbox
         if (key, step) not in box.images:
-            box.images.add((key, step))
             box.put({"kind": "image", "key": key, "step": int(step), "timestamp": int(time.time() * 1000),
                      "uuid": str(uuid.uuid4()), "image": np.asarray(image)})
+            box.images.add((key, step))
         if wait:
             self.flush()
 
