@@ -66,6 +66,11 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
     assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
     assert parents[0].info.status == "FINISHED"
     assert "best_test_ll" in parents[0].data.metrics
+    # The best trial is chosen on validation at each trial's tested epoch, not on test LL.
+    tested = outcome.summary[outcome.summary["best_epoch"].notna()]
+    assert list(tested["val_elbo"]) == sorted(tested["val_elbo"], reverse=True)
+    assert parents[0].data.metrics["best_val_elbo"] == max(tested["val_elbo"])
+    assert parents[0].data.tags["best_run_id"] == best
     assert {a.path for a in client.list_artifacts(outcome.parent_run_id)} >= {"spec", "summary.csv", "summary.md"}
     assert len(runs) == 5
     reasons = []
