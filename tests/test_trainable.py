@@ -56,6 +56,7 @@ def test_a_trials_setup_leaves_no_trace_its_first_step_opens_its_run(store):
     run = tracking.find_child(uri, experiment_id, other_parent, "default")
     assert run is not None and result[RESULT_RUN_ID] == run.info.run_id
     assert run.info.status == "RUNNING" and run.info.run_name == "vamp K=4"
+    tracking.RunHandle(uri, run.info.run_id).flush()   # a step's logging is queued, not waited for
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
     assert steps == [1]
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
@@ -77,3 +78,33 @@ def test_a_retry_completes_what_its_first_attempt_did_not_log(store):
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert {a.split("+step+")[1].split("+")[0] for a in images if "pseudo_inputs+step+" in a} == {"0", "1"}
     assert len(client.search_runs([experiment_id])) == 2           # the parent and the one trial run
+
+
+def test_a_pooled_trial_evicted_while_alive_rejoins_from_its_last_checkpoint_and_goes_on(store, tmp_path):
+    """A live trial that was slow to ask (a busy Tune driver) can be evicted from its pool; with
+    the state of the epoch it last reported (its checkpoint) it joins again and trains on exactly;
+    without it, its next step fails and Tune retries it from its checkpoint."""
+    from trainables.pool import NotAMember, remove_pools, sweep_pools
+    from trainables.vae.config import TrainConfig
+    from trainables.vae.data import load_dataset
+    from trainables.vae.train import Trainer
+
+    uri, client, experiment_id, parent = store
+    config = _config(uri, experiment_id, parent)
+    config[SWEEP_KEY]["pool"] = {"sweep_id": "evicted"}
+    trainable = VAETrainable(config)
+    first = trainable.train()
+    trainable.save(str(tmp_path / "checkpoint"))                  # Tune's checkpoint after the epoch
+    (pool,) = sweep_pools("evicted")
+    ray.get(pool.leave.remote("default"))                          # as the eviction timer does
+    second = trainable.train()
+    cfg = TrainConfig.from_dict({k: v for k, v in config.items() if k != SWEEP_KEY})
+    alone = Trainer(cfg, load_dataset("static_mnist"), "cpu")
+    expected = [alone.step() for _ in range(2)]
+    assert (first["epoch"], second["epoch"]) == (1, 2)
+    assert second["val_elbo"] == pytest.approx(expected[1]["val_elbo"], rel=1e-5)
+    ray.get(pool.leave.remote("default"))                          # evicted again, no checkpoint since
+    with pytest.raises(NotAMember):
+        trainable.train()
+    trainable.stop()
+    remove_pools("evicted")

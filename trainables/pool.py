@@ -82,6 +82,10 @@ class PoolError(RuntimeError):
     """A pool request that failed for one trial (it must join again, from its checkpoint)."""
 
 
+class NotAMember(PoolError):
+    """The trial is not (or no longer) in the pool: it left, was evicted, or the pool restarted."""
+
+
 # -- the plan and its results: immutable messages between the two owners ----------------------
 @dataclass(frozen=True)
 class PlanEntry:
@@ -167,8 +171,8 @@ class Membership:
         try:
             return self.members[trial_id]
         except KeyError:
-            raise PoolError(f"trial {trial_id} is not in this pool (it left, was evicted, or the pool was "
-                            f"restarted); it must join again") from None
+            raise NotAMember(f"trial {trial_id} is not in this pool (it left, was evicted, or the pool was "
+                             f"restarted); it must join again") from None
 
     def in_group(self, key: tuple) -> list[str]:
         return [t for t, m in self.members.items() if m.key == key]

@@ -21,7 +21,7 @@ import torch
 from ray import tune
 
 from trainables import tracking
-from trainables.pool import get_pool
+from trainables.pool import NotAMember, get_pool
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.data import dataset_digest
@@ -131,12 +131,13 @@ def keep_checkpoint_lines_in(folder: str | Path) -> None:
     log.propagate = False
 
 
-def log_pseudo_inputs(run: tracking.RunHandle, u: torch.Tensor, image_shape: tuple[int, ...], step: int) -> None:
+def log_pseudo_inputs(run: tracking.RunHandle, u: torch.Tensor, image_shape: tuple[int, ...], step: int,
+                      wait: bool = True) -> None:
     """The pseudo-input grid (u [>= N_GRID_IMAGES, D]) as a step-indexed image (the UI's slider
     shows them learning), enlarged to be read (evaluate.display_grid). As square as the images
     allow: the UI's image card centres a 256-px thumbnail in a square box (a wide strip would sit
     below the visible part), and clicking it opens the full-size image, scaled to the window."""
-    run.log_image(display_grid(u[:N_GRID_IMAGES], image_shape), "pseudo_inputs", step)
+    run.log_image(display_grid(u[:N_GRID_IMAGES], image_shape), "pseudo_inputs", step, wait=wait)
 
 
 def trainer_from_state(cfg: TrainConfig, sweep: dict[str, Any], state: dict[str, Any]) -> Trainer:
@@ -212,11 +213,13 @@ def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint"
     """Finalize a trial the scheduler stopped, from its last checkpoint (runs as a Ray task)."""
     cfg, sweep = split_config(config)
     with checkpoint.as_directory() as directory:
-        trainer = trainer_from_state(cfg, sweep, read_checkpoint(directory)["trainer"])
+        saved = read_checkpoint(directory)
+    trainer = trainer_from_state(cfg, sweep, saved["trainer"])
     scheduler = sweep.get("scheduler", "")
     trainer.stop_detail = f"stopped by the scheduler ({scheduler}) after epoch {trainer.epoch}"
     run = _open_run(sweep, trial_id, cfg, config)
     if run is not None:
+        run.resume(saved.get("unlogged", []))     # what the stopped actor had not sent yet
         run.set_tags({tracking.TAG_SCHEDULER: scheduler})
     return finalize(trainer, run, STOP_SCHEDULER)
 
@@ -240,8 +243,11 @@ class VAETrainable(tune.Trainable):
         pool = self.sweep.get("pool")
         self.pool = get_pool(pool["sweep_id"], pool.get("wait_s", 120.0)) if pool else None
         self.pool_member: str | None = None
+        self.pool_state: dict[str, Any] | None = None    # its state at `epoch` (last join or checkpoint)
+        self.epoch = 0                                   # the last epoch it reported
         self.final_state: dict[str, Any] | None = None   # a finished pooled trial's (it left the pool)
         self.resume_state: dict[str, Any] | None = None  # a restored pooled trial's, until it joins
+        self.unlogged: list[dict[str, Any]] = []         # a restored trial's writes to send again
         self.run: tracking.RunHandle | None = None
         self.logged_through = 0
         self.begun = False
@@ -257,13 +263,16 @@ class VAETrainable(tune.Trainable):
         a fresh actor for it, give the trial to a cached one instead (reuse_actors) and discard the
         fresh one after its setup, by then maybe after the trial ended. That setup must leave no
         trace (it used to reopen a finished run, and could take the trial's slot in its pool)."""
-        if self.pool is not None:
-            self._join(self.resume_state)
-            self.resume_state = None
         self.run = _open_run(self.sweep, self.trial_id, self.cfg, self.config_dict)
         # Epochs already in the run's history: a retried trial replays those after its checkpoint
         # (or all of them, when it had none yet), and they are not logged twice.
-        self.logged_through = self.run.last_step("epoch") if self.run is not None and not self.run.created else 0
+        self.logged_through = (self.run.resume(self.unlogged, "epoch")
+                               if self.run is not None and not self.run.created else 0)
+        self.unlogged = []
+        if self.pool is not None:
+            # Last: its group's next round waits for it from now on, and it asks at once.
+            self._join(self.resume_state)
+            self.resume_state = None
         if self.run is not None and self.logged_through == 0 and self.cfg.image_every:
             # At initialisation: step 0 of the UI's slider (again, the same image, for a retry
             # from scratch whose first attempt died before its first epoch).
@@ -274,6 +283,21 @@ class VAETrainable(tune.Trainable):
         # The validated config itself: the pool does not validate it again.
         self.pool_token = ray.get(self.pool.join.remote(self.trial_id, self.cfg, state))
         self.pool_member = self.trial_id
+        self.pool_state = state
+
+    def _pool_step(self) -> dict[str, Any]:
+        """The trial's next epoch from its pool. Evicted while alive (it was slow to ask: a busy
+        Tune driver, a slow MLflow), it joins again with the state of the last epoch it reported
+        (saved at its checkpoint) and asks again; without that state it fails, and Tune retries
+        it from its checkpoint."""
+        try:
+            return ray.get(self.pool.step.remote(self.trial_id))
+        except NotAMember:
+            state = self.pool_state
+            if (state["epoch"] if state is not None else 0) != self.epoch:
+                raise
+            self._join(state)
+            return ray.get(self.pool.step.remote(self.trial_id))
 
     def _leave(self) -> None:
         if self.pool is not None and self.pool_member is not None:
@@ -288,13 +312,13 @@ class VAETrainable(tune.Trainable):
         if not self.begun:
             self._begin()
         try:
-            metrics = self.trainer.step() if self.pool is None else ray.get(self.pool.step.remote(self.trial_id))
+            metrics = self.trainer.step() if self.pool is None else self._pool_step()
         except Exception as exc:
             if self.run is not None:
                 self.run.set_tags({tracking.TAG_STOP: STOP_ERROR, "stop_detail": f"{type(exc).__name__}: {exc}"[:5000]})
                 self.run.terminate("FAILED")
             raise
-        epoch = metrics["epoch"]
+        epoch = self.epoch = metrics["epoch"]
         stopped = metrics["stop_reason"] is not None
         trainer = self.trainer
         if stopped and self.pool is not None:
@@ -304,11 +328,13 @@ class VAETrainable(tune.Trainable):
             trainer = trainer_from_state(self.cfg, self.sweep, self.final_state)
         # A retry from a checkpoint replays the epochs after it exactly (pooled or not: a trial's
         # randomness is its own); the run has them, so they are not logged twice.
+        # Queued (the round does not wait for MLflow), the image before the metrics: an epoch whose
+        # metrics are stored has its image stored too, so a resume replays exactly what is missing.
         if self.run is not None and epoch > self.logged_through:
-            self.run.log_metrics(metrics, step=epoch)
             every = self.cfg.image_every
             if every and (epoch % every == 0 or stopped):
                 self._log_pseudo_inputs(epoch, trainer)   # every image_every epochs, and the last one
+            self.run.log_metrics(metrics, step=epoch, wait=False)
         # No stop_reason in the result until the trial ends by itself: its absence in the last
         # result tells the driver and the searcher that the scheduler stopped the trial.
         result = {k: v for k, v in metrics.items() if v is not None}
@@ -332,7 +358,7 @@ class VAETrainable(tune.Trainable):
             u = ray.get(self.pool.pseudo_inputs.remote(self.trial_id, N_GRID_IMAGES))
         if u is not None:
             shape = get_spec(self.cfg.dataset).image_shape   # the registry's: no data loaded for it
-            log_pseudo_inputs(self.run, u, shape, epoch)
+            log_pseudo_inputs(self.run, u, shape, epoch, wait=False)
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
         if not self.begun:
@@ -341,26 +367,40 @@ class VAETrainable(tune.Trainable):
             state = self.trainer.state_dict()
         else:
             state = self.final_state if self.final_state is not None else ray.get(self.pool.state.remote(self.trial_id))
-        torch.save({"trainer": state, "run_id": self.run.run_id if self.run else None},
+            self.pool_state = state
+        # With the writes MLflow has not acknowledged yet: a restore sends them again.
+        torch.save({"trainer": state, "run_id": self.run.run_id if self.run else None,
+                    "unlogged": self.run.unacknowledged() if self.run else []},
                    os.path.join(checkpoint_dir, CHECKPOINT_FILE))
 
     def load_checkpoint(self, checkpoint: str | dict) -> None:
         directory = checkpoint if isinstance(checkpoint, str) else checkpoint["path"]
         state = read_checkpoint(directory)
+        self.epoch = int(state["trainer"]["epoch"])
         if self.pool is None:
             self.trainer.load_state_dict(state["trainer"])
         elif not self.begun:
             self.resume_state = state["trainer"]     # it joins its pool with it at its first step
         else:
             self._join(state["trainer"])             # replaces its slot
-        if self.begun and state["run_id"] and self.sweep.get("tracking_uri"):
+        if not self.begun:
+            self.unlogged = state.get("unlogged", [])   # sent again when its run is opened
+        elif state["run_id"] and self.sweep.get("tracking_uri"):
             self.run = tracking.RunHandle(self.sweep["tracking_uri"], state["run_id"])
-            self.logged_through = self.run.last_step("epoch")
+            self.logged_through = self.run.resume(state.get("unlogged", []), "epoch")
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self._leave()             # a reused actor: the old trial's slot goes, a new trial starts
+        self._close_run()
         self._start(new_config)
         return True
 
+    def _close_run(self) -> None:
+        """What is still queued gets a few seconds to be stored; the rest is in the last
+        checkpoint, or in epochs a resume replays."""
+        if self.run is not None:
+            self.run.close(timeout_s=10)
+
     def cleanup(self) -> None:
         self._leave()
+        self._close_run()
