@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from trainables import tracking
 from cluster_utils import (
     BIN,
     HEAD_IP,
@@ -167,7 +168,7 @@ def test_sweep_places_trials_on_both_nodes_and_logs_over_http(cluster, mlflow_se
         assert {"reconstructions.png", "samples.png", "test_ll_histogram.png"} <= artifacts, artifacts
         if run.data.params["prior"] == "vamp":
             images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-            assert any(p.startswith("images/pseudo_inputs+step+1+") for p in images), images
+            assert any(p.startswith(tracking.image_artifact_prefix(tracking.IMAGE_PSEUDO_INPUTS, 1)) for p in images), images
         assert_arrived_over_http(run, server, client, workdir)
     if server.postgres:   # the runs are PostgreSQL's rows, each epoch once
         pg = server.postgres

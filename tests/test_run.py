@@ -21,6 +21,7 @@ from matplotlib.image import imread
 
 from sweeper.cli import main
 from sweeper.run import run_sweep
+from trainables import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -162,7 +163,8 @@ def test_a_batched_sweep_pools_the_trials_and_each_stays_a_whole_trial(tmp_path,
         (test_ll,) = client.get_metric_history(run.info.run_id, "test_ll")
         assert test_ll.step == epochs and math.isfinite(test_ll.value)
         pool_sizes += [m.value for m in client.get_metric_history(run.info.run_id, "pool_size")]
-        assert any("pseudo_inputs+step+1+" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+        assert any(a.path.startswith(tracking.image_artifact_prefix(tracking.IMAGE_PSEUDO_INPUTS, 1))
+                   for a in client.list_artifacts(run.info.run_id, "images"))
         reasons.append(run.data.tags["stop_reason"])
     assert max(pool_sizes) >= 2          # trials really shared batched rounds
     assert "scheduler" in reasons and set(reasons) <= {"scheduler", "completed"}

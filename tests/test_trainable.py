@@ -18,6 +18,12 @@ def _config(uri: str, experiment_id: str, parent_run_id: str) -> dict:
                         "sweep_name": "t", "name_keys": ["prior", "K"]}}
 
 
+def steps_of(artifacts: list[str], key: str) -> set[int]:
+    """The steps of a step-indexed image key among a run's image artifacts."""
+    prefix = tracking.image_artifact_prefix(key, 0).split("+step+")[0] + "+step+"
+    return {int(a[len(prefix):].split("+")[0]) for a in artifacts if a.startswith(prefix)}
+
+
 @pytest.fixture
 def store(tmp_path, shared_datasets, monkeypatch):
     """(tracking URI, client, experiment id, a sweep's parent run id) of a fresh sqlite store."""
@@ -60,7 +66,7 @@ def test_a_trials_setup_leaves_no_trace_its_first_step_opens_its_run(store):
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch"))
     assert steps == [1]
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert {a.split("+step+")[1].split("+")[0] for a in images if "pseudo_inputs+step+" in a} == {"0", "1"}
+    assert steps_of(images, tracking.IMAGE_PSEUDO_INPUTS) == {0, 1}
     trainable.stop()
 
 
@@ -76,7 +82,7 @@ def test_a_retry_completes_what_its_first_attempt_did_not_log(store):
     run = client.get_run(first.run_id)
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == ["static_mnist"]
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert {a.split("+step+")[1].split("+")[0] for a in images if "pseudo_inputs+step+" in a} == {"0", "1"}
+    assert steps_of(images, tracking.IMAGE_PSEUDO_INPUTS) == {0, 1}
     assert len(client.search_runs([experiment_id])) == 2           # the parent and the one trial run
 
 
@@ -108,3 +114,30 @@ def test_a_pooled_trial_evicted_while_alive_rejoins_from_its_last_checkpoint_and
         trainable.train()
     trainable.stop()
     remove_pools("evicted")
+
+
+def test_a_finished_trials_page_opens_on_its_pseudo_inputs_and_its_test_ll(store):
+    """What the MLflow UI can be told (issue 21): the pseudo-inputs are a section of their own
+    (the first on the page), with a card of the tested weights that opens at the best epoch; the
+    description starts with the test LL and a strip of pseudo-inputs; final figures are rounded."""
+    uri, client, experiment_id, parent = store
+    trainable = VAETrainable(_config(uri, experiment_id, parent))
+    while not (result := trainable.train()).get("done"):
+        pass
+    trainable.stop()
+    run = client.get_run(result[RESULT_RUN_ID])
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert steps_of(images, tracking.IMAGE_PSEUDO_INPUTS) == {0, 1, 2, 3}
+    best = int(run.data.metrics["best_epoch"])
+    assert steps_of(images, tracking.IMAGE_BEST_PSEUDO_INPUTS) == {best}       # one step: opens there
+    assert all(k.count("/") == 1 and k.startswith("pseudo_inputs/")
+               for k in (tracking.IMAGE_PSEUDO_INPUTS, tracking.IMAGE_BEST_PSEUDO_INPUTS))
+    note = run.data.tags[tracking.TAG_NOTE]
+    first, strip = note.split("\n")[:2]
+    assert first.startswith(f"**test LL {run.data.metrics['test_ll']:.2f} nats**") and f"epoch {best} of 3" in first
+    assert f"get-artifact?path=strip.png&run_uuid={run.info.run_id}" in strip
+    assert "Images:" in note.split("\n\n", 1)[1]                                   # the creation note follows
+    assert "strip.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    for key in ("test_ll", "test_elbo", "best_val_elbo"):
+        assert run.data.metrics[key] == round(run.data.metrics[key], 2)
+    assert result["test_ll"] != round(result["test_ll"], 2)                       # Tune keeps every digit

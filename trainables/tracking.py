@@ -54,6 +54,11 @@ TAG_SCHEDULER = "sweeper.scheduler"            # trial run stopped by a schedule
 TAG_ERRORS = "sweeper.errors"                  # parent run: which trials ended with an error
 TAG_MODEL_ID = "sweeper.model_id"              # trial run: the LoggedModel with its best-validation weights
 TAG_NOTE = "mlflow.note.content"               # a run's description in the UI
+# Step-indexed images. The UI's "Model metrics" tab makes a section of each key prefix before a
+# "/" and puts those sections first: the pseudo-inputs open a trial's page. An image logged at one
+# step only opens at that step (a key with several opens at step 0).
+IMAGE_PSEUDO_INPUTS = "pseudo_inputs/by_epoch"                # every image_every epochs; step 0 = init
+IMAGE_BEST_PSEUDO_INPUTS = "pseudo_inputs/best_weights"       # once, at the tested (best) epoch
 # MLflow 3.x: an experiment's kind; "custom_model_development" is a model-training experiment
 # (runs table), not a GenAI one (traces). MLflow 3.17's UI also reads the view from the URL:
 # links add UI_QUERY so they open on the runs table whatever the browser last showed.
@@ -455,17 +460,24 @@ class RunHandle:
         history = self._retry(self.client.get_metric_history, self.run_id, key)
         return max((m.step for m in history), default=0)
 
-    def terminate(self, status: str = "FINISHED") -> None:
-        """Close the run as `status` once everything queued for it is stored. A run that cannot
-        be FINISHED for want of its writes raises TrackingError; a failing or killed run is closed
-        all the same (what was not stored is in the trial's checkpoint)."""
+    def last_timestamp(self, key: str) -> int | None:
+        """When metric `key` was last logged (ms since the epoch), once the queued writes are stored."""
+        self.flush()
+        history = self._retry(self.client.get_metric_history, self.run_id, key)
+        return max((m.timestamp for m in history), default=None)
+
+    def terminate(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        """Close the run as `status` once everything queued for it is stored (`end_time` in ms:
+        when its own work ended, default now). A run that cannot be FINISHED for want of its
+        writes raises TrackingError; a failing or killed run is closed all the same (what was not
+        stored is in the trial's checkpoint)."""
         try:
             self.flush()
         except TrackingError as exc:
             if status == "FINISHED":
                 raise
             _logger.warning("%s", exc)
-        self._retry(self.client.set_terminated, self.run_id, status)
+        self._retry(self.client.set_terminated, self.run_id, status, end_time)
         self._outbox.close()
         _drop_outbox(self.tracking_uri, self.run_id)
 
@@ -507,6 +519,11 @@ def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI's page of an experiment's runs, or of one run: `base` is the UI's address."""
     page = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
     return (f"{page}/runs/{run_id}" if run_id else f"{page}/runs") + UI_QUERY
+
+
+def image_artifact_prefix(key: str, step: int) -> str:
+    """The start of a step-indexed image's artifact path (MLflow writes a key's "/" as "~")."""
+    return f"images/{key.replace('/', '~')}+step+{step}+"
 
 
 def trial_run_name(config: Mapping[str, Any], trial_id: str) -> str:

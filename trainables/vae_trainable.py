@@ -27,7 +27,8 @@ from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.data import dataset_digest
 from trainables.vae.evaluate import display_grid
 from trainables.tracking import SWEEP_KEY
-from trainables.vae.catalog import RESULT_RUN_ID, STOP_ERROR, STOP_NAN, STOP_SCHEDULER
+from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH, METRIC_TEST_BPD,
+                                    METRIC_TEST_LL, RESULT_RUN_ID, STOP_ERROR, STOP_NAN, STOP_SCHEDULER)
 from trainables.vae.train import Trainer, final_evaluation
 
 CHECKPOINT_FILE = "trainer.pt"
@@ -72,11 +73,43 @@ def _make_trainer(cfg: TrainConfig, sweep: dict[str, Any]) -> Trainer:
     return Trainer(cfg, _cached_splits(cfg.dataset, cfg.data_root), device=trial_device(cfg))
 
 
-IMAGES_NOTE = (f"pseudo_inputs (step = epoch; step 0 = at initialisation): the first {N_GRID_IMAGES} "
-               "pseudo-inputs u_k, each pixel's value 0..1 drawn black..white, the same mapping at every "
-               "step; the last step is the last epoch trained. Artifacts: pseudo_inputs.png, "
-               "reconstructions.png (test images above their reconstructions) and samples.png are the "
-               "best-validation weights'; the Models column holds those weights.")
+IMAGES_NOTE = (f"Images: `{tracking.IMAGE_PSEUDO_INPUTS}` in Model metrics shows the first {N_GRID_IMAGES} "
+               "pseudo-inputs u_k as they learn (step = epoch, step 0 = at initialisation; drag the slider to the "
+               f"last step), `{tracking.IMAGE_BEST_PSEUDO_INPUTS}` those of the tested weights (the best "
+               "validation epoch); each pixel 0..1 is drawn black..white, the same mapping at every step. "
+               "Artifacts: pseudo_inputs.png, reconstructions.png (test images above their reconstructions) and "
+               "samples.png are the tested weights'; the Models column holds those weights.")
+# Final figures as they are stored in MLflow (what the UI's tables show): nats to 0.01, bits/dim to
+# 1e-4; per_image_ll.csv and the trial's Tune result keep every digit.
+ROUNDED = {METRIC_TEST_LL: 2, "test_elbo": 2, "test_rec": 2, "test_kl": 2, METRIC_BEST_VAL_ELBO: 2,
+           METRIC_TEST_BPD: 4, "test_ll_seconds": 2}
+
+
+def stored_finals(final: dict[str, Any]) -> dict[str, float]:
+    """The final figures as MLflow gets them: rounded (ROUNDED), undefined ones left out."""
+    out = {}
+    for key, value in final.items():
+        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+            out[key] = round(float(value), ROUNDED[key]) if key in ROUNDED else value
+    return out
+
+
+def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any], strip: bool) -> str:
+    """The run's description once it is tested: the test LL first, with the pseudo-inputs (or
+    samples) of the tested weights as a strip linked to the full image; the UI folds what follows."""
+    experiment = run.experiment_id or run.client.get_run(run.run_id).info.experiment_id
+    bpd = f" = {final[METRIC_TEST_BPD]:.4f} bits/dim" if METRIC_TEST_BPD in final else ""
+    line = (f"**test LL {final[METRIC_TEST_LL]:.2f} nats**{bpd} (S={final['test_samples']}) · tested: epoch "
+            f"{final[METRIC_BEST_EPOCH]} of {trainer.epoch}, best val ELBO {final[METRIC_BEST_VAL_ELBO]:.2f}")
+    if strip:
+        name = "pseudo_inputs" if hasattr(trainer.model.prior, "pseudo_inputs") else "samples"
+        # A path the UI's server answers (no data: URIs in descriptions), one line under the text.
+        line += (f"\n[![{name}](get-artifact?path={STRIP_FILE}&run_uuid={run.run_id})]"
+                 f"(#/experiments/{experiment}/runs/{run.run_id}/artifacts/{name}.png)")
+    return line
+
+
+STRIP_FILE = "strip.png"
 
 
 def _open_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, config: dict[str, Any]) -> tracking.RunHandle | None:
@@ -137,7 +170,7 @@ def log_pseudo_inputs(run: tracking.RunHandle, u: torch.Tensor, image_shape: tup
     shows them learning), enlarged to be read (evaluate.display_grid). As square as the images
     allow: the UI's image card centres a 256-px thumbnail in a square box (a wide strip would sit
     below the visible part), and clicking it opens the full-size image, scaled to the window."""
-    run.log_image(display_grid(u[:N_GRID_IMAGES], image_shape), "pseudo_inputs", step, wait=wait)
+    run.log_image(display_grid(u[:N_GRID_IMAGES], image_shape), tracking.IMAGE_PSEUDO_INPUTS, step, wait=wait)
 
 
 def trainer_from_state(cfg: TrainConfig, sweep: dict[str, Any], state: dict[str, Any]) -> Trainer:
@@ -164,7 +197,7 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
     if run is not None:
         step = trainer.epoch
         cfg = trainer.config
-        _log_final_images(run, trainer, step)
+        _log_final_images(run, trainer, final[METRIC_BEST_EPOCH])
         run.log_weights(run.experiment_id or run.client.get_run(run.run_id).info.experiment_id,
                         {"state_dict": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
                          "config": cfg.to_dict(), "best_epoch": trainer.best_epoch or step},
@@ -175,13 +208,24 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
         run.log_figure(tracking.ll_histogram_figure(per_image.tolist(), f"{cfg.dataset} / {cfg.model} / {cfg.prior}"),
                        "test_ll_histogram.png")
         # test_ll last: a run that has it has everything (an interrupted evaluation is redone on resume).
-        run.log_metrics({k: v for k, v in final.items() if not (isinstance(v, float) and math.isnan(v))}, step=step)
-        run.set_tags({tracking.TAG_STOP: reason, "stop_detail": trainer.stop_detail})
-        run.terminate("FINISHED")
+        run.log_metrics(stored_finals(final), step=step)
+        note = summary_note(run, trainer, final, strip=True)
+        description = run.client.get_run(run.run_id).data.tags.get(tracking.TAG_NOTE, "")
+        run.set_tags({tracking.TAG_STOP: reason, "stop_detail": trainer.stop_detail,
+                      tracking.TAG_NOTE: f"{note}\n\n{description.split(NOTE_BREAK)[-1]}" if description else note})
+        # A scheduler-stopped trial is evaluated later: its run's duration is its training, up to
+        # its last epoch; the evaluation's own time is test_ll_seconds.
+        end = run.last_timestamp(METRIC_EPOCH) if reason == STOP_SCHEDULER else None
+        run.terminate("FINISHED", end_time=end)
     return out
 
 
-def _log_final_images(run: tracking.RunHandle, trainer: Trainer, step: int) -> None:
+NOTE_BREAK = "\n\n"     # between the tested summary and the description the run was created with
+
+
+def _log_final_images(run: tracking.RunHandle, trainer: Trainer, best_epoch: int) -> None:
+    """The tested weights' images: artifacts, the best-weights card (once, at the best epoch) and
+    the strip of the run's description."""
     model, shape = trainer.model, trainer.info.image_shape
     n_test = trainer.x_test.shape[0]
     ncol = min(10, n_test)
@@ -192,9 +236,19 @@ def _log_final_images(run: tracking.RunHandle, trainer: Trainer, step: int) -> N
     # Pairs of rows: real test images above their reconstructions.
     pairs = torch.stack([x.reshape(rows, ncol, -1), recon.reshape(rows, ncol, -1)], 1)
     run.log_image_file(display_grid(pairs.reshape(2 * rows * ncol, -1), shape, ncol=ncol), "reconstructions.png")
-    run.log_image_file(display_grid(model.sample(N_GRID_IMAGES), shape, ncol=10), "samples.png")
-    if hasattr(model.prior, "pseudo_inputs"):
-        run.log_image_file(display_grid(model.prior.pseudo_inputs[:N_GRID_IMAGES], shape), "pseudo_inputs.png")
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        torch.manual_seed(trainer.config.seed)       # the samples are a function of the trial too
+        samples = model.sample(N_GRID_IMAGES)
+    run.log_image_file(display_grid(samples, shape, ncol=10), "samples.png")
+    u = getattr(model.prior, "pseudo_inputs", None)
+    if u is not None:
+        run.log_image_file(display_grid(u[:N_GRID_IMAGES], shape), "pseudo_inputs.png")
+        run.log_image(display_grid(u[:N_GRID_IMAGES], shape), tracking.IMAGE_BEST_PSEUDO_INPUTS, best_epoch)
+    strip = (u if u is not None else samples)[:STRIP_IMAGES]
+    run.log_image_file(display_grid(strip, shape, ncol=STRIP_IMAGES // 2, min_width=0), STRIP_FILE)
+
+
+STRIP_IMAGES = 40      # two rows of 20: one line high in the run's description
 
 
 def _log_last_pseudo_inputs(run: tracking.RunHandle, trainer: Trainer) -> None:
