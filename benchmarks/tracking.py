@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 OLD_CLIENT_COMMIT = "9a45c7e"      # the last commit before the outbox and the wider retries
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+IMAGE_PSEUDO_INPUTS = "pseudo_inputs/by_epoch"   # trainables.tracking's key (the old client may be loaded)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +186,7 @@ class Trial:
                                     sweep_name="bench", description="load test")
         self.run.set_tags({"sweeper.node_id": "bench"})
         log_dataset_input(self.run, cfg)
-        self.run.log_image(self.traffic["grid"], "pseudo_inputs", 0, **self.kw)
+        self.run.log_image(self.traffic["grid"], IMAGE_PSEUDO_INPUTS, 0, **self.kw)
 
     def log_epoch(self) -> float:
         """One epoch's logging as the trainable does it; the seconds the trial was blocked."""
@@ -194,7 +195,7 @@ class Trial:
         metrics = {**self.traffic["metrics"], "epoch": self.epoch}
         self.run.log_metrics(metrics, step=self.epoch, **self.kw)
         if self.image_every and self.epoch % self.image_every == 0:
-            self.run.log_image(self.traffic["grid"], "pseudo_inputs", self.epoch, **self.kw)
+            self.run.log_image(self.traffic["grid"], IMAGE_PSEUDO_INPUTS, self.epoch, **self.kw)
         return time.perf_counter() - start
 
     def finalize(self, full: bool = True) -> None:
