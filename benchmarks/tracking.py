@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 OLD_CLIENT_COMMIT = "9a45c7e"      # the last commit before the outbox and the wider retries
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-IMAGE_PSEUDO_INPUTS = "pseudo_inputs/by_epoch"   # trainables.tracking's key (the old client may be loaded)
+from trainables.tracking import IMAGE_PSEUDO_INPUTS  # noqa: E402 (after the path; the old client keeps this key)
 
 
 # --------------------------------------------------------------------------------------------
