@@ -253,7 +253,7 @@ def launch_ui(tracking_uri: str | None, port: int, echo=print, start_timeout_s: 
 
     def stop(signum, frame) -> None:
         if not stopping and server.poll() is None:
-            os.killpg(server.pid, signal.SIGINT)     # uvicorn's graceful shutdown
+            os.killpg(server.pid, signal.SIGTERM)    # uvicorn's graceful shutdown; SIGINT would end it in a KeyboardInterrupt traceback
         stopping.append(signum)
 
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
