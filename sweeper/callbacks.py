@@ -213,7 +213,10 @@ class TimeLeftCallback(tune.Callback):
             evaluations = (cold + stopped * finish / max(1, self.at_once)) if stopped or stops_expected else 0.0
             return work / max(1, self.at_once) + evaluations
 
-        return (seconds(self.expected, True) if self.expected is not None else None), seconds(self.max_epochs, False)
+        expected = seconds(self.expected, True) if self.expected is not None else None
+        # The expectation adds the stopped trials' test evaluations, which "at most" (nobody stopped)
+        # has none of: with small budgets it could exceed it, and "at most" would not be.
+        return expected, max(seconds(self.max_epochs, False), expected or 0.0)
 
     @classmethod
     def compare(cls, sweep_id: str, now: float | None = None) -> str | None:

@@ -404,6 +404,9 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
             }, indent=2))
             echo(f"sweep {plan.sweep_id}: {spec.total_trials} trial(s), MLflow experiment {spec.experiment!r} "
                  f"at {plan.tracking_uri}, parent run {parent.run_id}")
+        # The runs table opens on this sweep's columns, best by validation first (`sweeper ui`'s links).
+        tracking.save_sweep_view(plan.tracking_uri, experiment_id, tracking.sweep_view(
+            spec.metric.name, spec.metric.mode, [q.name for q in spec.parameters], parent.run_id))
         # From here on an interrupt leaves a sweep to resume (sweep.json and the parent run exist).
         interrupts.message = resumable
         outcome = SweepOutcome(plan.sweep_id, parent.run_id, experiment_id, plan.tracking_uri, plan.experiment_path)
@@ -517,7 +520,8 @@ def echo_urls(outcome: SweepOutcome, echo: Callable[[str], None]) -> None:
     """Where to look: the sweep's run and its best trial's (by validation), as `sweeper ui` (or the server) serves them."""
     base = tracking.ui_base(outcome.tracking_uri)
     how = "" if outcome.tracking_uri.startswith("http") else " (start the UI with `sweeper ui`)"
-    echo(f"\nMLflow{how}:\n  the sweep:      {tracking.ui_url(base, outcome.experiment_id, outcome.parent_run_id)}")
+    echo(f"\nMLflow{how}:\n  all trials:     {tracking.ui_url(base, outcome.experiment_id, view=True)}")
+    echo(f"  the sweep:      {tracking.ui_url(base, outcome.experiment_id, outcome.parent_run_id)}")
     best = best_trial(outcome.summary)
     if best is not None:
         echo(f"  the best trial: {tracking.ui_url(base, outcome.experiment_id, best['run_id'])} ({best['trial']})")

@@ -6,11 +6,14 @@ its names are re-exported here, so the sweeper has one module to use.
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from sweeper.errors import SweeperError
+from trainables.vae.catalog import METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_LL, METRIC_VAL_ELBO
 from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one tracking module)
     ROLE_SWEEP,
     EXPERIMENT_KIND,
@@ -28,6 +31,8 @@ from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one 
     TAG_STUDY_STORAGE,
     TAG_SWEEP,
     TAG_TRIAL,
+    TAG_VIEW_PREFIX,
+    VIEW_KEY,
     RunHandle,
     client,
     find_child,
@@ -87,6 +92,29 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     location = f"{root}/{name}" if root else None
     # A model-training experiment: the UI opens it on its runs table (not the GenAI overview).
     return c.create_experiment(name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+
+
+def sweep_view(metric: str, mode: str, parameters: Sequence[str], parent_run_id: str | None = None) -> dict:
+    """The runs table as a sweep's reader wants it (MLflow's shared-view state): the choosing
+    metric at each trial's tested epoch first and sorted on (validation, never test), the test LL
+    beside it, then the tested epoch, the stop reason and the searched parameters."""
+    choose = METRIC_BEST_VAL_ELBO if metric == METRIC_VAL_ELBO else metric   # the tested epoch's value
+    metrics = dict.fromkeys([choose, METRIC_BEST_VAL_ELBO, METRIC_TEST_LL, METRIC_BEST_EPOCH])
+    return {"selectedColumns": [*(f"metrics.`{m}`" for m in metrics), f"tags.`{TAG_STOP}`",
+                                *(f"params.`{p}`" for p in parameters)],
+            "orderByKey": f"metrics.`{choose}`", "orderByAsc": mode == "min",
+            "runsExpanded": {parent_run_id: True} if parent_run_id else {}}
+
+
+def save_sweep_view(tracking_uri: str, experiment_id: str, view: dict, name: str = "Sweep results") -> None:
+    """Store `view` as the experiment's saved view VIEW_KEY (the newest sweep's replaces an older one)."""
+    envelope = {"name": name, "createdAt": int(time.time() * 1000), "state": json.dumps(view)}
+    client(tracking_uri).set_experiment_tag(experiment_id, TAG_VIEW_PREFIX + VIEW_KEY, json.dumps(envelope))
+
+
+def has_sweep_view(experiment) -> bool:
+    """Whether an experiment (an MLflow Experiment) holds the sweeps' saved view."""
+    return TAG_VIEW_PREFIX + VIEW_KEY in (experiment.tags or {})
 
 
 def ui_base(tracking_uri: str, port: int = DEFAULT_UI_PORT) -> str:
@@ -272,7 +300,7 @@ def launch_ui(tracking_uri: str | None, port: int, echo=print, start_timeout_s: 
         if not stopping:
             echo(f"MLflow UI on {base} (Ctrl-C to stop)")
             for exp in experiments:
-                echo(f"  {exp.name}: {ui_url(base, exp.experiment_id)}")
+                echo(f"  {exp.name}: {ui_url(base, exp.experiment_id, view=has_sweep_view(exp))}")
         code = server.wait()
         return 0 if stopping else code
     finally:

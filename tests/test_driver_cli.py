@@ -131,6 +131,23 @@ def test_the_time_left_counts_trial_start_up_and_the_test_evaluations(monkeypatc
     assert "~20 s to start a trial, ~10 s to test one" in text and "2.0 s per epoch" in text
 
 
+def test_at_most_is_never_below_the_expected_time_under_asha(monkeypatch):
+    # Small budgets: ASHA's expectation carries the stopped trials' test evaluations (a process
+    # start each), which "every trial to max_epochs" has none of (the quickstart printed "~14 s
+    # expected, at most ~12 s").
+    clock = [0.0]
+    monkeypatch.setattr("sweeper.callbacks.time.monotonic", lambda: clock[0])
+    callback = TimeLeftCallback(total_trials=4, max_epochs=3, expected_epochs=2.9, at_once=2, every_s=1e9)
+    trials = [trial("a", "RUNNING"), trial("b", "RUNNING")]
+    for t in trials:
+        callback.on_trial_start(0, trials, t)
+    clock[0] = 20.0
+    for t in trials:
+        callback.on_trial_result(0, trials, t, {"epoch_seconds": 1.0})
+    expected, at_most = callback.seconds_left([trial("a", "RUNNING", 1), trial("b", "RUNNING", 1)])
+    assert expected > 20.0 and at_most >= expected
+
+
 def test_the_end_of_a_sweep_says_how_the_first_estimate_compared(monkeypatch):
     callback = TimeLeftCallback(total_trials=2, max_epochs=3, expected_epochs=2.0, at_once=2, every_s=0,
                                 sweep_id="cmp")

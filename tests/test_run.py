@@ -63,6 +63,14 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
     for run_id in (outcome.parent_run_id, best):
         assert (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{run_id}"
                 "?workflowType=machine_learning") in urls
+    # ... and the runs table, in the saved view the sweep stored: sorted on validation, never on test.
+    assert (f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+            "?workflowType=machine_learning&viewStateShareKey=sweeper") in urls
+    view = json.loads(experiment.tags["mlflow.sharedViewState.sweeper"])
+    state = json.loads(view["state"])
+    assert view["name"] == "Sweep results" and state["orderByKey"] == "metrics.`best_val_elbo`"
+    assert state["orderByAsc"] is False and state["runsExpanded"] == {outcome.parent_run_id: True}
+    assert {"metrics.`test_ll`", "params.`K`", "params.`lr`"} <= set(state["selectedColumns"])
     parents, runs = children(uri, "vampprior-quickstart")
     assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
     assert parents[0].info.status == "FINISHED"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import signal
 import sqlite3
@@ -274,3 +275,26 @@ def test_a_failing_run_still_closes_and_its_failed_writes_go_out_when_the_trial_
     assert client.get_run(run_id).info.status == "FAILED"
     restored = tracking.RunHandle(uri, run_id)
     assert restored.resume(checkpoint, "epoch") == 1      # its checkpoint's writes are sent again
+
+
+def test_the_saved_view_sorts_on_the_choosing_metric_at_the_tested_epoch_never_on_test(tmp_path):
+    from sweeper import tracking as sweeper_tracking
+
+    view = sweeper_tracking.sweep_view("val_elbo", "max", ["prior", "K"], "parent1")
+    assert view["orderByKey"] == "metrics.`best_val_elbo`" and view["orderByAsc"] is False
+    assert view["selectedColumns"][:3] == ["metrics.`best_val_elbo`", "metrics.`test_ll`", "metrics.`best_epoch`"]
+    assert view["selectedColumns"][-2:] == ["params.`prior`", "params.`K`"]
+    other = sweeper_tracking.sweep_view("train_loss", "min", [])
+    assert other["orderByKey"] == "metrics.`train_loss`" and other["orderByAsc"] is True
+    assert "metrics.`best_val_elbo`" in other["selectedColumns"] and other["runsExpanded"] == {}
+    # Stored as MLflow's shared view: an envelope whose state is a JSON string; a newer sweep replaces it.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = sweeper_tracking.ensure_experiment(uri, "view")
+    sweeper_tracking.save_sweep_view(uri, experiment_id, other)
+    sweeper_tracking.save_sweep_view(uri, experiment_id, view)
+    experiment = mlflow.MlflowClient(uri).get_experiment(experiment_id)
+    assert sweeper_tracking.has_sweep_view(experiment)
+    envelope = json.loads(experiment.tags["mlflow.sharedViewState.sweeper"])
+    assert json.loads(envelope["state"]) == view and isinstance(envelope["createdAt"], int)
+    assert tracking.ui_url("http://h:1", experiment_id, view=True).endswith(
+        "/runs?workflowType=machine_learning&viewStateShareKey=sweeper")

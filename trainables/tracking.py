@@ -65,6 +65,11 @@ IMAGE_BEST_PSEUDO_INPUTS = "pseudo_inputs/best_weights"       # once, at the tes
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 UI_QUERY = "?workflowType=machine_learning"
+# The runs table's saved view that each sweep writes (an experiment tag MLflow's UI reads as a
+# shared view: columns and sort order); a link that adds VIEW_QUERY opens the table in it.
+TAG_VIEW_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "sweeper"
+VIEW_QUERY = f"&viewStateShareKey={VIEW_KEY}"
 WEIGHTS_FILE = "weights.pt"                    # the LoggedModel's file: torch.load(weights_only=True)
 # The key of a trial's Tune config that carries the sweep's bookkeeping, not training settings.
 SWEEP_KEY = "sweeper"
@@ -515,10 +520,13 @@ class RunHandle:
         return model.model_id
 
 
-def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The MLflow UI's page of an experiment's runs, or of one run: `base` is the UI's address."""
+def ui_url(base: str, experiment_id: str, run_id: str | None = None, view: bool = False) -> str:
+    """The MLflow UI's page of an experiment's runs (in the sweeps' saved view if `view`), or of one
+    run: `base` is the UI's address."""
     page = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
-    return (f"{page}/runs/{run_id}" if run_id else f"{page}/runs") + UI_QUERY
+    if run_id:
+        return f"{page}/runs/{run_id}{UI_QUERY}"
+    return f"{page}/runs{UI_QUERY}" + (VIEW_QUERY if view else "")
 
 
 def image_artifact_prefix(key: str, step: int) -> str:
