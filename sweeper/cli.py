@@ -171,7 +171,8 @@ def evaluate(run_id: str, samples: int, tracking_uri: str | None, device: str, r
               help="Output folder (default: ./report-EXPERIMENT).")
 @click.option("--no-log", is_flag=True, help="Do not log the report to the sweep's MLflow run.")
 def report(experiment: str, tracking_uri: str | None, out: Path | None, no_log: bool) -> None:
-    """The study's table and figures (PNG + report.md) from the runs of MLflow EXPERIMENT."""
+    """The study's table and figures (PNG, report.md, report.html) from the runs of MLflow EXPERIMENT,
+    every choice made on validation."""
     from sweeper.report import make_report
 
     result = make_report(experiment, tracking_uri, out, log_to_parent=not no_log)
