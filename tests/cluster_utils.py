@@ -12,6 +12,7 @@ the nodes have distinct IPs like real machines and no packet leaves the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -659,3 +660,31 @@ class MlflowAuthServer(MlflowServer):
     def __init__(self, root: Path, backend_uri: str | None = None, **kwargs):
         kwargs.setdefault("auth_cache_ttl_s", 60)
         super().__init__(root, auth=True, backend_uri=backend_uri, **kwargs)
+
+
+@contextlib.contextmanager
+def cluster_tracking_server(root: Path) -> Iterator[MlflowAuthServer]:
+    """The cluster's tracking server, scaled to this machine: basic-auth with cluster.yaml's 60 s
+    credential cache, 2 workers with a pool of 20 + 30 each, on a private PostgreSQL where one can
+    be had (`server.postgres`; None on sqlite). Stopped, with its database, on the way out."""
+    try:
+        import flask_wtf  # noqa: F401
+    except ImportError:
+        import pytest
+
+        pytest.fail("the MLflow basic-auth server needs Flask-WTF: pip install 'mlflow[auth]'")
+    pg = None if postgres_missing() else PostgresServer(root / "pg", durable=False)
+    server = None
+    try:
+        if pg:
+            pg.start()
+        server = MlflowAuthServer(root / "mlflow", backend_uri=pg.uri if pg else None, workers=2,
+                                  auth_cache_ttl_s=60, pool_size=20, max_overflow=30)
+        server.postgres = pg
+        server.start()
+        yield server
+    finally:
+        if server:
+            server.stop()
+        if pg:
+            pg.stop()

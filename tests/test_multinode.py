@@ -25,8 +25,7 @@ from cluster_utils import (
     WORKER_IP,
     LocalRayCluster,
     MlflowAuthServer,
-    PostgresServer,
-    postgres_missing,
+    cluster_tracking_server,
     tail,
     wait_until,
 )
@@ -40,26 +39,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    try:
-        import flask_wtf  # noqa: F401
-    except ImportError:
-        pytest.fail("the MLflow basic-auth server needs Flask-WTF: pip install 'mlflow[auth]'")
-    root = tmp_path_factory.mktemp("mlflow-server")
-    pg = None if postgres_missing() else PostgresServer(root / "pg", durable=False)
-    server = None
-    try:
-        if pg:
-            pg.start()
-        server = MlflowAuthServer(root, backend_uri=pg.uri if pg else None, workers=2, auth_cache_ttl_s=60,
-                                  pool_size=20, max_overflow=30)
-        server.postgres = pg
-        server.start()
+    with cluster_tracking_server(tmp_path_factory.mktemp("mlflow-server")) as server:
         yield server
-    finally:
-        if server:
-            server.stop()
-        if pg:
-            pg.stop()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import mlflow
 import numpy as np
 import pytest
-from cluster_utils import MlflowAuthServer, PostgresServer, postgres_missing
+from cluster_utils import cluster_tracking_server, postgres_missing
 from mlflow.exceptions import MlflowException
 
 from trainables import tracking
@@ -26,26 +26,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster_server(tmp_path_factory):
-    try:
-        import flask_wtf  # noqa: F401
-    except ImportError:
-        pytest.fail("the MLflow basic-auth server needs Flask-WTF: pip install 'mlflow[auth]'")
-    root = tmp_path_factory.mktemp("tracking-server")
-    pg = None if postgres_missing() else PostgresServer(root / "pg", durable=False)
-    server = None
-    try:
-        if pg:
-            pg.start()
-        # cluster.yaml's settings, scaled to this machine: 2 workers, pool 20 + 30 per worker.
-        server = MlflowAuthServer(root / "mlflow", backend_uri=pg.uri if pg else None, workers=2,
-                                  auth_cache_ttl_s=60, pool_size=20, max_overflow=30)
-        server.start()
-        yield SimpleNamespace(server=server, pg=pg)
-    finally:
-        if server:
-            server.stop()
-        if pg:
-            pg.stop()
+    with cluster_tracking_server(tmp_path_factory.mktemp("tracking-server")) as server:
+        yield SimpleNamespace(server=server, pg=server.postgres)
 
 
 @pytest.fixture
