@@ -242,8 +242,9 @@ def _log_final_images(run: tracking.RunHandle, trainer: Trainer, best_epoch: int
     run.log_image_file(display_grid(samples, shape, ncol=10), "samples.png")
     u = getattr(model.prior, "pseudo_inputs", None)
     if u is not None:
-        run.log_image_file(display_grid(u[:N_GRID_IMAGES], shape), "pseudo_inputs.png")
-        run.log_image(display_grid(u[:N_GRID_IMAGES], shape), tracking.IMAGE_BEST_PSEUDO_INPUTS, best_epoch)
+        grid = display_grid(u[:N_GRID_IMAGES], shape)     # one grid: the artifact and the best-weights card
+        run.log_image_file(grid, "pseudo_inputs.png")
+        run.log_image(grid, tracking.IMAGE_BEST_PSEUDO_INPUTS, best_epoch)
     strip = (u if u is not None else samples)[:STRIP_IMAGES]
     run.log_image_file(display_grid(strip, shape, ncol=STRIP_IMAGES // 2, min_width=0), STRIP_FILE)
 
