@@ -221,14 +221,20 @@ class Interrupts:
 
     The first Ctrl-C while Tune runs asks Tune to stop (SIGUSR1, Tune's own graceful stop: it
     finishes its loop step, saves the experiment state and stops the trials within seconds); at
-    any other moment it raises `KeyboardInterrupt` at once. A second Ctrl-C always raises at
-    once. Tune's SIGINT handler is off (TUNE_DISABLE_SIGINT_HANDLER), so these are the only ones.
+    any other moment it raises `KeyboardInterrupt` at once. A second Ctrl-C raises at once too.
+    Tune's SIGINT handler is off (TUNE_DISABLE_SIGINT_HANDLER), so these are the only ones.
+
+    Once the driver is closing (an interrupt has been raised, or Tune has stopped after the first
+    Ctrl-C, or Ray is shutting down), a further Ctrl-C only says so: closing the runs and
+    `ray.shutdown()` take seconds, and a `KeyboardInterrupt` inside them leaves Ray half shut down
+    (the driver then exited with status 1 instead of 130, about 1 double Ctrl-C in 10).
     """
 
     def __init__(self, echo: Callable[[str], None]):
         self.echo = echo
         self.count = 0
         self.in_fit = False
+        self.closing = False
         self.message: str | None = None     # set once the sweep has something to resume
         self._previous: Any = None
 
@@ -248,8 +254,15 @@ class Interrupts:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
 
+    def close(self) -> None:
+        """From here on the driver only cleans up: Ctrl-C no longer interrupts it."""
+        self.closing = True
+
     def _handle(self, signum, frame) -> None:
         self.count += 1
+        if self.closing:
+            self.echo("\nstill closing the sweep's runs and Ray (a few seconds) ...")
+            return
         # Tune installs its SIGUSR1 handler only once its run has set up (ray/tune/tune.py); before
         # that the signal's default action would kill the driver, so this Ctrl-C raises instead.
         tune_listens = hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)
@@ -257,6 +270,7 @@ class Interrupts:
             self.echo("\nInterrupted: stopping the sweep (a few seconds; Ctrl-C again to exit at once) ...")
             os.kill(os.getpid(), signal.SIGUSR1)   # Tune's graceful stop (ray/tune/tune.py)
             return
+        self.close()
         raise KeyboardInterrupt
 
 
@@ -320,6 +334,7 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                 _warn_concurrency(spec, cluster, at_once, echo)
                 outcome = _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command, at_once)
             finally:
+                interrupts.close()
                 ray.shutdown()
             echo(f"done in {duration(time.time() - started)}")
             return outcome
@@ -457,6 +472,7 @@ def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: Sweep
         finally:
             interrupts.in_fit = False
         if interrupts.interrupted:
+            interrupts.close()
             raise KeyboardInterrupt
         if pooled:
             remove_pools(plan.sweep_id)    # frees the devices before the stopped trials are evaluated

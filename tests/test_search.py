@@ -428,9 +428,52 @@ def test_ctrl_c_before_tune_listens_raises_instead_of_killing_the_driver(monkeyp
         with pytest.raises(KeyboardInterrupt):
             interrupts._handle(signal.SIGINT, None)
         assert sent == []
-        monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda *a: None))  # Tune listens now
-        interrupts.count = 0
+    monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda *a: None))      # Tune listens now
+    with Interrupts(lines.append) as interrupts:
+        interrupts.in_fit = True
         interrupts._handle(signal.SIGINT, None)                                  # the first: Tune stops
         assert sent == [signal.SIGUSR1] and "Ctrl-C again" in lines[-1]
         with pytest.raises(KeyboardInterrupt):
             interrupts._handle(signal.SIGINT, None)                              # the second: at once
+
+
+def test_a_ctrl_c_while_the_driver_closes_never_interrupts_the_cleanup() -> None:
+    """Real SIGINTs to this process: the one that interrupts raises; later ones (the user pressing
+    Ctrl-C again while runs are closed and Ray shuts down) only say so, and the cleanup runs whole.
+    A KeyboardInterrupt inside ray.shutdown() made the driver exit 1 instead of 130."""
+    import signal
+
+    from sweeper.run import Interrupts
+
+    lines: list[str] = []
+    cleaned: list[str] = []
+    with Interrupts(lines.append) as interrupts:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)          # not in Tune's run: raises at once
+        assert interrupts.closing
+        try:
+            for step in ("close runs", "ray.shutdown"):
+                signal.raise_signal(signal.SIGINT)      # again, and again: ignored while closing
+                cleaned.append(step)
+        except KeyboardInterrupt:
+            pytest.fail("a Ctrl-C interrupted the cleanup")
+    assert cleaned == ["close runs", "ray.shutdown"] and interrupts.count == 3
+    assert sum("still closing" in line for line in lines) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # restored on exit
+
+
+def test_after_tunes_graceful_stop_the_driver_closes_and_ignores_more_ctrl_c(monkeypatch) -> None:
+    import signal
+
+    from sweeper.run import Interrupts
+
+    monkeypatch.setattr("os.kill", lambda pid, sig: None)
+    monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda *a: None))      # Tune listens
+    with Interrupts(lambda line: None) as interrupts:
+        interrupts.in_fit = True
+        interrupts._handle(signal.SIGINT, None)          # the first: Tune stops gracefully
+        assert not interrupts.closing
+        interrupts.in_fit = False
+        interrupts.close()                                # what _run does once Tune's run returned
+        interrupts._handle(signal.SIGINT, None)          # the second lands in the cleanup: no raise
+    assert interrupts.count == 2
