@@ -2,6 +2,7 @@
 
 A `sweeper run` process gets Ctrl-C (SIGINT to its process group, as a terminal sends it) or
 SIGKILL mid-sweep; after `--resume` to the end, MLflow, Optuna and Tune must agree trial by trial.
+The driver's Ctrl-C handler (`sweeper.run.Interrupts`) is also tested on its own, at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ray.tune import ExperimentAnalysis
 
 from sweeper.cli import main
 from sweeper.errors import SweepFailed
-from sweeper.run import run_sweep
+from sweeper.run import Interrupts, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -322,3 +323,59 @@ def test_errored_trials_are_listed_tagged_and_give_exit_1_while_the_others_finis
 
     notes = "\n".join(make_report("failing", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "r").notes)
     assert "ended with an error" in notes and "DataError" in notes
+
+
+# --- the driver's Ctrl-C handler on its own (fast) ---
+
+def test_ctrl_c_before_tune_listens_raises_instead_of_killing_the_driver(monkeypatch) -> None:
+    sent = []
+    monkeypatch.setattr("os.kill", lambda pid, sig: sent.append(sig))
+    lines: list[str] = []
+    with Interrupts(lines.append) as interrupts:
+        interrupts.in_fit = True
+        monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)    # Tune's run not set up yet
+        with pytest.raises(KeyboardInterrupt):
+            interrupts._handle(signal.SIGINT, None)
+        assert sent == []
+    monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda *a: None))      # Tune listens now
+    with Interrupts(lines.append) as interrupts:
+        interrupts.in_fit = True
+        interrupts._handle(signal.SIGINT, None)                                  # the first: Tune stops
+        assert sent == [signal.SIGUSR1] and "Ctrl-C again" in lines[-1]
+        with pytest.raises(KeyboardInterrupt):
+            interrupts._handle(signal.SIGINT, None)                              # the second: at once
+
+
+def test_a_ctrl_c_while_the_driver_closes_never_interrupts_the_cleanup() -> None:
+    """Real SIGINTs to this process: the one that interrupts raises; later ones (the user pressing
+    Ctrl-C again while runs are closed and Ray shuts down) only say so, and the cleanup runs whole.
+    A KeyboardInterrupt inside ray.shutdown() made the driver exit 1 instead of 130."""
+    lines: list[str] = []
+    cleaned: list[str] = []
+    before = signal.getsignal(signal.SIGINT)     # SIG_IGN under nohup (CI), else Python's default
+    with Interrupts(lines.append) as interrupts:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)          # not in Tune's run: raises at once
+        assert interrupts.closing
+        try:
+            for step in ("close runs", "ray.shutdown"):
+                signal.raise_signal(signal.SIGINT)      # again, and again: ignored while closing
+                cleaned.append(step)
+        except KeyboardInterrupt:
+            pytest.fail("a Ctrl-C interrupted the cleanup")
+    assert cleaned == ["close runs", "ray.shutdown"] and interrupts.count == 3
+    assert sum("still closing" in line for line in lines) == 2
+    assert signal.getsignal(signal.SIGINT) is before                          # restored on exit
+
+
+def test_after_tunes_graceful_stop_the_driver_closes_and_ignores_more_ctrl_c(monkeypatch) -> None:
+    monkeypatch.setattr("os.kill", lambda pid, sig: None)
+    monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda *a: None))      # Tune listens
+    with Interrupts(lambda line: None) as interrupts:
+        interrupts.in_fit = True
+        interrupts._handle(signal.SIGINT, None)          # the first: Tune stops gracefully
+        assert not interrupts.closing
+        interrupts.in_fit = False
+        interrupts.close()                                # what _run does once Tune's run returned
+        interrupts._handle(signal.SIGINT, None)          # the second lands in the cleanup: no raise
+    assert interrupts.count == 2
