@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import mlflow
 import pytest
 import ray
@@ -141,3 +143,40 @@ def test_a_finished_trials_page_opens_on_its_pseudo_inputs_and_its_test_ll(store
     for key in ("test_ll", "test_elbo", "best_val_elbo"):
         assert run.data.metrics[key] == round(run.data.metrics[key], 2)
     assert result["test_ll"] != round(result["test_ll"], 2)                       # Tune keeps every digit
+
+
+def test_a_restore_whose_checkpoint_retention_deleted_goes_on_from_the_newest_that_exists(store, tmp_path):
+    """Tune's saved experiment state names a trial's latest checkpoint as of its last save; with
+    `num_to_keep=2`, retention may delete it before the next save. After a driver crash, the
+    restore that names it continues from the newest checkpoint that exists (its epoch read from
+    the file), trains the next epoch exactly as the uninterrupted trial did, and logs no epoch
+    twice. Without the fallback Tune fails the trial ("does not exist on storage anymore")."""
+    from ray.train._internal.checkpoint_manager import _TrainingResult
+
+    uri, client, experiment_id, parent = store
+    config = _config(uri, experiment_id, parent) | {"max_epochs": 6, "image_every": 0}
+    trial_dir = tmp_path / "trial_x"
+    first = VAETrainable(config)
+    for i in range(3):      # an epoch, then Tune's checkpoint of it: checkpoint_00000i holds epoch i + 1
+        first.train()
+        (trial_dir / f"checkpoint_{i:06d}").mkdir(parents=True)
+        first.save_checkpoint(str(trial_dir / f"checkpoint_{i:06d}"))
+    # The index says nothing about the epoch after an earlier restore: a stale low-epoch folder
+    # with a high index must not win.
+    (trial_dir / "checkpoint_000009").mkdir()
+    (trial_dir / "checkpoint_000009" / "junk.txt").write_text("a half-written checkpoint")
+    expected = first.train()                                      # epoch 4, uninterrupted
+    first.stop()
+    tracking.RunHandle(uri, expected[RESULT_RUN_ID]).flush()
+    shutil.rmtree(trial_dir / "checkpoint_000000")                 # retention, after Tune's last save
+
+    restored = VAETrainable(config)
+    restored.restore(_TrainingResult(checkpoint=ray.tune.Checkpoint(str(trial_dir / "checkpoint_000000")),
+                                     metrics={"training_iteration": 1}))
+    assert restored.iteration == 3
+    again = restored.train()
+    assert (again["epoch"], again["training_iteration"]) == (4, 4)
+    assert again["val_elbo"] == expected["val_elbo"]
+    restored.stop()
+    steps = sorted(m.step for m in client.get_metric_history(expected[RESULT_RUN_ID], "val_elbo"))
+    assert steps == [1, 2, 3, 4]

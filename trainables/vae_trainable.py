@@ -279,6 +279,37 @@ def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint"
     return finalize(trainer, run, STOP_SCHEDULER)
 
 
+def newest_existing_checkpoint(missing: "tune.Checkpoint") -> tuple["tune.Checkpoint", int] | None:
+    """The checkpoint of the same trial with the highest epoch among those that exist, and that
+    epoch; None if the trial has none left.
+
+    Tune's saved experiment state names each trial's latest checkpoint as of its last save
+    (every few seconds); checkpoint retention may have deleted that one since, when a newer one
+    was written. Any checkpoint of the trial is a state of the same run (a trial's randomness is
+    its own: training from it replays exactly), so the newest that exists is where it continues.
+    Its epoch is read from the file, not from the folder's index: a restored trial numbers its new
+    checkpoints from Tune's saved index, so a higher index is not always a later epoch."""
+    import pyarrow.fs
+
+    fs = missing.filesystem
+    trial_dir = str(Path(missing.path).parent)
+    found = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True)):
+        if info.type != pyarrow.fs.FileType.Directory or not Path(info.path).name.startswith("checkpoint_"):
+            continue
+        candidate = tune.Checkpoint(info.path, filesystem=fs)
+        try:
+            with candidate.as_directory() as directory:
+                epoch = int(read_checkpoint(directory)["trainer"]["epoch"])
+        except Exception:    # half written when the driver died, or not ours: not a state to continue
+            continue
+        found.append((epoch, info.path, candidate))
+    if not found:
+        return None
+    epoch, _, checkpoint = max(found, key=lambda f: (f[0], f[1]))
+    return checkpoint, epoch
+
+
 class VAETrainable(tune.Trainable):
     """A class-based Tune trainable around `trainables.vae.train.Trainer`.
 
@@ -427,6 +458,28 @@ class VAETrainable(tune.Trainable):
         torch.save({"trainer": state, "run_id": self.run.run_id if self.run else None,
                     "unlogged": self.run.unacknowledged() if self.run else []},
                    os.path.join(checkpoint_dir, CHECKPOINT_FILE))
+
+    def restore(self, checkpoint_path: Any) -> None:
+        """Tune's restore, from the newest checkpoint of the trial that exists when the one Tune's
+        saved state names was deleted by retention since (`newest_existing_checkpoint`); Tune
+        itself would fail the trial ("does not exist on storage anymore")."""
+        from ray.air.constants import TRAINING_ITERATION
+        from ray.train._internal.checkpoint_manager import _TrainingResult
+        from ray.train._internal.storage import _exists_at_fs_path
+
+        if isinstance(checkpoint_path, _TrainingResult):
+            checkpoint = checkpoint_path.checkpoint
+            if not _exists_at_fs_path(checkpoint.filesystem, checkpoint.path):
+                newest = newest_existing_checkpoint(checkpoint)
+                if newest is not None:
+                    other, epoch = newest
+                    logging.getLogger(__name__).warning(
+                        "trial %s: checkpoint %s no longer exists (deleted by retention after Tune's last saved "
+                        "state); continuing from %s, epoch %d", self.trial_id, checkpoint.path, other.path, epoch)
+                    # One Tune iteration = one epoch: the trial goes on at the checkpoint's epoch.
+                    checkpoint_path = _TrainingResult(checkpoint=other, metrics={
+                        **checkpoint_path.metrics, TRAINING_ITERATION: epoch})
+        super().restore(checkpoint_path)
 
     def load_checkpoint(self, checkpoint: str | dict) -> None:
         directory = checkpoint if isinstance(checkpoint, str) else checkpoint["path"]
