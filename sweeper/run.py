@@ -72,6 +72,7 @@ class SweepOutcome:
     experiment_path: str
     summary: Any = None           # pandas.DataFrame of the trials, best first
     errors: list[str] = field(default_factory=list)   # one line per trial that ended with an error
+    unaccounted: list[str] = field(default_factory=list)   # where Tune, MLflow and Optuna disagree on the trials
 
 
 def _is_uri(path: str) -> bool:
@@ -94,9 +95,13 @@ def plan_sweep(spec: SweepSpec, *, storage_path: str | None, tracking_uri: str |
             raise SweeperError(f"--resume: no earlier sweep of spec {spec.name!r} under {local_root} "
                                f"(looked for {spec.name}-YYYYMMDD-HHMMSS/{STATE_FILE}); run it without --resume first")
         state = json.loads((candidates[-1] / STATE_FILE).read_text())
-        if tracking_uri is None:
-            uri = state["tracking_uri"]
-        return SweepPlan(candidates[-1].name, state["storage"], candidates[-1], uri)
+        if tracking_uri is not None and uri != state["tracking_uri"]:
+            # Its parent run, trial runs and their histories are in the store it started with.
+            raise SweeperError(
+                f"--resume: sweep {candidates[-1].name} logs to MLflow at {state['tracking_uri']}, not at "
+                f"--tracking-uri {tracking_uri} ({uri}); leave --tracking-uri out (the sweep's own store is "
+                f"used) or give {state['tracking_uri']}")
+        return SweepPlan(candidates[-1].name, state["storage"], candidates[-1], state["tracking_uri"])
     sweep_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return SweepPlan(sweep_id, storage, local_root / sweep_id, uri)
 
@@ -332,7 +337,8 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                                  cluster_resources=cluster)
                 at_once = trials_at_once(spec, cluster)
                 _warn_concurrency(spec, cluster, at_once, echo)
-                outcome = _run(spec, spec_path, overrides, plan, resume, echo, interrupts, command, at_once)
+                outcome = SweepDriver(spec, spec_path, overrides, plan, resume, echo, interrupts, command,
+                                      at_once).run()
             finally:
                 interrupts.close()
                 ray.shutdown()
@@ -372,164 +378,316 @@ def _warn_concurrency(spec: SweepSpec, cluster: dict[str, float], at_once: int,
              f"reserves {short(cpu)} CPU, {short(gpu)} GPU): the others wait")
 
 
-def _run(spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: SweepPlan, resume: bool,
-         echo: Callable[[str], None], interrupts: Interrupts, command: str, at_once: int = 1) -> SweepOutcome:
-    from sweeper.search import SchedulerStateCallback, make_scheduler, make_search_alg, param_space
-    from trainables.pool import remove_pools
-    from trainables.vae_trainable import SWEEP_KEY, VAETrainable
+class SweepDriver:
+    """One run of the driver over a sweep, as named steps:
 
-    experiment_id = tracking.ensure_experiment(plan.tracking_uri, spec.experiment)
-    resumable = f"sweep {plan.sweep_id} interrupted; continue it with:\n  {command}"
-    plan.state_dir.mkdir(parents=True, exist_ok=True)
-    state_file = plan.state_dir / STATE_FILE
-    pooled = spec.resources.pooled
-    parent: tracking.RunHandle | None = None
-    outcome: SweepOutcome | None = None
-    failed_evaluations: list[str] = []
-    status = "FAILED"
-    ray_hints = _DropRayHints()
-    logging.getLogger("ray.tune.tune").addFilter(ray_hints)
-    try:
-        if resume:
-            parent_id = json.loads(state_file.read_text())["parent_run_id"]
-            parent = tracking.RunHandle(plan.tracking_uri, parent_id)
-            closed = tracking.close_stale_children(plan.tracking_uri, experiment_id, parent_id)
+    1. `open_parent`: the sweep's MLflow parent run, new or reopened (`--resume`), and sweep.json;
+    2. `make_tuner`: a new Tune experiment, Tune's restored one, or, when Tune never saved the
+       experiment's state (the driver died in its start-up), the same sweep launched again:
+       same parent run, same Optuna study, the lost launch's runs and study trials closed;
+    3. `fit`: Tune runs the trials;
+    4. `finish`: lost trials tagged, errors listed, every trial the spec asks for accounted for
+       in Tune, MLflow and Optuna, stopped trials evaluated;
+    5. `close`: the summary and the parent's end; an interrupt or a failure ends it as KILLED or
+       FAILED instead, and a new sweep that launched nothing is no longer resumable.
+    """
+
+    def __init__(self, spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: SweepPlan, resume: bool,
+                 echo: Callable[[str], None], interrupts: Interrupts, command: str, at_once: int = 1):
+        self.spec, self.spec_path, self.overrides, self.plan = spec, spec_path, overrides, plan
+        self.resume, self.echo, self.interrupts, self.command, self.at_once = resume, echo, interrupts, command, at_once
+        self.state_file = plan.state_dir / STATE_FILE
+        self.pooled = spec.resources.pooled
+        self.experiment_id = ""
+        self.parent: tracking.RunHandle | None = None
+        self.outcome: SweepOutcome | None = None
+        self.failed_evaluations: list[str] = []
+        self.status = "FAILED"
+        self.parent_closed = False     # ended before `close` (an interrupt, an abandoned start)
+
+    def run(self) -> SweepOutcome:
+        ray_hints = _DropRayHints()
+        logging.getLogger("ray.tune.tune").addFilter(ray_hints)
+        try:
+            self.experiment_id = tracking.ensure_experiment(self.plan.tracking_uri, self.spec.experiment)
+            self.open_parent()
+            results = self.fit(self.make_tuner())
+            self.finish(results)
+            self.status = "FINISHED" if not (self.outcome.errors or self.outcome.unaccounted) else "FAILED"
+        except KeyboardInterrupt:
+            self.status = "KILLED"
+            self.interrupted()          # raises SweepInterrupted
+        except BaseException as exc:
+            self.abandon_if_nothing_launched(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            logging.getLogger("ray.tune.tune").removeFilter(ray_hints)
+            self.close()
+        return self.result()
+
+    # -- 1. the parent run -----------------------------------------------------------------------
+    def open_parent(self) -> None:
+        plan, spec = self.plan, self.spec
+        plan.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            parent_id = json.loads(self.state_file.read_text())["parent_run_id"]
+            self.parent = tracking.RunHandle(plan.tracking_uri, parent_id)
+            closed = tracking.close_stale_children(plan.tracking_uri, self.experiment_id, parent_id)
             if closed:
-                echo(f"closed {len(closed)} run(s) left RUNNING by the interrupted sweep as KILLED")
-            parent.reopen()
-            echo(f"resuming sweep {plan.sweep_id} (MLflow parent run {parent_id})")
+                self.echo(f"closed {len(closed)} run(s) left RUNNING by the interrupted sweep as KILLED")
+            self.parent.reopen()
+            self.echo(f"resuming sweep {plan.sweep_id} (MLflow parent run {parent_id})")
         else:
-            parent = tracking.RunHandle(plan.tracking_uri, tracking.client(plan.tracking_uri).create_run(
-                experiment_id, run_name=plan.sweep_id,
+            self.parent = tracking.RunHandle(plan.tracking_uri, tracking.client(plan.tracking_uri).create_run(
+                self.experiment_id, run_name=plan.sweep_id,
                 tags={tracking.TAG_ROLE: tracking.ROLE_SWEEP, tracking.TAG_SWEEP: plan.sweep_id,
                       tracking.TAG_NOTE: spec.description or f"sweep {spec.name}"}).info.run_id)
-            parent.log_params({"spec_file": spec_path.name, **tracking.flatten("", spec.to_dict())})
+            self.parent.log_params({"spec_file": self.spec_path.name, **tracking.flatten("", spec.to_dict())})
             if spec.search.algorithm == "optuna":
                 from sweeper.search import study_storage_url
 
-                parent.set_tags({tracking.TAG_STUDY_STORAGE: study_storage_url(plan.state_dir),
-                                 tracking.TAG_STUDY_NAME: spec.name})
-            parent.log_artifact(spec_path, "spec")
-            if overrides:
-                parent.log_text("\n".join(overrides) + "\n", "spec/overrides.txt")
-            state_file.write_text(json.dumps({
-                "sweep_id": plan.sweep_id, "parent_run_id": parent.run_id, "experiment_id": experiment_id,
-                "tracking_uri": plan.tracking_uri, "storage": plan.storage, "spec": str(spec_path),
-                "resume_command": command, "spec_resolved": resolved_spec(spec),   # what --resume must match
+                self.parent.set_tags({tracking.TAG_STUDY_STORAGE: study_storage_url(plan.state_dir),
+                                      tracking.TAG_STUDY_NAME: spec.name})
+            self.parent.log_artifact(self.spec_path, "spec")
+            if self.overrides:
+                self.parent.log_text("\n".join(self.overrides) + "\n", "spec/overrides.txt")
+            self.state_file.write_text(json.dumps({
+                "sweep_id": plan.sweep_id, "parent_run_id": self.parent.run_id, "experiment_id": self.experiment_id,
+                "tracking_uri": plan.tracking_uri, "storage": plan.storage, "spec": str(self.spec_path),
+                "resume_command": self.command, "spec_resolved": resolved_spec(spec),   # what --resume must match
             }, indent=2))
-            echo(f"sweep {plan.sweep_id}: {spec.total_trials} trial(s), MLflow experiment {spec.experiment!r} "
-                 f"at {plan.tracking_uri}, parent run {parent.run_id}")
+            self.echo(f"sweep {plan.sweep_id}: {spec.total_trials} trial(s), MLflow experiment {spec.experiment!r} "
+                      f"at {plan.tracking_uri}, parent run {self.parent.run_id}")
         # The runs table opens on this sweep's columns, best by validation first (`sweeper ui`'s links).
-        tracking.save_sweep_view(plan.tracking_uri, experiment_id, tracking.sweep_view(
-            spec.metric.name, spec.metric.mode, [q.name for q in spec.parameters], parent.run_id))
+        tracking.save_sweep_view(plan.tracking_uri, self.experiment_id, tracking.sweep_view(
+            spec.metric.name, spec.metric.mode, [q.name for q in spec.parameters], self.parent.run_id))
         # From here on an interrupt leaves a sweep to resume (sweep.json and the parent run exist).
-        interrupts.message = resumable
-        outcome = SweepOutcome(plan.sweep_id, parent.run_id, experiment_id, plan.tracking_uri, plan.experiment_path)
+        self.interrupts.message = f"sweep {plan.sweep_id} interrupted; continue it with:\n  {self.command}"
+        self.outcome = SweepOutcome(plan.sweep_id, self.parent.run_id, self.experiment_id, plan.tracking_uri,
+                                    plan.experiment_path)
 
-        sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
-                     "parent_run_id": parent.run_id, "sweep_name": plan.sweep_id,
-                     "name_keys": run_name_keys(spec),
-                     "cpus_per_trial": max(1, int(spec.resources.cpu)), "scheduler": spec.scheduler.type}
-        if pooled:
-            sweep_cfg["pool"] = {"sweep_id": plan.sweep_id}
-            if resume and remove_pools(plan.sweep_id):
-                echo("removed the interrupted sweep's trial pools; their trials rejoin from their checkpoints")
-            echo("trials that share a device train together as one batched model (resources.batched)")
+    # -- 2. Tune's experiment ----------------------------------------------------------------------
+    def make_tuner(self) -> tune.Tuner:
+        from trainables.pool import remove_pools
+        from trainables.vae_trainable import VAETrainable
+
+        spec, plan = self.spec, self.plan
+        if self.pooled:
+            if self.resume and remove_pools(plan.sweep_id):
+                self.echo("removed the interrupted sweep's trial pools; their trials rejoin from their checkpoints")
+            self.echo("trials that share a device train together as one batched model (resources.batched)")
         trainable = tune.with_resources(VAETrainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
         # Tune saves the experiment's state (which trials exist) every >= 10 s by default; a trial that
         # started since then is unknown to a resumed sweep (mark_lost_trials). Every 2 s narrows that.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-        reporter = _reporter(spec)   # (a resumed sweep gets the same one, saved with its experiment)
-        if resume:
-            tuner = tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            scheduler = make_scheduler(spec)
-            tuner = tune.Tuner(
-                trainable,
-                param_space={**param_space(spec), SWEEP_KEY: sweep_cfg},
-                tune_config=tune.TuneConfig(
-                    metric=spec.metric.name, mode=spec.metric.mode, num_samples=spec.num_samples,
-                    search_alg=make_search_alg(spec, plan.state_dir), scheduler=scheduler,
-                    reuse_actors=True,    # warm processes: a fresh torch+mlflow import costs ~10 s
-                    trial_name_creator=trial_name, trial_dirname_creator=trial_name),
-                run_config=tune.RunConfig(
-                    name=plan.sweep_id, storage_path=plan.storage,
-                    failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                    # Every epoch by default: a retried or resumed trial continues exactly where it
-                    # was. At the end too, so a scheduler-stopped trial has its last epoch's checkpoint.
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
-                                                            checkpoint_frequency=spec.checkpoint_frequency),
-                    callbacks=[SchedulerStateCallback(scheduler), _time_left(spec, at_once, plan.sweep_id),
-                               TrialRunsCallback(plan.tracking_uri, experiment_id, parent.run_id,
-                                                 spec.scheduler.type, plan.sweep_id),
-                               *([PoolLeaveCallback(plan.sweep_id)] if pooled else [])],
-                    progress_reporter=reporter, verbose=1),
-            )
-        interrupts.in_fit = True
+        _reporter(spec)   # (a resumed sweep gets the same one, saved with its experiment)
+        if self.resume:
+            saved = tune_state_saved(plan)
+            if saved is None:
+                raise SweeperError(f"--resume: cannot read Tune's state of sweep {plan.sweep_id} at "
+                                   f"{plan.experiment_path}; check that the storage is reachable, then resume again")
+            if saved:
+                return tune.Tuner.restore(plan.experiment_path, trainable=trainable, resume_unfinished=True,
+                                          resume_errored=True)
+            self.forget_lost_launch()
+        return self.new_tuner(trainable)
+
+    def forget_lost_launch(self) -> None:
+        """The driver died before Tune first saved the experiment's state: nothing of the launch
+        can be continued, so the sweep is launched again. Runs and study trials the lost launch
+        opened belong to no trial now: tagged as orphans and closed, or failed in the study."""
+        self.echo(f"sweep {self.plan.sweep_id} was interrupted before Tune saved its state: launching it again "
+                  "(the same MLflow parent run and Optuna study; nothing of the first launch is counted)")
+        orphans = tracking.tag_orphans(self.plan.tracking_uri, self.experiment_id, self.parent.run_id, set())
+        if orphans:
+            self.echo(f"{len(orphans)} run(s) of the lost launch are tagged {tracking.TAG_ORPHANED}")
+        if self.spec.search.algorithm == "optuna":
+            from sweeper.search import fail_running_study_trials
+
+            fail_running_study_trials(self.plan.state_dir, self.spec.name)
+
+    def new_tuner(self, trainable) -> tune.Tuner:
+        from sweeper.search import SchedulerStateCallback, make_scheduler, make_search_alg, param_space
+        from trainables.vae_trainable import SWEEP_KEY
+
+        spec, plan = self.spec, self.plan
+        sweep_cfg = {"tracking_uri": plan.tracking_uri, "experiment_id": self.experiment_id,
+                     "parent_run_id": self.parent.run_id, "sweep_name": plan.sweep_id,
+                     "name_keys": run_name_keys(spec),
+                     "cpus_per_trial": max(1, int(spec.resources.cpu)), "scheduler": spec.scheduler.type}
+        if self.pooled:
+            sweep_cfg["pool"] = {"sweep_id": plan.sweep_id}
+        scheduler = make_scheduler(spec)
+        return tune.Tuner(
+            trainable,
+            param_space={**param_space(spec), SWEEP_KEY: sweep_cfg},
+            tune_config=tune.TuneConfig(
+                metric=spec.metric.name, mode=spec.metric.mode, num_samples=spec.num_samples,
+                search_alg=make_search_alg(spec, plan.state_dir), scheduler=scheduler,
+                reuse_actors=True,    # warm processes: a fresh torch+mlflow import costs ~10 s
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
+            run_config=tune.RunConfig(
+                name=plan.sweep_id, storage_path=plan.storage,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                # Every epoch by default: a retried or resumed trial continues exactly where it
+                # was. At the end too, so a scheduler-stopped trial has its last epoch's checkpoint.
+                # Retention may delete the checkpoint Tune's last saved state names; a restore then
+                # goes on from the trial's newest one (VAETrainable.restore).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
+                                                        checkpoint_frequency=spec.checkpoint_frequency),
+                callbacks=[SchedulerStateCallback(scheduler), _time_left(spec, self.at_once, plan.sweep_id),
+                           TrialRunsCallback(plan.tracking_uri, self.experiment_id, self.parent.run_id,
+                                             spec.scheduler.type, plan.sweep_id),
+                           *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else [])],
+                progress_reporter=_reporter(spec), verbose=1),
+        )
+
+    # -- 3. Tune runs the trials ------------------------------------------------------------------
+    def fit(self, tuner: tune.Tuner):
+        self.interrupts.in_fit = True
         try:
             results = tuner.fit()
         finally:
-            interrupts.in_fit = False
-        if interrupts.interrupted:
-            interrupts.close()
+            self.interrupts.in_fit = False
+        if self.interrupts.interrupted:
+            self.interrupts.close()
             raise KeyboardInterrupt
-        if pooled:
+        return results
+
+    # -- 4. every trial accounted for, the stopped ones evaluated ------------------------------------
+    def finish(self, results) -> None:
+        from trainables.pool import remove_pools
+
+        plan, spec = self.plan, self.spec
+        if self.pooled:
             remove_pools(plan.sweep_id)    # frees the devices before the stopped trials are evaluated
-        mark_lost_trials(results, plan, spec, experiment_id, parent.run_id, echo,
-                         seen=TrialRunsCallback.seen_in(parent.run_id))
-        outcome.errors = [f"{trial_name_of(r)}: {error_line(r)} (traceback: {Path(r.path) / 'error.txt'})"
-                          for r in results if r.error is not None]
-        failed_evaluations = evaluate_stopped_trials(results, plan.tracking_uri, experiment_id, parent.run_id,
-                                                     spec, echo)
-        outcome.errors += failed_evaluations
-        status = "FINISHED" if not outcome.errors else "FAILED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        if parent is None:
-            raise      # nothing was created yet: run_sweep says so
-        closed = tracking.close_stale_children(plan.tracking_uri, experiment_id, parent.run_id)
-        if not resume and not _tune_started(plan):
-            # Nothing of Tune's exists to continue: this sweep never started, --resume must not find it.
-            parent.set_tags({"stop_detail": "interrupted before the sweep launched any trial"})
-            parent.terminate("KILLED")
-            state_file.unlink(missing_ok=True)
-            raise SweepInterrupted(f"interrupted before sweep {plan.sweep_id} started: nothing was launched "
-                                   f"(its MLflow run {parent.run_id} is closed as KILLED)") from None
-        parent.terminate("KILLED")
+        mark_lost_trials(results, plan, spec, self.experiment_id, self.parent.run_id, self.echo,
+                         seen=TrialRunsCallback.seen_in(self.parent.run_id))
+        self.outcome.errors = [f"{trial_name_of(r)}: {error_line(r)} (traceback: {Path(r.path) / 'error.txt'})"
+                               for r in results if r.error is not None]
+        self.failed_evaluations = evaluate_stopped_trials(results, plan.tracking_uri, self.experiment_id,
+                                                          self.parent.run_id, spec, self.echo)
+        self.outcome.errors += self.failed_evaluations
+        self.outcome.unaccounted = unaccounted_trials(results, spec, plan, self.experiment_id, self.parent.run_id)
+
+    # -- 5. the end ------------------------------------------------------------------------------------
+    def interrupted(self) -> None:
+        """Ctrl-C: the runs still RUNNING are closed as KILLED, and the sweep stays resumable from
+        whatever it had reached (Tune's state, or only its start-up: `make_tuner` launches it again)."""
+        if self.parent is None:
+            raise KeyboardInterrupt    # nothing was created yet: run_sweep says so
+        closed = tracking.close_stale_children(self.plan.tracking_uri, self.experiment_id, self.parent.run_id)
+        self.parent.terminate("KILLED")
+        self.parent_closed = True
+        if not self.state_file.exists():     # before sweep.json: there is no sweep to continue
+            raise SweepInterrupted(f"interrupted before sweep {self.plan.sweep_id} started: nothing was launched "
+                                   f"(its MLflow run {self.parent.run_id} is closed as KILLED)") from None
         raise SweepInterrupted(
-            f"sweep {plan.sweep_id} interrupted; {len(closed)} running trial run(s) closed as KILLED, "
-            f"finished trials are kept. Continue it with:\n  {command}") from None
-    finally:
-        logging.getLogger("ray.tune.tune").removeFilter(ray_hints)
-        if pooled and ray.is_initialized():
-            remove_pools(plan.sweep_id)
-        if parent is not None and status != "KILLED":
-            if outcome is not None:
-                outcome.summary = summarize(spec, plan.tracking_uri, experiment_id, parent, echo,
-                                            errors=outcome.errors)
-            parent.terminate(status)
-            timing = TimeLeftCallback.compare(plan.sweep_id)
-            if timing:
-                echo(timing)
-            if outcome is not None:
-                echo_urls(outcome, echo)
-    if outcome.errors:
-        parent.set_tags({tracking.TAG_ERRORS: f"{len(outcome.errors)} trial(s) ended with an error: "
-                                              + "; ".join(outcome.errors)[:4000]})
-        again = (f"\nAfter fixing the cause, `{command}` evaluates the trial(s) whose test evaluation failed again."
-                 if failed_evaluations else "")
-        raise SweepFailed(f"{len(outcome.errors)} trial(s) of sweep {plan.sweep_id} ended with an error "
-                          "(the other trials finished):\n  - " + "\n  - ".join(outcome.errors) + again)
-    return outcome
+            f"sweep {self.plan.sweep_id} interrupted; {len(closed)} running trial run(s) closed as KILLED, "
+            f"finished trials are kept. Continue it with:\n  {self.command}") from None
 
-
-def _tune_started(plan: SweepPlan) -> bool:
-    """Whether Tune saved an experiment state for this sweep (so --resume has something to continue)."""
-    try:
-        return tune.Tuner.can_restore(plan.experiment_path)
-    except Exception:      # a storage it cannot read now: assume it did, and keep the sweep resumable
+    def abandon_if_nothing_launched(self, why: str) -> bool:
+        """A new sweep that failed before Tune saved its state and before any trial opened a run
+        has nothing to continue: its parent run ends as FAILED and sweep.json goes, so `--resume`
+        continues the sweep before it, not this one. True if so. (A sweep killed or interrupted
+        in its start-up stays resumable: `make_tuner` launches it again.)"""
+        if self.resume or self.parent is None:
+            return False
+        try:
+            if tune_state_saved(self.plan) is not False or tracking.child_runs(
+                    self.plan.tracking_uri, self.experiment_id, self.parent.run_id):
+                return False
+            self.state_file.unlink(missing_ok=True)
+            self.parent.set_tags({"stop_detail": why[:5000]})
+            self.parent.terminate("FAILED")
+        except Exception:      # the store itself failed (the cause being raised): leave what is there
+            return not self.state_file.exists()
+        self.parent_closed = True
         return True
+
+    def close(self) -> None:
+        from trainables.pool import remove_pools
+
+        if self.pooled and ray.is_initialized():
+            remove_pools(self.plan.sweep_id)
+        if self.parent is None or self.parent_closed:
+            return
+        if self.outcome is not None:
+            self.outcome.summary = summarize(self.spec, self.plan.tracking_uri, self.experiment_id, self.parent,
+                                             self.echo, errors=self.outcome.errors)
+        self.parent.terminate(self.status)
+        timing = TimeLeftCallback.compare(self.plan.sweep_id)
+        if timing:
+            self.echo(timing)
+        if self.outcome is not None:
+            echo_urls(self.outcome, self.echo)
+
+    def result(self) -> SweepOutcome:
+        outcome = self.outcome
+        if outcome.unaccounted:
+            self.parent.set_tags({tracking.TAG_ERRORS: "trials unaccounted for: " + "; ".join(outcome.unaccounted)[:4000]})
+            raise SweepFailed(f"sweep {self.plan.sweep_id} ended with trials unaccounted for:\n  - "
+                              + "\n  - ".join(outcome.unaccounted + outcome.errors)
+                              + f"\nContinue it with:\n  {self.command}")
+        if outcome.errors:
+            self.parent.set_tags({tracking.TAG_ERRORS: f"{len(outcome.errors)} trial(s) ended with an error: "
+                                                       + "; ".join(outcome.errors)[:4000]})
+            again = (f"\nAfter fixing the cause, `{self.command}` evaluates the trial(s) whose test evaluation "
+                     "failed again." if self.failed_evaluations else "")
+            raise SweepFailed(f"{len(outcome.errors)} trial(s) of sweep {self.plan.sweep_id} ended with an error "
+                              "(the other trials finished):\n  - " + "\n  - ".join(outcome.errors) + again)
+        return outcome
+
+
+def tune_state_saved(plan: SweepPlan) -> bool | None:
+    """Whether Tune saved the experiment's state (its trials, searcher and scheduler), which is
+    what `Tuner.restore` continues; None if the storage cannot be read now. Its `tuner.pkl` alone,
+    written first, is not enough: a restore from it alone starts an empty experiment that ends
+    with whatever few trials the restored searcher still allows."""
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+
+    if not _is_uri(plan.storage) and not Path(plan.experiment_path).is_dir():
+        return False
+    try:
+        return _find_newest_experiment_checkpoint(plan.experiment_path) is not None
+    except FileNotFoundError:
+        return False
+    except Exception:
+        return None
+
+
+def unaccounted_trials(results, spec: SweepSpec, plan: SweepPlan, experiment_id: str,
+                       parent_run_id: str) -> list[str]:
+    """After a sweep that ran to its end: every trial the spec asks for ran in Tune, each trial
+    that did not error has exactly one MLflow run, and (Optuna) the study's finished trials are
+    exactly the sweep's. One line per problem; none when Tune, MLflow and Optuna agree."""
+    problems = []
+    tune_ids: dict[str, Any] = {}
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if trial_id is None and result.path:
+            trial_id = Path(result.path).name.removeprefix("trial_")
+        tune_ids[str(trial_id)] = result
+    if len(tune_ids) < spec.total_trials:
+        problems.append(f"the sweep ended with {len(tune_ids)} of the {spec.total_trials} trial(s) its spec asks "
+                        "for: Tune's saved state had lost some (resume it again; the missing ones then run)")
+    runs = [r for r in tracking.child_runs(plan.tracking_uri, experiment_id, parent_run_id)
+            if tracking.TAG_ORPHANED not in r.data.tags]
+    by_trial: dict[str, list] = {}
+    for run in runs:
+        by_trial.setdefault(run.data.tags.get(tracking.TAG_TRIAL, ""), []).append(run)
+    for trial_id, result in tune_ids.items():
+        if result.error is None and len(by_trial.get(trial_id, [])) != 1:
+            problems.append(f"trial_{trial_id} has {len(by_trial.get(trial_id, []))} MLflow run(s), not one")
+    for trial_id in sorted(set(by_trial) - set(tune_ids)):
+        problems.append(f"MLflow run(s) {[r.info.run_id for r in by_trial[trial_id]]} belong to no trial Tune knows")
+    if spec.search.algorithm == "optuna":
+        from sweeper.search import finished_study_trials
+
+        for number, tune_id, state in finished_study_trials(plan.state_dir, spec.name):
+            if tune_id not in tune_ids:
+                problems.append(f"Optuna trial #{number} is {state} but belongs to no trial of the sweep")
+    return problems
 
 
 def echo_urls(outcome: SweepOutcome, echo: Callable[[str], None]) -> None:

@@ -73,6 +73,15 @@ def fail_running_study_trials(study_dir: str | Path, study_name: str) -> int:
     return len(running)
 
 
+def finished_study_trials(study_dir: str | Path, study_name: str) -> list[tuple[int, str | None, str]]:
+    """(number, Tune trial id, state) of the study's trials that ended as COMPLETE or PRUNED."""
+    if not (Path(study_dir) / STUDY_FILE).is_file():
+        return []
+    study = optuna.load_study(study_name=study_name, storage=_storage(study_storage_url(study_dir)))
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    return [(t.number, t.user_attrs.get(USER_ATTR_TUNE_TRIAL), t.state.name) for t in done]
+
+
 def _suggest(trial: optuna.Trial, p: Parameter) -> Any:
     if p.distribution == "uniform":
         return trial.suggest_float(p.name, p.min, p.max)

@@ -1,5 +1,5 @@
 """The driver around one real small sweep (local Ray, MLflow sqlite, ASHA): a Ctrl-C before the
-launch leaves no RUNNING parent, a stopped trial whose test evaluation fails is closed and listed
+launch leaves no RUNNING parent (and a resumable sweep), a stopped trial whose test evaluation fails is closed and listed
 in the sweep's errors (and evaluated again by --resume), and the console carries what a user
 reads and not Ray's or MLflow's housekeeping (issue 21)."""
 
@@ -52,17 +52,19 @@ def test_a_failed_evaluation_and_an_early_ctrl_c_leave_nothing_running(tmp_path,
     monkeypatch.setenv("SWEEPER_DATA_DIR", str(shared_datasets))
     path = two_trial_spec(tmp_path)
 
-    # Ctrl-C after the parent run exists, before Tune launched anything.
+    # Ctrl-C after the parent run exists, before Tune launched anything: the parent is closed,
+    # and the sweep stays resumable (--resume launches it again; tests/test_startup_faults.py).
     def ctrl_c_at_start(line: str) -> None:
         if line.startswith("sweep evalfail-"):
             raise KeyboardInterrupt
 
-    with pytest.raises(SweepInterrupted, match="nothing was launched"):
+    with pytest.raises(SweepInterrupted, match="Continue it with"):
         run_sweep(path, workdir=tmp_path, echo=ctrl_c_at_start)
     _, parents, _ = runs(tmp_path)
     assert [p.info.status for p in parents] == ["KILLED"]
-    assert not list((tmp_path / "sweeps").glob(f"evalfail-*/{STATE_FILE}"))   # --resume will not pick it
+    assert len(list((tmp_path / "sweeps").glob(f"evalfail-*/{STATE_FILE}"))) == 1
     assert not ray.is_initialized()
+    shutil.rmtree(tmp_path / "sweeps")     # the rest of this test starts sweeps anew and resumes the newest
 
     # The stopped trial's checkpoints break just before its test evaluation.
     saved = tmp_path / "saved"

@@ -7,7 +7,6 @@ The driver's Ctrl-C handler (`sweeper.run.Interrupts`) is also tested on its own
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -21,8 +20,8 @@ import optuna
 import pytest
 import yaml
 from click.testing import CliRunner
-from ray.tune import ExperimentAnalysis
 
+import sweep_checks
 from sweeper.cli import main
 from sweeper.errors import SweepFailed
 from sweeper.run import Interrupts, run_sweep
@@ -49,17 +48,11 @@ def interrupt_spec(tmp_path: Path) -> Path:
 
 
 def records(tmp_path: Path):
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    trials = [r for r in runs if r.data.tags.get("sweeper.role") == "trial"]
-    parents = [r for r in runs if r.data.tags.get("sweeper.role") == "sweep"]
-    return client, parents, trials
+    return sweep_checks.records(tmp_path, EXPERIMENT)
 
 
 def study(tmp_path: Path) -> optuna.Study:
-    db = next((tmp_path / "sweeps").glob("interrupts-*/optuna.db"))
-    return optuna.load_study(study_name="interrupts", storage=f"sqlite:///{db}")
+    return sweep_checks.study(tmp_path, "interrupts")
 
 
 def start(tmp_path: Path, spec: Path, *extra: str, log: str) -> subprocess.Popen:
@@ -129,44 +122,7 @@ def check_interrupted(proc: subprocess.Popen, seconds: float, tmp_path: Path, lo
 
 
 def check_agreement(tmp_path: Path) -> None:
-    """MLflow, Optuna and Tune agree trial by trial after the sweep's end."""
-    client, parents, trials = records(tmp_path)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    runs = [r for r in trials if "sweeper.orphaned" not in r.data.tags]
-    ids = [r.data.tags["sweeper.trial_id"] for r in runs]
-    assert len(ids) == 8 and len(set(ids)) == 8                       # one run per Tune trial
-    # The trials of Tune's saved experiment state. A trial that started after Tune's last save
-    # before the SIGKILL left a folder Tune no longer knows of: its run (if it opened one) is an orphan.
-    experiment = next((tmp_path / "sweeps").glob("interrupts-*"))
-    tune_ids = {t.trial_id for t in ExperimentAnalysis(str(experiment)).trials}
-    assert set(ids) == tune_ids
-    unknown = {p.name.removeprefix("trial_") for p in experiment.glob("trial_*")} - tune_ids
-    assert {r.data.tags["sweeper.trial_id"] for r in trials if "sweeper.orphaned" in r.data.tags} <= unknown
-    by_tune = {t.user_attrs.get("tune_trial_id"): t for t in study(tmp_path).trials}
-    table = []
-    for run in runs:
-        reason = run.data.tags["stop_reason"]
-        t = by_tune[run.data.tags["sweeper.trial_id"]]
-        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
-        history = client.get_metric_history(run.info.run_id, "val_elbo")
-        steps = sorted(m.step for m in history)
-        assert steps == list(range(1, int(run.data.metrics["epoch"]) + 1))   # every epoch once
-        assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["test_ll"])
-        if reason in ("completed", "early_stopping"):
-            assert t.state == optuna.trial.TrialState.COMPLETE
-            assert t.value == pytest.approx(run.data.metrics["val_elbo"])
-        else:
-            assert reason == "scheduler" and t.state == optuna.trial.TrialState.PRUNED
-            # One intermediate value per epoch trained, those after a resume included.
-            assert sorted(t.intermediate_values) == steps
-            values = {m.step: m.value for m in history}
-            assert all(v == pytest.approx(values[s]) for s, v in t.intermediate_values.items())
-        table.append((run.data.tags["sweeper.trial_id"], reason, t.state.name))
-    for run in trials:
-        if "sweeper.orphaned" in run.data.tags:
-            lost = by_tune.get(run.data.tags["sweeper.trial_id"])
-            assert lost is None or lost.state == optuna.trial.TrialState.FAIL
-    assert all(t.state.is_finished() for t in study(tmp_path).trials)
+    table = sweep_checks.check_agreement(tmp_path, name="interrupts", experiment=EXPERIMENT, trials=8)
     print("\nagreement:", table)
 
 
