@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from sweeper import tracking
 from sweeper.callbacks import SweepReporter, TimeLeftCallback
 from sweeper.cli import main
+from sweeper.errors import SweeperError
 from sweeper.run import STATE_FILE, plan_sweep, resolved_spec, resume_command
 from sweeper.spec import load_spec, parse_spec
 
@@ -51,6 +52,21 @@ def test_resume_continues_only_sweeps_of_exactly_this_spec(tmp_path):
     with pytest.raises(Exception, match="no earlier sweep of spec 'quick-gpu2'"):
         plan_sweep(parse_spec({**data, "name": "quick-gpu2"}), storage_path=None, tracking_uri=None, resume=True,
                    workdir=tmp_path)
+
+
+def test_resume_with_another_tracking_uri_is_refused_naming_both_stores(tmp_path):
+    """The sweep's parent run, trial runs and their histories are in the store it started with."""
+    spec = parse_spec({**yaml.safe_load(QUICKSTART.read_text()), "name": "quick"})
+    sweep = tmp_path / "sweeps" / "quick-20240101-000000"
+    sweep.mkdir(parents=True)
+    (sweep / STATE_FILE).write_text(json.dumps({"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                "storage": str(tmp_path / "sweeps")}))
+    with pytest.raises(SweeperError, match=r"logs to MLflow at sqlite:///.*mlflow\.db, not at --tracking-uri "
+                                           r"http://127\.0\.0\.1:5000.*leave --tracking-uri out"):
+        plan_sweep(spec, storage_path=None, tracking_uri="http://127.0.0.1:5000", resume=True, workdir=tmp_path)
+    for same in ("sqlite:///mlflow.db", f"sqlite:///{tmp_path / 'mlflow.db'}", None):   # relative: the same file
+        plan = plan_sweep(spec, storage_path=None, tracking_uri=same, resume=True, workdir=tmp_path)
+        assert plan.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_resume_with_a_changed_spec_or_set_is_refused_with_what_changed_before_ray_starts(tmp_path, monkeypatch):

@@ -107,3 +107,26 @@ def test_typed_params_follow_the_trial_config_fields():
     typed = typed_params({**params, "spec_file": "x.yaml"})
     assert typed["K"] == 13 and typed["lr"] == 2e-3 and typed["cuda_graphs"] is False
     assert typed["train_subset"] is None and typed["prior"] == "vamp" and typed["spec_file"] == "x.yaml"
+
+
+def test_a_near_tie_is_chosen_on_the_exact_validation_elbo_not_on_the_order_mlflow_lists_runs(tmp_path):
+    """Two trials 0.003 nats apart at their tested epochs, stored as the trainable stores its final
+    figures: the better one is chosen whichever MLflow lists first (it lists the newest first)."""
+    from trainables.vae_trainable import stored_finals
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = conditional_spec()
+    experiment_id = tracking.ensure_experiment(uri, "ties")
+    parent = tracking.RunHandle(uri, tracking.client(uri).create_run(
+        experiment_id, run_name="ties-20260101-000000", tags={"sweeper.role": "sweep"}).info.run_id)
+    stored = {v: stored_finals({"best_val_elbo": v})["best_val_elbo"] for v in (-100.001, -100.004)}
+    better = add_trial(uri, experiment_id, parent.run_id, "vamp K=13", {"prior": "vamp", "K": 13, "lr": 2e-3},
+                       [-120, -100.001], best_epoch=2, best_val_elbo=stored[-100.001], test_ll=-95.0,
+                       status="FINISHED")
+    worse = add_trial(uri, experiment_id, parent.run_id, "vamp K=48", {"prior": "vamp", "K": 48},
+                      [-120, -100.004], best_epoch=2, best_val_elbo=stored[-100.004], test_ll=-90.0,
+                      status="FINISHED")
+    assert [r.info.run_id for r in tracking.child_runs(uri, experiment_id, parent.run_id)][0] == worse
+    table = summarize(spec, uri, experiment_id, parent, lambda line: None)
+    assert list(table["run_id"]) == [better, worse]
+    assert tracking.client(uri).get_run(parent.run_id).data.tags["best_run_id"] == better
