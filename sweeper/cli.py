@@ -21,6 +21,11 @@ class _Group(click.Group):
         except USER_ERRORS as exc:
             click.echo(f"{getattr(exc, 'prefix', 'error: ')}{exc}", err=True)
             ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            # Ctrl-C before a command has its own handler (e.g. while `sweeper run` imports Ray):
+            # the shell's status for an interrupted command, not click's "Aborted!" and 1.
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_Group)

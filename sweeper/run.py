@@ -314,18 +314,22 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
     options = {"num_samples": num_samples, "max_concurrent": max_concurrent, "address": address,
                "tracking_uri": tracking_uri, "storage_path": storage_path}
     started = time.time()
-    quiet_libraries()
-    # Everything that can be known before Ray starts: the spec, this machine's GPUs, the tracking
-    # store (a dead server or refused credentials fail here, in seconds), the data.
-    local = None if address else local_resources()
-    spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
-                     cluster_resources=local)
-    plan = plan_sweep(spec, storage_path=storage_path, tracking_uri=tracking_uri, resume=resume, workdir=workdir)
-    if resume:
-        refuse_changed_spec(plan, spec)
-    tracking.check_store(plan.tracking_uri)
-    if not address:  # one download in the driver instead of one per trial process
-        check_local_data(spec, download=True)
+    try:
+        quiet_libraries()
+        # Everything that can be known before Ray starts: the spec, this machine's GPUs, the tracking
+        # store (a dead server or refused credentials fail here, in seconds), the data.
+        local = None if address else local_resources()
+        spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
+                         cluster_resources=local)
+        plan = plan_sweep(spec, storage_path=storage_path, tracking_uri=tracking_uri, resume=resume, workdir=workdir)
+        if resume:
+            refuse_changed_spec(plan, spec)
+        tracking.check_store(plan.tracking_uri)
+        if not address:  # one download in the driver instead of one per trial process
+            check_local_data(spec, download=True)
+    except KeyboardInterrupt:      # Ctrl-C before the driver's own handler is in place
+        what = "the sweep resumed: it is as it was" if resume else "the sweep started: nothing was launched"
+        raise SweepInterrupted(f"interrupted before {what}") from None
     command = resume_command(spec_arg, overrides, options)
 
     with Interrupts(echo) as interrupts:
@@ -436,26 +440,21 @@ class SweepDriver:
             if closed:
                 self.echo(f"closed {len(closed)} run(s) left RUNNING by the interrupted sweep as KILLED")
             self.parent.reopen()
+            if not self.parent.client.get_run(parent_id).data.params:
+                self.describe_parent()       # the first launch died before it had
             self.echo(f"resuming sweep {plan.sweep_id} (MLflow parent run {parent_id})")
         else:
             self.parent = tracking.RunHandle(plan.tracking_uri, tracking.client(plan.tracking_uri).create_run(
                 self.experiment_id, run_name=plan.sweep_id,
                 tags={tracking.TAG_ROLE: tracking.ROLE_SWEEP, tracking.TAG_SWEEP: plan.sweep_id,
                       tracking.TAG_NOTE: spec.description or f"sweep {spec.name}"}).info.run_id)
-            self.parent.log_params({"spec_file": self.spec_path.name, **tracking.flatten("", spec.to_dict())})
-            if spec.search.algorithm == "optuna":
-                from sweeper.search import study_storage_url
-
-                self.parent.set_tags({tracking.TAG_STUDY_STORAGE: study_storage_url(plan.state_dir),
-                                      tracking.TAG_STUDY_NAME: spec.name})
-            self.parent.log_artifact(self.spec_path, "spec")
-            if self.overrides:
-                self.parent.log_text("\n".join(self.overrides) + "\n", "spec/overrides.txt")
+            # At once: from here on the parent run is found again by --resume (and closed by it).
             self.state_file.write_text(json.dumps({
                 "sweep_id": plan.sweep_id, "parent_run_id": self.parent.run_id, "experiment_id": self.experiment_id,
                 "tracking_uri": plan.tracking_uri, "storage": plan.storage, "spec": str(self.spec_path),
                 "resume_command": self.command, "spec_resolved": resolved_spec(spec),   # what --resume must match
             }, indent=2))
+            self.describe_parent()
             self.echo(f"sweep {plan.sweep_id}: {spec.total_trials} trial(s), MLflow experiment {spec.experiment!r} "
                       f"at {plan.tracking_uri}, parent run {self.parent.run_id}")
         # The runs table opens on this sweep's columns, best by validation first (`sweeper ui`'s links).
@@ -465,6 +464,19 @@ class SweepDriver:
         self.interrupts.message = f"sweep {plan.sweep_id} interrupted; continue it with:\n  {self.command}"
         self.outcome = SweepOutcome(plan.sweep_id, self.parent.run_id, self.experiment_id, plan.tracking_uri,
                                     plan.experiment_path)
+
+    def describe_parent(self) -> None:
+        """The spec on the sweep's run: its values as params, the file and the --set lines."""
+        spec = self.spec
+        self.parent.log_params({"spec_file": self.spec_path.name, **tracking.flatten("", spec.to_dict())})
+        if spec.search.algorithm == "optuna":
+            from sweeper.search import study_storage_url
+
+            self.parent.set_tags({tracking.TAG_STUDY_STORAGE: study_storage_url(self.plan.state_dir),
+                                  tracking.TAG_STUDY_NAME: spec.name})
+        self.parent.log_artifact(self.spec_path, "spec")
+        if self.overrides:
+            self.parent.log_text("\n".join(self.overrides) + "\n", "spec/overrides.txt")
 
     # -- 2. Tune's experiment ----------------------------------------------------------------------
     def make_tuner(self) -> tune.Tuner:

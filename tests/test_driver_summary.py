@@ -130,3 +130,50 @@ def test_a_near_tie_is_chosen_on_the_exact_validation_elbo_not_on_the_order_mlfl
     table = summarize(spec, uri, experiment_id, parent, lambda line: None)
     assert list(table["run_id"]) == [better, worse]
     assert tracking.client(uri).get_run(parent.run_id).data.tags["best_run_id"] == better
+
+
+def test_a_sweep_is_not_done_until_every_trial_of_its_spec_is_accounted_for(tmp_path):
+    """What the driver checks after Tune's run: as many trials as the spec asks for, one MLflow run
+    per trial that did not error, no finished Optuna trial outside the sweep. Each kind of loss
+    (the truncated resume seen in a chaos run: 1 of 12 trials, an Optuna trial MLflow never saw)
+    is named; a sweep where all three agree has nothing to say."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from sweeper.run import SweepPlan, unaccounted_trials
+    from sweeper.search import USER_ATTR_TUNE_TRIAL, study_storage_url
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = parse_spec({**yaml.safe_load(QUICKSTART.read_text()), "num_samples": 3})
+    plan = SweepPlan("quickstart-20260101-000000", str(tmp_path / "sweeps"), tmp_path, uri)
+    experiment_id = tracking.ensure_experiment(uri, "accounting")
+    parent = tracking.client(uri).create_run(experiment_id, tags={"sweeper.role": "sweep"}).info.run_id
+    study = optuna.create_study(study_name=spec.name, storage=study_storage_url(tmp_path), direction="maximize")
+
+    def result(trial_id: str, error=None):
+        return SimpleNamespace(metrics={"trial_id": trial_id}, error=error, path=f"/x/trial_{trial_id}")
+
+    def add(trial_id: str) -> None:
+        add_trial(uri, experiment_id, parent, trial_id, {"prior": "vamp"}, [-100.0], best_epoch=1,
+                  best_val_elbo=-100.0, test_ll=-95.0, status="FINISHED")
+        t = study.ask()
+        t.set_user_attr(USER_ATTR_TUNE_TRIAL, trial_id)
+        study.tell(t, -100.0)
+
+    add("a")
+    add("b")
+    results = [result("a"), result("b")]
+    problems = unaccounted_trials(results, spec, plan, experiment_id, parent)
+    assert problems == ["the sweep ended with 2 of the 3 trial(s) its spec asks for: Tune's saved state had lost "
+                        "some (resume it again; the missing ones then run)"]
+    results.append(result("c"))                              # ran in Tune, no MLflow run
+    assert unaccounted_trials(results, spec, plan, experiment_id, parent) == [
+        "trial_c has 0 MLflow run(s), not one"]
+    results[-1] = result("c", error=RuntimeError("died in setup"))    # an error is listed as an error, not here
+    assert unaccounted_trials(results, spec, plan, experiment_id, parent) == []
+    stray = study.ask()
+    stray.set_user_attr(USER_ATTR_TUNE_TRIAL, "zz")
+    study.tell(stray, -90.0)
+    assert unaccounted_trials(results, spec, plan, experiment_id, parent) == [
+        f"Optuna trial #{stray.number} is COMPLETE but belongs to no trial of the sweep"]

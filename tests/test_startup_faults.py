@@ -58,24 +58,26 @@ main()
 """
 
 
-@pytest.mark.parametrize("moment", ["before_tuner_pkl", "after_tuner_pkl"])
-def test_a_sweep_killed_in_its_start_up_is_launched_again_by_resume(moment, tmp_path, shared_datasets):
+def test_a_sweep_killed_in_its_start_up_is_launched_again_by_resume(tmp_path, shared_datasets):
+    """Killed before Tune wrote tuner.pkl; its `--resume` killed after tuner.pkl, before Tune's run
+    began (a launch again that dies again); the next `--resume` finishes the sweep."""
     spec = startup_spec(tmp_path)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SWEEPER_DATA_DIR": str(shared_datasets)}
-    first = subprocess.Popen([sys.executable, "-c", DIE_IN_STARTUP, moment, "run", str(spec)], cwd=tmp_path,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
-    output = first.communicate(timeout=300)[0]
-    try:
-        os.killpg(first.pid, signal.SIGKILL)     # the Ray it started dies with it, as in a crash
-    except ProcessLookupError:
-        pass
-    assert first.returncode == 137, output
-    (sweep,) = (tmp_path / "sweeps").glob("startup-*[0-9]")
-    assert (sweep / STATE_FILE).is_file()
-    assert (sweep / "tuner.pkl").is_file() == (moment == "after_tuner_pkl")
-    _, parents, _ = sweep_checks.records(tmp_path, "startup")
-    assert [p.info.status for p in parents] == ["RUNNING"]
+    for moment, resume in (("before_tuner_pkl", []), ("after_tuner_pkl", ["--resume"])):
+        launch = subprocess.Popen([sys.executable, "-c", DIE_IN_STARTUP, moment, "run", str(spec), *resume],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        output = launch.communicate(timeout=300)[0]
+        try:
+            os.killpg(launch.pid, signal.SIGKILL)     # the Ray it started dies with it, as in a crash
+        except ProcessLookupError:
+            pass
+        assert launch.returncode == 137, output
+        (sweep,) = (tmp_path / "sweeps").glob("startup-*[0-9]")
+        assert (sweep / STATE_FILE).is_file()
+        assert (sweep / "tuner.pkl").is_file() == (moment == "after_tuner_pkl")
+        _, parents, _ = sweep_checks.records(tmp_path, "startup")
+        assert [p.info.status for p in parents] == ["RUNNING"]
 
     last = subprocess.run([sys.executable, "-m", "sweeper.cli", "run", str(spec), "--resume"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
