@@ -8,7 +8,9 @@ estimated with S importance samples and logged to the run as `test_ll_S<S>` (nev
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,6 +19,21 @@ from pathlib import Path
 from sweeper import tracking
 from sweeper.errors import SweeperError
 from trainables.vae.catalog import rescored_metric
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Environment variables set for the duration of a block, then as they were."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass(frozen=True)
@@ -49,7 +66,13 @@ def rescore_run(run_id: str, samples: int = 20_000, tracking_uri: str | None = N
         run = client.get_run(run_id)
     except Exception as exc:
         raise SweeperError(f"no MLflow run {run_id!r} at {uri}: {exc}") from None
-    model_id = run.data.tags.get(tracking.TAG_MODEL_ID)
+    tags = run.data.tags
+    if tags.get(tracking.TAG_ROLE) == tracking.ROLE_SWEEP:
+        best = (f"; the best by validation is {tags['best_trial']}: sweeper evaluate {tags['best_run_id']}"
+                if tags.get("best_run_id") else "")
+        raise SweeperError(f"run {run_id} is the sweep {run.info.run_name}'s own run, not a trial: evaluate one of "
+                           f"its trials (the runs nested under it in the UI){best}")
+    model_id = tags.get(tracking.TAG_MODEL_ID)
     if model_id is None:
         raise SweeperError(f"run {run_id} ({run.info.run_name}) has no saved weights (tag {tracking.TAG_MODEL_ID}): "
                            "only trials that ended and were evaluated by this version keep them")
@@ -57,8 +80,10 @@ def rescore_run(run_id: str, samples: int = 20_000, tracking_uri: str | None = N
         import mlflow.artifacts
 
         location = client.get_logged_model(model_id).artifact_location
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/{tracking.WEIGHTS_FILE}",
-                                                   dst_path=folder, tracking_uri=uri)
+        # One small file: MLflow's download progress bars (it drew two) say nothing here.
+        with _environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{location.rstrip('/')}/{tracking.WEIGHTS_FILE}", dst_path=folder, tracking_uri=uri)
         saved = torch.load(Path(path), map_location="cpu", weights_only=True)
     values = {**saved["config"], "device": device, "data_root": data_root}
     config = TrainConfig.from_dict({k: v for k, v in values.items() if v is not None}, where="saved config")

@@ -281,6 +281,10 @@ _SpecLoader.add_implicit_resolver(
 )
 
 
+# The specs that come with the tool (a source checkout or an editable install has them).
+SHIPPED_SPECS = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
 
@@ -300,7 +304,11 @@ def load_spec(
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise SpecError(source, [f"cannot read the spec: {exc.strerror or exc}"]) from None
+        hint = ""
+        if not Path(path).exists():
+            shipped = sorted(p.name for p in SHIPPED_SPECS.glob("*.yaml")) if SHIPPED_SPECS.is_dir() else []
+            hint = (f"; the shipped specs are in {SHIPPED_SPECS} ({', '.join(shipped)})" if shipped else "")
+        raise SpecError(source, [f"cannot read the spec: {exc.strerror or exc}{hint}"]) from None
     try:
         data = _yaml_load(text)
     except yaml.YAMLError as exc:
@@ -346,10 +354,18 @@ def parse_spec(
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where the YAML went wrong. For an unclosed bracket or brace the parser notices it lines
+    later, where the next key begins: the message names where the unclosed one starts too."""
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
     problem = getattr(exc, "problem", None) or str(exc)
-    context = getattr(exc, "context", None)
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        what = context.removeprefix("while parsing ").removeprefix("a ")
+        closing = "}" if "mapping" in what else "]" if "sequence" in what else ""
+        fix = f": add its '{closing}'" if closing else ""
+        return (f"line {start.line + 1}, column {start.column + 1}: invalid YAML: the {what} that starts here is not "
+                f"closed{fix} (the parser gave up at {where}: {problem})")
     return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
 
 

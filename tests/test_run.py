@@ -141,6 +141,12 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
     rescored = client.get_run(best).data.metrics
     assert rescored["test_ll"] == pytest.approx(outcome.summary.iloc[0]["test_ll"])   # untouched
     assert abs(rescored["test_ll_S300"] - rescored["test_ll"]) < 3.0 and "test_ll_S300" in result.output
+    assert "Downloading artifacts" not in result.output          # MLflow's progress bars, for one file
+    # The sweep's own run (the link `run` prints as "the sweep") is not a trial: which one to pick.
+    result = CliRunner().invoke(main, ["evaluate", outcome.parent_run_id, "--tracking-uri", uri])
+    assert result.exit_code == 1
+    assert (f"is the sweep {outcome.sweep_id}'s own run, not a trial" in result.output
+            and f"sweeper evaluate {best}" in result.output), result.output
 
 
 def test_a_batched_sweep_pools_the_trials_and_each_stays_a_whole_trial(tmp_path, data_env):

@@ -417,3 +417,23 @@ def test_spec_is_frozen() -> None:
     assert isinstance(spec, SweepSpec)
     with pytest.raises(AttributeError):
         spec.name = "other"  # type: ignore[misc]
+
+
+def test_an_unclosed_brace_is_reported_where_it_opens_not_where_yaml_noticed(tmp_path: Path) -> None:
+    """PyYAML notices an unclosed flow mapping at the next key, a line later; the message names
+    the line where the brace opens."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrial: {dataset: static_mnist, prior: vamp\nparameters:\n  lr: {distribution: uniform}\n")
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    (problem,) = error.value.problems
+    assert problem.startswith("line 2, column 8: invalid YAML: the flow mapping that starts here is not closed")
+    assert "line 3" in problem                      # where the parser gave up, for reference
+
+
+def test_a_spec_that_does_not_exist_points_at_the_shipped_ones(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as error:
+        load_spec(tmp_path / "pseudo_input.yaml")
+    (problem,) = error.value.problems
+    shipped = Path(__file__).resolve().parents[1] / "search_spaces"
+    assert f"the shipped specs are in {shipped} (priors.yaml, pseudo_inputs.yaml, quickstart.yaml)" in problem
