@@ -13,14 +13,27 @@ once every training member of the group has asked for it.
 Who owns what (one owner each; nothing mutable is read by two threads):
 
 - `Membership` (the actor's event loop): the members, their incarnations (tokens), the states
-  they joined with, whether each still trains, and who asked for the next round. A round
-  starts as an immutable `RoundPlan`: exactly the trials that asked, with their validated
-  `TrainConfig` and, for a trial not on the device yet, the state it joined with.
+  they joined with, whether each still trains or was evicted, and each one's `Request` (its
+  pending step, when it was last heard from, its calls in flight). A round starts as an
+  immutable `RoundPlan`: exactly the trials that asked, with their validated `TrainConfig` and,
+  for a trial not on the device yet, the state it joined with.
 - `DeviceTrainers` (the device thread: the actor's one-thread executor): the `BatchedTrainer`s
   and the slot states they hold. It runs a plan and returns a result for exactly the planned
   trials: metrics, or a `Failure` that concerns that trial alone (a state that does not load, a
-  batch that ran out of memory: the group is split into smaller trainers and retried). It never
-  sees the membership; a plan's `keep` says which other slot states to keep.
+  trainer whose step raised). It never sees the membership; a plan's `keep` says which other
+  slot states to keep.
+
+Out of memory: a trainer that runs out of device memory, in its build or in its step, is
+replaced by smaller ones, built from the states its slots had before (a step changes its
+trainer's weights in place, so the slot states are copied to host memory before each step; the
+first step after a build has the states it was built from), and the round runs again for them:
+each trial still trains each epoch once, as it would alone. The size that fitted is kept per
+group key, also after the group is gone: a group built again starts at that size.
+
+What the pool keeps of trials that stop answering, and for how long (`PoolActor`): an evicted
+trial's state (of the last epoch it completed) until it joins again, leaves or is forgotten; a
+trial not heard from for `forget_s` is forgotten, its state dropped; a group none of whose
+members trains (all stopped or evicted) holds its states in host memory, not in trainers.
 
     pool = TrialPool("cuda")                                   # both halves, in the caller's thread
     pool.join("a", config_a); pool.join("b", config_b)        # same group: one BatchedTrainer
@@ -35,10 +48,12 @@ node and the GPU), created by the first trial that needs it, shared by every tri
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +70,7 @@ from trainables.vae.train import Trainer, build_trial_model, fixed_subset, resol
 # Ray namespace of the pool actors: fixed, so a resumed sweep (a new driver) finds its pools.
 POOL_NAMESPACE = "sweeper-pools"
 N_PSEUDO_INPUTS = 100   # pseudo-inputs returned for a trial's image grid
+FORGET_AFTER_WAITS = 10  # default forget_s in units of wait_s: long past an eviction, a trial is dead
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +84,7 @@ def group_key(config: TrainConfig) -> tuple:
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
-    """A state dict's tensors moved (CPU for transport, the pool's device for loading)."""
+    """A state dict's tensors moved (CPU for transport and for states outside a trainer)."""
     if torch.is_tensor(value):
         return value.to(device)
     if isinstance(value, dict):
@@ -105,7 +121,7 @@ class PlanEntry:
 @dataclass(frozen=True)
 class RoundPlan:
     """One epoch for exactly `train` (in slot order); `keep`: other slot states to keep (members
-    that do not train now, e.g. stopped ones that are being finalized). Anything else goes."""
+    that do not train now: stopped ones that are being finalized, evicted ones). Anything else goes."""
 
     key: tuple
     train: tuple[PlanEntry, ...]
@@ -130,32 +146,79 @@ class RoundResult:
 
 # -- the membership: one owner (the actor's event loop, or TrialPool's caller) ------------------
 @dataclass
+class Request:
+    """One member's dealings with the pool actor: its step call, when it was last heard from, its
+    calls in flight. One per incarnation (a join starts a new one), and the rules between its
+    fields are these methods; nothing else interprets them.
+
+    A step call that is cancelled (e.g. `ray.cancel`) is done: it neither waits nor asks any
+    more, and the member is heard from again only when it calls again.
+    """
+
+    last_seen: float
+    calls: int = 0                                  # device calls in flight (state, pseudo_inputs)
+    step: asyncio.Future | None = None              # its latest step call (answered, cancelled or pending)
+    in_round: bool = False                          # a round on the device trains its next epoch
+    unclaimed: dict[str, Any] | None = None         # that epoch's metrics, whose step call was cancelled
+
+    @property
+    def waiting(self) -> bool:
+        """Its step call waits for an answer."""
+        return self.step is not None and not self.step.done()
+
+    @property
+    def asking(self) -> bool:
+        """It waits for a round that has not started yet: the group's next round can count it."""
+        return self.waiting and not self.in_round
+
+    def silent_for(self, now: float) -> float:
+        """How long it has not been heard from: never while its step waits, a round trains it, or
+        a call of it is in flight."""
+        if self.waiting or self.in_round or self.calls:
+            return 0.0
+        return now - self.last_seen
+
+    def fail(self, error: PoolError) -> None:
+        """Answer its waiting step call (if any) with an error."""
+        if self.waiting:
+            self.step.set_exception(error)
+
+
+@dataclass
 class Member:
     config: TrainConfig
     key: tuple
     token: int
     state: Mapping[str, Any] | None     # the state it joined with, until a round places it
+    epoch: int = 0                      # the last epoch it completed (its state's "epoch")
     placed: bool = False                # its slot state is on the device
     training: bool = True               # False once its training stopped (it is being finalized)
+    evicted: bool = False               # out of the rounds (it stopped answering); its state stays
+    request: Request = field(default_factory=lambda: Request(0.0))
 
 
 class Membership:
     """Who is in the pool, in which group and incarnation, and what the next round trains.
 
     Plain bookkeeping, no device work and no locks: its one owner calls it (the actor's event
-    loop); the device side only ever sees the immutable plans it makes.
+    loop); the device side only ever sees the immutable plans it makes. An evicted member stays
+    (its state is still answered for) but is in no group's rounds; a join replaces it.
     """
 
     def __init__(self) -> None:
         self.members: dict[str, Member] = {}
         self._tokens = itertools.count(1)
 
-    def join(self, trial_id: str, config: TrainConfig, state: Mapping[str, Any] | None = None) -> tuple[int, Member | None]:
-        """Add a trial, or replace its earlier incarnation (a retry or a restore brings its
-        checkpoint state). It trains from the next plan on. Returns (its token, the replaced member)."""
+    def join(self, trial_id: str, config: TrainConfig, state: Mapping[str, Any] | None = None,
+             now: float = 0.0) -> tuple[int, Member | None]:
+        """Add a trial, or replace its earlier incarnation, evicted or not (a retry or a restore
+        brings its checkpoint state). It trains from the next plan on. Returns (its token, the
+        replaced member)."""
         old = self.members.get(trial_id)
         training = state is None or state.get("stop_reason") is None
-        member = Member(config, group_key(config), next(self._tokens), state, training=training)
+        epoch = int(state["epoch"]) if state is not None else 0
+        member = Member(config, group_key(config), next(self._tokens), state, epoch, training=training,
+                        request=Request(now))
         self.members[trial_id] = member
         return member.token, old
 
@@ -167,23 +230,45 @@ class Membership:
             return None
         return self.members.pop(trial_id)
 
-    def get(self, trial_id: str) -> Member:
+    def evict(self, trial_id: str) -> Member | None:
+        """Take a member out of its group's rounds, keeping its state. Returns it, unless it was not
+        a (current) member."""
+        member = self.members.get(trial_id)
+        if member is None or member.evicted:
+            return None
+        member.evicted = True
+        return member
+
+    def holder(self, trial_id: str) -> Member:
+        """The member whose state the pool holds for the trial: a current or an evicted one."""
         try:
             return self.members[trial_id]
         except KeyError:
-            raise NotAMember(f"trial {trial_id} is not in this pool (it left, was evicted, or the pool was "
+            raise NotAMember(f"trial {trial_id} is not in this pool (it left, was forgotten, or the pool was "
                              f"restarted); it must join again") from None
 
+    def get(self, trial_id: str) -> Member:
+        """A current member: one that trains, or is being finalized, in its group."""
+        member = self.holder(trial_id)
+        if member.evicted:
+            raise NotAMember(f"trial {trial_id} was evicted from the pool (not heard from while its group waited "
+                             f"for it); its state of epoch {member.epoch} is still there (state()), and it must "
+                             f"join again to train")
+        return member
+
     def in_group(self, key: tuple) -> list[str]:
-        return [t for t, m in self.members.items() if m.key == key]
+        return [t for t, m in self.members.items() if m.key == key and not m.evicted]
 
     def training(self, key: tuple) -> list[str]:
         """Members of the group that train in its next round (their training has not stopped)."""
-        return [t for t, m in self.members.items() if m.key == key and m.training]
+        return [t for t, m in self.members.items() if m.key == key and m.training and not m.evicted]
+
+    def training_slots(self, key: tuple) -> frozenset[SlotId]:
+        return frozenset((t, self.members[t].token) for t in self.training(key))
 
     def keep(self, key: tuple) -> frozenset[SlotId]:
-        """The slots of this group's current members: the device keeps their states. Members not
-        placed yet count too: a round in flight may be placing them."""
+        """The slots whose states the device keeps: every member's of the group, evicted ones'
+        included. Members not placed yet count too: a round in flight may be placing them."""
         return frozenset((t, m.token) for t, m in self.members.items() if m.key == key)
 
     def plan(self, key: tuple, trial_ids: Collection[str]) -> RoundPlan:
@@ -195,22 +280,22 @@ class Membership:
             entries.append(PlanEntry(trial_id, m.token, m.config, m.placed, None if m.placed else m.state))
         return RoundPlan(key, tuple(entries), self.keep(key))
 
-    def apply(self, plan: RoundPlan, outcome: RoundResult) -> list[str]:
+    def apply(self, plan: RoundPlan, outcome: RoundResult) -> dict[str, Member]:
         """Record a finished round: trained trials are placed (their join state is dropped), those
         whose training stopped no longer train, and failed ones leave (they join again from their
         checkpoints). Results of incarnations that left or joined again meanwhile are dropped.
-        Returns the trial ids whose incarnation is still current."""
-        current = []
+        Returns the planned members whose incarnation is still current (failed ones included)."""
+        current = {}
         for entry in plan.train:
             member = self.members.get(entry.trial_id)
             if member is None or member.token != entry.token:
                 continue
-            current.append(entry.trial_id)
+            current[entry.trial_id] = member
             result = outcome.results[entry.trial_id]
             if isinstance(result, Failure):
                 del self.members[entry.trial_id]
                 continue
-            member.placed, member.state = True, None
+            member.placed, member.state, member.epoch = True, None, result["epoch"]
             if result.get("stop_reason") is not None:
                 member.training = False
         return current
@@ -225,11 +310,37 @@ class _Shard:
     slots: list[SlotId]
 
 
+@dataclass(frozen=True)
+class _Seat:
+    """A slot to build a trainer with: its config and the state it starts from (in host memory;
+    None: as its seed starts it)."""
+
+    slot: SlotId
+    config: TrainConfig
+    state: Mapping[str, Any] | None
+
+    @property
+    def trial_id(self) -> str:
+        return self.slot[0]
+
+
+@dataclass(frozen=True)
+class _Error:
+    """What a build or a step raised, without the exception itself: its traceback holds the
+    failed trainer's frames, and with them its device memory."""
+
+    text: str
+    out_of_memory: bool
+
+    @classmethod
+    def of(cls, exc: Exception) -> _Error:
+        return cls(f"{type(exc).__name__}: {exc}", isinstance(exc, torch.OutOfMemoryError))
+
+
 @dataclass
 class _DeviceGroup:
     shards: list[_Shard] = field(default_factory=list)
-    parked: dict[SlotId, dict[str, Any]] = field(default_factory=dict)   # states outside any trainer
-    max_slots: int | None = None          # after an out-of-memory: at most this many slots per trainer
+    parked: dict[SlotId, dict[str, Any]] = field(default_factory=dict)   # states outside any trainer (host)
     rebuilds: int = 0
 
 
@@ -244,6 +355,10 @@ class DeviceTrainers:
                  build: Callable[..., BatchedTrainer] = BatchedTrainer):
         self.device = resolve_device(str(device)) if device is not None else resolve_device("auto")
         self.groups: dict[tuple, _DeviceGroup] = {}
+        # Per group key, the most slots a trainer may hold (lowered by each out-of-memory). Not in
+        # the group: a group whose members all failed is freed, and its retries must not build
+        # the trainer that did not fit again.
+        self.max_slots: dict[tuple, int] = {}
         self._splits: dict[tuple[str, str | None], Splits] = {}
         self._given_splits = splits      # tests: every group trains on these
         self._build = build              # tests inject failures here
@@ -259,8 +374,11 @@ class DeviceTrainers:
         return self._splits[key]
 
     def _free_device_memory(self) -> None:
-        # Freed trainers (and their CUDA graphs) go back to the GPU, not only to this process's
-        # cache: the trials on this GPU need memory for their final evaluation.
+        # A BatchedTrainer is in reference cycles (its vmapped bound methods, its CUDA graph's
+        # closure): one that is dropped is freed only by the cyclic collector. Then its memory goes
+        # back to the GPU, not only to this process's cache: smaller trainers are built in it after
+        # an out-of-memory, and the trials on this GPU need memory for their final evaluation.
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -278,17 +396,31 @@ class DeviceTrainers:
             return shard.trainer.model_state(m)
         return group.parked.get(slot)
 
-    def retain(self, key: tuple, keep: Collection[SlotId]) -> None:
-        """Drop the group's states that belong to no current member (left, evicted, replaced).
-        Trainers holding such slots are rebuilt by the next round; an empty group is freed."""
+    @staticmethod
+    def _take_states(group: _DeviceGroup, slots: Collection[SlotId]) -> dict[SlotId, dict[str, Any]]:
+        """Host copies of the states of `slots` that the group's trainers hold."""
+        return {slot: _to(shard.trainer.model_state(m), "cpu")
+                for shard in group.shards for m, slot in enumerate(shard.slots) if slot in slots}
+
+    def retain(self, key: tuple, keep: Collection[SlotId], training: Collection[SlotId]) -> None:
+        """Drop the group's states that belong to no current member (left, forgotten, replaced);
+        trainers holding such slots are rebuilt by the next round. A group with no `training` slot
+        holds no trainer: the states to keep are parked in host memory and the trainers freed. An
+        empty group is freed."""
         group = self.groups.get(key)
         if group is None:
             return
         keep = set(keep)
+        if not keep:
+            group.shards.clear()
+            del self.groups[key]
+            self._free_device_memory()
+            return
         for slot in [s for s in group.parked if s not in keep]:
             del group.parked[slot]
-        if not keep:
-            del self.groups[key]
+        if group.shards and not training:
+            group.parked.update(self._take_states(group, keep))
+            group.shards = []
             self._free_device_memory()
 
     def state_of(self, key: tuple, slot: SlotId) -> dict[str, Any]:
@@ -337,98 +469,122 @@ class DeviceTrainers:
     def run_round(self, plan: RoundPlan) -> RoundResult:
         """One epoch for exactly the planned trials; a result (metrics or Failure) for each."""
         group = self.groups.setdefault(plan.key, _DeviceGroup())
-        wanted = [e.slot for e in plan.train]
         results: dict[str, dict[str, Any] | Failure] = {}
-        rebuilt = False
-        current = [s for shard in group.shards for s in shard.slots]
-        if sorted(current) != sorted(wanted) or not all(e.placed for e in plan.train):
-            self._rebuild(group, plan, results)
-            rebuilt = True
-        for shard in group.shards:
-            self._train(group, shard, results)
+        current = sorted(s for shard in group.shards for s in shard.slots)
+        rebuilt = current != sorted(e.slot for e in plan.train) or not all(e.placed for e in plan.train)
+        work: deque[_Shard | list[_Seat]] = deque()
+        if rebuilt:
+            seats = self._rebuild(group, plan, results)
+            size = self.max_slots.get(plan.key) or max(1, len(seats))
+            work.extend(seats[i:i + size] for i in range(0, len(seats), size))
+        else:
+            work.extend(group.shards)
+        self._run(plan.key, group, work, results)
         self.rounds += 1
         self.model_epochs += sum(1 for r in results.values() if not isinstance(r, Failure))
         for entry in plan.train:
             results.setdefault(entry.trial_id, Failure("no result in the pool's round (its trainer failed)"))
         return RoundResult(results, len(group.shards), rebuilt)
 
-    def _rebuild(self, group: _DeviceGroup, plan: RoundPlan, results: dict[str, Any]) -> None:
-        """New trainers for exactly the planned slots; states of kept slots are parked."""
+    def _rebuild(self, group: _DeviceGroup, plan: RoundPlan, results: dict[str, Any]) -> list[_Seat]:
+        """The seats of new trainers for exactly the planned slots; states of kept slots are
+        parked. The old trainers go first (device memory)."""
         planned = {e.slot for e in plan.train}
-        states: dict[SlotId, dict[str, Any]] = {}
-        for shard in group.shards:
-            for m, slot in enumerate(shard.slots):
-                if slot in planned or slot in plan.keep:
-                    states[slot] = shard.trainer.model_state(m)
-        group.shards = []                        # the old trainers go first (device memory)
+        states = self._take_states(group, planned | plan.keep)
+        group.shards = []
         self._free_device_memory()
         for slot, state in states.items():
             if slot not in planned:
-                group.parked[slot] = state       # a stopped member's, until it leaves
-        entries = []
+                group.parked[slot] = state       # a member's that does not train now
+        seats = []
         for entry in plan.train:
-            if entry.placed:
-                state = states.get(entry.slot, group.parked.get(entry.slot))
-                if state is None:
-                    results[entry.trial_id] = Failure("its state is no longer in the pool (its trainer failed); "
-                                                      "it must join again from its checkpoint")
-                    continue
-            else:
-                state = _to(entry.state, self.device) if entry.state is not None else None
+            state = states.get(entry.slot, group.parked.get(entry.slot)) if entry.placed else entry.state
+            if entry.placed and state is None:
+                results[entry.trial_id] = Failure("its state is no longer in the pool (its trainer failed); "
+                                                  "it must join again from its checkpoint")
+                continue
             group.parked.pop(entry.slot, None)
-            entries.append((entry, state))
-        size = group.max_slots or max(1, len(entries))
-        for i in range(0, len(entries), size):
-            self._build_shards(group, entries[i:i + size], results)
+            seats.append(_Seat(entry.slot, entry.config, _to(state, "cpu")))
         group.rebuilds += 1
+        return seats
 
-    def _build_shards(self, group: _DeviceGroup, entries: list, results: dict[str, Any]) -> None:
-        """One trainer for `entries`; if that fails, halves (an out-of-memory also lowers the
-        group's trainer size), down to the single trials whose own state or config fails."""
-        if not entries:
-            return
-        try:
-            trainer = self._build([e.config for e, _ in entries], self._splits_for(entries[0][0].config),
-                                  self.device, states=[s for _, s in entries])
-        except Exception as exc:
-            self._free_device_memory()
-            if len(entries) == 1:
-                results[entries[0][0].trial_id] = Failure(f"its slot could not be built: {type(exc).__name__}: {exc}")
-                return
-            if isinstance(exc, torch.OutOfMemoryError):
-                group.max_slots = max(1, len(entries) // 2)
-            log.warning("pool: a trainer for %d trials failed (%s: %s); building smaller ones",
-                        len(entries), type(exc).__name__, exc)
-            half = len(entries) // 2
-            self._build_shards(group, entries[:half], results)
-            self._build_shards(group, entries[half:], results)
-            return
-        group.shards.append(_Shard(trainer, [e.slot for e, _ in entries]))
+    def _run(self, key: tuple, group: _DeviceGroup, work: deque, results: dict[str, Any]) -> None:
+        """Step each trainer in `work` (built ones, or seats to build one from) once.
 
-    def _train(self, group: _DeviceGroup, shard: _Shard, results: dict[str, Any]) -> None:
-        """One epoch of one trainer. If it raises, its trials fail (their weights are in an
-        unknown state) and the trainer goes; the group's other trainers are not affected."""
-        trainer = shard.trainer
-        try:
-            per_slot = trainer.step()
-        except Exception as exc:
-            group.shards.remove(shard)
-            self._free_device_memory()
-            if isinstance(exc, torch.OutOfMemoryError):
-                group.max_slots = max(1, trainer.M // 2)
-            for trial_id, _ in shard.slots:
-                results[trial_id] = Failure(f"its batched epoch failed: {type(exc).__name__}: {exc}")
-            return
-        for (trial_id, _), metrics in zip(shard.slots, per_slot):
-            if metrics is None:
-                results[trial_id] = Failure("its training had already stopped")
+        A trainer that runs out of memory, in its build or its step, is replaced by smaller ones
+        (`_split`) built from the states its slots had before, which step in this round; other
+        failures concern only their own slots. Failures are handled after their `except` blocks
+        (`_Error`): the failed trainer must be gone before anything else is built.
+        """
+        while work:
+            item = work.popleft()
+            if isinstance(item, _Shard):
+                shard, seats = item, self._seats_of(item)      # the states before its step, in host memory
             else:
-                results[trial_id] = {**metrics, "pool_size": trainer.M}
+                seats = item
+                shard, error = self._try_build(seats)
+                if shard is None:
+                    self._free_device_memory()
+                    self._split(key, seats, error, work, results, "its slot could not be built")
+                    continue
+                group.shards.append(shard)
+            item = None
+            per_slot, error = self._try_step(shard.trainer)
+            if error is not None:
+                group.shards.remove(shard)
+                shard = None
+                self._free_device_memory()
+                if error.out_of_memory:
+                    self._split(key, seats, error, work, results, "its batched epoch failed")
+                else:                            # its weights are in an unknown state, maybe its device too
+                    for seat in seats:
+                        results[seat.trial_id] = Failure(f"its batched epoch failed: {error.text}")
+                continue
+            for seat, metrics in zip(seats, per_slot):
+                results[seat.trial_id] = (Failure("its training had already stopped") if metrics is None
+                                          else {**metrics, "pool_size": shard.trainer.M})
+
+    @staticmethod
+    def _seats_of(shard: _Shard) -> list[_Seat]:
+        trainer = shard.trainer
+        return [_Seat(slot, trainer.configs[m], _to(trainer.model_state(m), "cpu"))
+                for m, slot in enumerate(shard.slots)]
+
+    def _try_build(self, seats: list[_Seat]) -> tuple[_Shard | None, _Error | None]:
+        try:
+            trainer = self._build([s.config for s in seats], self._splits_for(seats[0].config), self.device,
+                                  states=[s.state for s in seats])
+        except Exception as exc:
+            return None, _Error.of(exc)
+        return _Shard(trainer, [s.slot for s in seats]), None
+
+    @staticmethod
+    def _try_step(trainer: BatchedTrainer) -> tuple[list[dict[str, Any] | None] | None, _Error | None]:
+        try:
+            return trainer.step(), None
+        except Exception as exc:
+            return None, _Error.of(exc)
+
+    def _split(self, key: tuple, seats: list[_Seat], error: _Error, work: deque, results: dict[str, Any],
+               what: str) -> None:
+        """Smaller trainers for `seats`, next in `work`: after an out-of-memory of at most half as
+        many slots (rounded up), the group key's size from then on; after another build failure,
+        halves, down to the single trial whose own state or config fails. A single seat fails."""
+        size = max(1, (len(seats) + 1) // 2)
+        if error.out_of_memory:
+            size = self.max_slots[key] = min(self.max_slots.get(key, size), size)
+        if len(seats) == 1:
+            results[seats[0].trial_id] = Failure(f"{what}: {error.text}")
+            return
+        log.warning("pool: a trainer for %d trials failed (%s); trying trainers of %d", len(seats), error.text, size)
+        work.extendleft(reversed([seats[i:i + size] for i in range(0, len(seats), size)]))
 
     def snapshot(self) -> dict[str, Any]:
         return {"device": str(self.device), "rounds": self.rounds, "model_epochs": self.model_epochs,
                 "trainers": {str(key): [len(s.slots) for s in g.shards] for key, g in self.groups.items()},
-                "rebuilds": {str(key): g.rebuilds for key, g in self.groups.items()}}
+                "parked": {str(key): len(g.parked) for key, g in self.groups.items()},
+                "rebuilds": {str(key): g.rebuilds for key, g in self.groups.items()},
+                "max_slots": {str(key): n for key, n in self.max_slots.items()}}
 
 
 def _as_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
@@ -438,22 +594,28 @@ def _as_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
 
 
 class TrialPool:
-    """Both halves of a pool driven from one thread (tests, benchmarks): `join`, `run_round`, ..."""
+    """Both halves of a pool driven from one thread (tests, benchmarks): `join`, `run_round`, ...
+    Nobody is evicted or forgotten here: the caller says who leaves."""
 
     def __init__(self, device: torch.device | str | None = None, splits: Splits | None = None, **kw):
         self.membership = Membership()
         self.device_trainers = DeviceTrainers(device, splits, **kw)
         self.device = self.device_trainers.device
 
+    def _retain(self, key: tuple) -> None:
+        self.device_trainers.retain(key, self.membership.keep(key), self.membership.training_slots(key))
+
     def join(self, trial_id: str, config: TrainConfig | Mapping[str, Any],
              state: Mapping[str, Any] | None = None) -> int:
-        token, _ = self.membership.join(trial_id, _as_config(config), state)
+        token, old = self.membership.join(trial_id, _as_config(config), state)
+        if old is not None:
+            self._retain(old.key)
         return token
 
     def leave(self, trial_id: str, token: int | None = None) -> None:
         member = self.membership.leave(trial_id, token)
         if member is not None:
-            self.device_trainers.retain(member.key, self.membership.keep(member.key))
+            self._retain(member.key)
 
     def group_of(self, trial_id: str) -> tuple:
         return self.membership.get(trial_id).key
@@ -472,213 +634,267 @@ class TrialPool:
         plan = self.membership.plan(key, ids)
         outcome = self.device_trainers.run_round(plan)
         self.membership.apply(plan, outcome)
+        self._retain(key)
         return dict(outcome.results)
 
     def state(self, trial_id: str) -> dict[str, Any]:
-        member = self.membership.get(trial_id)
+        member = self.membership.holder(trial_id)
         if not member.placed:
             return (_to(dict(member.state), "cpu") if member.state is not None
                     else self.device_trainers.initial_state(member.config))
         return self.device_trainers.state_of(member.key, (trial_id, member.token))
 
     def pseudo_inputs(self, trial_id: str, n: int = N_PSEUDO_INPUTS) -> torch.Tensor | None:
-        member = self.membership.get(trial_id)
+        member = self.membership.holder(trial_id)
         slot = (trial_id, member.token) if member.placed else None
         return self.device_trainers.pseudo_inputs(member.key, slot, member.config, member.state, n)
+
+
+def _log_failure(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("pool: device work failed", exc_info=future.exception())
 
 
 class PoolActor:
     """The Ray actor around a pool (async: trials wait for their round without blocking it).
 
-    The event loop owns the `Membership` and the trials' waiting requests; the device thread (a
-    one-thread executor) owns the `DeviceTrainers`. A group's round starts, as an immutable plan,
-    once every training member has asked (`step`); a trial that joins meanwhile is in the next
-    plan, never in a running one. A member that has not called anything for `wait_s` while others
-    wait for it (its process died, or Tune stopped it without `leave`) is evicted, so the others
-    never wait forever; an evicted trial that comes back gets an error, and Tune retries it from
-    its checkpoint (it joins again with that state).
+    The event loop owns the `Membership` (each member's `Request` included); the device thread (a
+    one-thread executor) owns the `DeviceTrainers` and does its work in the order the event loop
+    submits it. A group's round starts, as an immutable plan, once every training member asks
+    (`step`); a trial that joins meanwhile is in the next plan, never in a running one. A round's
+    epoch answers the trial's waiting step call; if that call was cancelled meanwhile, the
+    trial's next step call gets it, so a trial sees each of its epochs once, in order.
+
+    Trials that stop answering ("heard from": any call; a waiting step, a round that trains it
+    and a call in flight count as heard from all along), checked every wait_s / 4 (`reap`):
+
+    - A training member that others of its group wait for and that has not been heard from for
+      `wait_s` (its process died, is too slow, or Tune stopped it without `leave`) is evicted,
+      so the others never wait forever. It is out of the rounds, but the state of the last epoch
+      it completed stays: `state` and `pseudo_inputs` answer for it (the state's "epoch" says
+      which epoch), its `step` raises `NotAMember`, and it can join again with that state (or
+      its checkpoint's; the join replaces it).
+    - A trial not heard from for `forget_s` (default 10 x wait_s) is forgotten, whatever it was:
+      evicted, stopped and never left, or training with nobody waiting for it (alone in its
+      group). Its state goes; a group left without members frees its trainers.
+    - A group none of whose members trains (all stopped or evicted) holds no trainer on the
+      device: their states wait in host memory.
     """
 
     def __init__(self, device: str = "auto", wait_s: float = 120.0, splits: Splits | None = None,
-                 clock: Callable[[], float] = time.monotonic, **device_kw):
+                 clock: Callable[[], float] = time.monotonic, forget_s: float | None = None, **device_kw):
         self._device = DeviceTrainers(device, splits, **device_kw)
         if self._device.device.type == "cpu":
             # Ray starts a 0-CPU actor with one thread; a CPU pool does the compute of all its
             # trials (whose processes only wait for it), so it uses the node's cores.
             torch.set_num_threads(os.cpu_count() or 1)
         self.wait_s = wait_s
+        self.forget_s = FORGET_AFTER_WAITS * wait_s if forget_s is None else forget_s
+        if self.forget_s < wait_s:
+            raise ValueError(f"forget_s={forget_s} is shorter than wait_s={wait_s}: an evicted trial's state "
+                             f"must be kept at least until it could be evicted")
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pool-device")
         # Owned by the event loop:
         self._membership = Membership()
-        self._waiting: dict[str, asyncio.Future] = {}     # trial id -> its request for the next round
         self._running: set[tuple] = set()                  # groups with a round on the device
-        self._timers: dict[tuple, asyncio.Task] = {}
-        self._last_seen: dict[str, float] = {}
-        self._calls: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._reaper: asyncio.Task | None = None
         self.evicted: list[str] = []
+        self.forgotten: list[str] = []
         self.rounds = 0
         self.model_epochs = 0
 
     # -- helpers (event loop) ----------------------------------------------------------------
-    async def _on_device(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _submit(self, fn, *args) -> asyncio.Future:
+        """Queue work for the device thread now: it runs in the order it was submitted."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)            # keep a reference: the loop holds tasks weakly
         task.add_done_callback(self._tasks.discard)
 
-    def _seen(self, trial_id: str) -> None:
-        self._last_seen[trial_id] = self._clock()
-
-    def _fail_waiting(self, trial_id: str, message: str) -> None:
-        future = self._waiting.pop(trial_id, None)
-        if future is not None and not future.done():
-            future.set_exception(PoolError(message))
-
     def _retain(self, key: tuple) -> None:
-        """Let the device drop the states of members that are gone (in order, after queued rounds)."""
-        self._spawn(self._on_device(self._device.retain, key, self._membership.keep(key)))
+        """Let the device drop the states of members that are gone and free the trainers of a group
+        none of whose members trains (after the work queued before)."""
+        done = self._submit(self._device.retain, key, self._membership.keep(key),
+                            self._membership.training_slots(key))
+        done.add_done_callback(_log_failure)
 
     # -- the trials' calls ---------------------------------------------------------------------
     async def join(self, trial_id: str, config: TrainConfig | Mapping[str, Any],
                    state: Mapping[str, Any] | None = None) -> int:
         """Join (or join again: a retry or a restore brings its checkpoint state). Returns a token for `leave`."""
-        self._seen(trial_id)
-        # A request of an earlier incarnation (its process died while waiting) must not count
-        # as this one asking for a round.
-        self._fail_waiting(trial_id, f"trial {trial_id} joined the pool again")
-        token, old = self._membership.join(trial_id, _as_config(config), state)
+        config = _as_config(config)
+        token, old = self._membership.join(trial_id, config, state, self._clock())
         if old is not None:
+            # A step of an earlier incarnation (its process died while waiting) is not this one's.
+            old.request.fail(PoolError(f"trial {trial_id} joined the pool again"))
             self._retain(old.key)
             if old.key != self._membership.get(trial_id).key:
                 self._maybe_start(old.key)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.ensure_future(self._reap_while_members())
         return token
 
     async def leave(self, trial_id: str, token: int | None = None) -> None:
         self._remove([trial_id], token)
 
-    def _remove(self, trial_ids: list[str], token: int | None = None) -> None:
-        """Take members out (a leave, or an eviction) and start the rounds that waited only for them."""
+    def _remove(self, trial_ids: list[str], token: int | None = None, why: str = "left the pool") -> None:
+        """Take members out (a leave, or forgetting them) and start the rounds that waited only for them."""
         keys = set()
         for trial_id in trial_ids:
             member = self._membership.leave(trial_id, token)
             if member is None:
                 continue                  # unknown, or a newer incarnation's membership
             keys.add(member.key)
-            self._last_seen.pop(trial_id, None)
-            self._fail_waiting(trial_id, f"trial {trial_id} left the pool while waiting for a round")
+            member.request.fail(PoolError(f"trial {trial_id} {why} while waiting for a round"))
         for key in keys:
             self._retain(key)
             self._maybe_start(key)
 
     async def step(self, trial_id: str) -> dict[str, Any]:
         """Wait for the next round of the trial's group; its metrics for that epoch."""
-        self._seen(trial_id)
         member = self._membership.get(trial_id)
+        request = member.request
+        request.last_seen = self._clock()
+        if request.unclaimed is not None:
+            result, request.unclaimed = request.unclaimed, None
+            return result
         if not member.training:
             raise PoolError(f"trial {trial_id}: its training has already stopped")
-        self._fail_waiting(trial_id, f"trial {trial_id} asked again for a round")
-        future = asyncio.get_running_loop().create_future()
-        self._waiting[trial_id] = future
-        if member.key not in self._timers or self._timers[member.key].done():
-            self._timers[member.key] = asyncio.ensure_future(self._evict_stale(member.key))
+        request.fail(PoolError(f"trial {trial_id} asked again for a round"))
+        future = request.step = asyncio.get_running_loop().create_future()
         self._maybe_start(member.key)
-        return await future
+        try:
+            return await future
+        finally:
+            request.last_seen = self._clock()          # answered, or given up (cancelled) just now
 
     def _maybe_start(self, key: tuple) -> None:
-        """Start the group's round if every training member waits for it (and none is running)."""
+        """Start the group's round if every training member asks for it (and none is running)."""
         if key in self._running:
             return                      # the running round checks again when it ends
         training = self._membership.training(key)
-        if not training or any(t not in self._waiting or self._waiting[t].done() for t in training):
+        requests = [self._membership.members[t].request for t in training]
+        if not requests or not all(r.asking for r in requests):
             return
-        futures = {t: self._waiting.pop(t) for t in training}
+        for request in requests:
+            request.in_round = True
         plan = self._membership.plan(key, training)
         self._running.add(key)
-        self._spawn(self._round(plan, futures))
+        self._spawn(self._round(plan, self._submit(self._device.run_round, plan)))
 
-    async def _round(self, plan: RoundPlan, futures: dict[str, asyncio.Future]) -> None:
+    async def _round(self, plan: RoundPlan, on_device: asyncio.Future) -> None:
         try:
-            outcome = await self._on_device(self._device.run_round, plan)
+            outcome = await on_device
         except Exception as exc:        # a bug, not a trial's failure: the planned trials fail, no one else
             log.exception("pool round failed")
             outcome = RoundResult({e.trial_id: Failure(f"the pool's round failed: {type(exc).__name__}: {exc}")
                                    for e in plan.train}, 0, False)
         finally:
             self._running.discard(plan.key)
-        self._membership.apply(plan, outcome)
         self.rounds += 1
-        for entry in plan.train:
-            result = outcome.results[entry.trial_id]
-            future = futures[entry.trial_id]
-            self._seen(entry.trial_id)
-            if future.done():
-                continue                 # it joined again or left meanwhile: told so then
+        now = self._clock()
+        # Incarnations that left or joined again meanwhile are not in `current`: their step calls
+        # were answered when they went, and their results are no one's.
+        current = self._membership.apply(plan, outcome)
+        for trial_id, member in current.items():
+            request = member.request
+            request.in_round, request.last_seen = False, now
+            result = outcome.results[trial_id]
             if isinstance(result, Failure):
-                future.set_exception(PoolError(f"trial {entry.trial_id} failed in its pool round: {result.message}"))
+                request.fail(PoolError(f"trial {trial_id} failed in its pool round: {result.message}"))
+                continue
+            self.model_epochs += 1
+            if request.waiting:
+                request.step.set_result(result)
             else:
-                self.model_epochs += 1
-                future.set_result(result)
-        if any(isinstance(r, Failure) for r in outcome.results.values()):
-            self._retain(plan.key)
+                # Its step call was cancelled after the round started: the epoch is trained and
+                # the trial has not seen it, so its next step call gets it.
+                request.unclaimed = result
+        self._retain(plan.key)
         self._maybe_start(plan.key)      # requests that came in during the round
 
     def stale_members(self, key: tuple) -> list[str]:
         """Training members of the group that others wait for and that have not been heard from
-        (no request, no call in progress) for more than wait_s."""
+        for more than wait_s."""
+        requests = {t: self._membership.members[t].request for t in self._membership.training(key)}
+        if not any(r.asking for r in requests.values()):
+            return []
         now = self._clock()
-        return [t for t in self._membership.training(key)
-                if t not in self._waiting and not self._calls.get(t)
-                and now - self._last_seen.get(t, now) > self.wait_s]
+        return [t for t, r in requests.items() if r.silent_for(now) > self.wait_s]
 
-    async def _evict_stale(self, key: tuple) -> None:
-        """While members of the group wait: evict those not heard from for wait_s, then go on."""
-        while any(t in self._waiting for t in self._membership.training(key)):
+    def reap(self) -> None:
+        """Forget the trials not heard from for forget_s; evict every group's stale members."""
+        now = self._clock()
+        forgotten = [t for t, m in self._membership.members.items() if m.request.silent_for(now) > self.forget_s]
+        if forgotten:
+            self.forgotten.extend(forgotten)
+            self._remove(forgotten, why="was forgotten")
+        groups = {m.key for m in self._membership.members.values() if not m.evicted}
+        self._evict([t for key in groups for t in self.stale_members(key)])
+
+    def _evict(self, trial_ids: list[str]) -> None:
+        """Take members out of their groups' rounds and start the rounds that waited only for them.
+        Their states stay (kept); the next round rebuilds their trainers without them."""
+        keys = set()
+        for trial_id in trial_ids:
+            member = self._membership.evict(trial_id)
+            if member is not None:
+                keys.add(member.key)
+                self.evicted.append(trial_id)
+        for key in keys:
+            self._retain(key)
+            self._maybe_start(key)
+
+    async def _reap_while_members(self) -> None:
+        while self._membership.members:
             await asyncio.sleep(min(self.wait_s, max(self.wait_s / 4, 0.05)))
-            if key in self._running:
-                continue
-            stale = self.stale_members(key)
-            if stale:
-                self.evicted.extend(stale)
-                self._remove(stale)
+            try:
+                self.reap()
+            except Exception:            # a bug: log it, and keep the pool from waiting forever
+                log.exception("pool: evicting or forgetting members failed")
 
-    async def _request(self, trial_id: str, fn, *args):
-        """A member's request that needs the device: it counts as alive while it lasts."""
-        self._calls[trial_id] = self._calls.get(trial_id, 0) + 1
-        self._seen(trial_id)
+    async def _call(self, member: Member, fn, *args):
+        """A member's call that needs the device: it is heard from while the call lasts."""
+        request = member.request
+        request.calls += 1
+        request.last_seen = self._clock()
         try:
-            return await self._on_device(fn, *args)
+            return await self._submit(fn, *args)
         finally:
-            self._calls[trial_id] -= 1
-            self._seen(trial_id)
+            request.calls -= 1
+            request.last_seen = self._clock()
 
     async def state(self, trial_id: str) -> dict[str, Any]:
-        """The trial's training state in `Trainer.state_dict()` format, on the CPU (checkpoints, finalizing)."""
-        member = self._membership.get(trial_id)
+        """The trial's training state in `Trainer.state_dict()` format, on the CPU (checkpoints,
+        finalizing): of the last epoch it completed (its "epoch"), also once it was evicted."""
+        member = self._membership.holder(trial_id)
+        member.request.last_seen = self._clock()
         if not member.placed:
             if member.state is not None:
                 return _to(dict(member.state), "cpu")
-            return await self._request(trial_id, self._device.initial_state, member.config)
-        return await self._request(trial_id, self._device.state_of, member.key, (trial_id, member.token))
+            return await self._call(member, self._device.initial_state, member.config)
+        return await self._call(member, self._device.state_of, member.key, (trial_id, member.token))
 
     async def pseudo_inputs(self, trial_id: str, n: int = N_PSEUDO_INPUTS) -> torch.Tensor | None:
-        member = self._membership.get(trial_id)
+        member = self._membership.holder(trial_id)
         slot = (trial_id, member.token) if member.placed else None
-        return await self._request(trial_id, self._device.pseudo_inputs, member.key, slot, member.config,
-                                   member.state, n)
+        return await self._call(member, self._device.pseudo_inputs, member.key, slot, member.config,
+                                member.state, n)
 
     async def stats(self) -> dict[str, Any]:
         """The membership as the event loop sees it, and the device's counters (after queued work)."""
-        device = await self._on_device(self._device.snapshot)
+        device = await self._submit(self._device.snapshot)
         groups = {}
         for member in self._membership.members.values():
-            groups.setdefault(member.key, []).append(member)
+            if not member.evicted:
+                groups.setdefault(member.key, []).append(member)
         return {**device, "rounds": self.rounds, "model_epochs": self.model_epochs,
                 "groups": [{"members": len(ms), "training": sum(m.training for m in ms)} for ms in groups.values()],
-                "evicted": list(self.evicted), "time": time.time()}
+                "evicted": list(self.evicted), "forgotten": list(self.forgotten), "time": time.time()}
 
 
 def pool_name(sweep_id: str, node_id: str, gpu: str | None) -> str:
