@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -173,6 +174,30 @@ def require_database(tracking_uri: str, command: str) -> None:
 STORE_CHECK_TIMEOUT_S = 5.0
 
 
+def create_sqlite_store(tracking_uri: str) -> None:
+    """Create a new sqlite store whole or not at all. MLflow builds its schema in some 60
+    migrations, each committed on its own: a driver killed among them left a database that every
+    later command refused ("duplicate column name"). So the schema is built in a file of its own
+    beside the store's and linked into place only when complete (a link, not a rename: a store
+    another process created meanwhile is never replaced)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = Path(tracking_uri[len("sqlite:///"):])
+    if path.exists():
+        return
+    # A name never used before: MLflow keeps what it knows of a database by its URI.
+    partial = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{partial}", artifact_root_for(tracking_uri))
+        store.engine.dispose()
+        try:
+            os.link(partial, path)
+        except FileExistsError:      # another sweep created it meanwhile: theirs stands
+            pass
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def check_store(tracking_uri: str, timeout_s: float = STORE_CHECK_TIMEOUT_S) -> None:
     """Fail in seconds, before Ray starts, on a tracking store the sweep cannot use: a server
     that does not answer or refuses the credentials, a sqlite file in a missing folder.
@@ -184,6 +209,7 @@ def check_store(tracking_uri: str, timeout_s: float = STORE_CHECK_TIMEOUT_S) -> 
         folder = Path(tracking_uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise SweeperError(f"--tracking-uri {tracking_uri}: the folder {folder} does not exist")
+        create_sqlite_store(tracking_uri)
         return
     if not tracking_uri.startswith(("http://", "https://")):
         return     # databricks and plugin stores: their own client decides

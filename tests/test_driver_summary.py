@@ -1,5 +1,5 @@
-"""The sweep's summary chooses on validation at each trial's tested epoch (issue 19), with typed
-conditions (issue 21): a real MLflow store (sqlite) written as the trials write it, no Ray."""
+"""The sweep's summary chooses on validation at each trial's tested epoch, with typed
+conditions: a real MLflow store (sqlite) written as the trials write it, no Ray."""
 
 from __future__ import annotations
 

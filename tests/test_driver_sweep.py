@@ -1,7 +1,7 @@
 """The driver around one real small sweep (local Ray, MLflow sqlite, ASHA): a Ctrl-C before the
 launch leaves no RUNNING parent (and a resumable sweep), a stopped trial whose test evaluation fails is closed and listed
 in the sweep's errors (and evaluated again by --resume), and the console carries what a user
-reads and not Ray's or MLflow's housekeeping (issue 21)."""
+reads and not Ray's or MLflow's housekeeping."""
 
 from __future__ import annotations
 

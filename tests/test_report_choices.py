@@ -1,4 +1,4 @@
-"""`sweeper report` chooses on validation and compares like with like (issues 19 and 21).
+"""`sweeper report` chooses on validation and compares like with like.
 
 Each test writes a real sqlite MLflow store run by run, as the trainable does (params as strings,
 per-epoch metrics with step = epoch, the final metrics at the last step, artifacts), with numbers

@@ -264,7 +264,7 @@ def test_cuda_on_a_machine_without_gpu_gets_one_message_whose_fix_works(gpu, tmp
         load_spec(path, cluster_resources=NO_GPU)
     (problem,) = info.value.problems     # one message, not one per field
     assert problem.startswith("trial.device: 'cuda' needs a GPU and the cluster has none"), problem
-    assert "resources.gpu (e.g. 1" not in problem          # what used to send users in a circle
+    assert "resources.gpu (e.g. 1" not in problem          # a fix that would only move the problem
     fixes = fixes_in(problem)
     assert fixes == ["trial.device=auto"] + (["resources.gpu=0"] if gpu else [])
     spec = load_spec(path, fixes, cluster_resources=NO_GPU)

@@ -119,7 +119,7 @@ def test_a_pooled_trial_evicted_while_alive_rejoins_from_its_last_checkpoint_and
 
 
 def test_a_finished_trials_page_opens_on_its_pseudo_inputs_and_its_test_ll(store):
-    """What the MLflow UI can be told (issue 21): the pseudo-inputs are a section of their own
+    """What the MLflow UI can be told: the pseudo-inputs are a section of their own
     (the first on the page), with a card of the tested weights that opens at the best epoch; the
     description starts with the test LL and a strip of pseudo-inputs; final figures are rounded."""
     uri, client, experiment_id, parent = store

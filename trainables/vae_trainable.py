@@ -10,9 +10,12 @@ kills a stopping actor after a timeout, so a long test LL cannot run in `cleanup
 
 from __future__ import annotations
 
+import enum
+import gc
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -311,8 +314,29 @@ def newest_existing_checkpoint(missing: "tune.Checkpoint") -> tuple["tune.Checkp
     return checkpoint, epoch
 
 
+class Phase(enum.Enum):
+    """Where a trial's process is in the trial's life (`VAETrainable.phase`)."""
+
+    SET_UP = "set up"       # nothing outside this process touched yet: Tune may discard it unused
+    TRAINING = "training"   # its MLflow run is open; pooled: a member of its pool
+    ENDED = "ended"         # it ended by itself and was finalized; pooled: it left its pool
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A checkpoint loaded before the trial's first step: applied when the trial begins."""
+
+    trainer_state: dict[str, Any]
+    unlogged: list[dict[str, Any]]     # writes MLflow had not acknowledged, sent again
+
+
 class VAETrainable(tune.Trainable):
     """A class-based Tune trainable around `trainables.vae.train.Trainer`.
+
+    Its state is one `Phase` plus what that phase needs: in SET_UP, maybe a `Restored`
+    checkpoint; in TRAINING, the run (and, pooled, its membership and the state of its last
+    checkpoint); in ENDED, the final state (pooled) it was finalized from. Everything that
+    reaches outside the process (the MLflow run, the pool) starts in `_begin`, at the first step.
 
     Pooled (the sweep's `resources.batched`): the trial's epochs run as one slot of its
     device's `TrialPool` (trainables/pool.py), batched with the other trials there; this process
@@ -329,15 +353,14 @@ class VAETrainable(tune.Trainable):
         self.cfg, self.sweep = split_config(config)
         pool = self.sweep.get("pool")
         self.pool = get_pool(pool["sweep_id"], pool.get("wait_s", 120.0)) if pool else None
-        self.pool_member: str | None = None
-        self.pool_state: dict[str, Any] | None = None    # its state at `epoch` (last join or checkpoint)
-        self.epoch = 0                                   # the last epoch it reported
-        self.final_state: dict[str, Any] | None = None   # a finished pooled trial's (it left the pool)
-        self.resume_state: dict[str, Any] | None = None  # a restored pooled trial's, until it joins
-        self.unlogged: list[dict[str, Any]] = []         # a restored trial's writes to send again
+        self.phase = Phase.SET_UP
+        self.restored: Restored | None = None            # SET_UP: a checkpoint to begin from
         self.run: tracking.RunHandle | None = None
-        self.logged_through = 0
-        self.begun = False
+        self.logged_through = 0                          # epochs the run already has
+        self.epoch = 0                                   # the last epoch it reported
+        self.pool_token: int | None = None               # pooled, TRAINING: its membership
+        self.checkpointed: dict[str, Any] | None = None  # pooled: the state of its last checkpoint
+        self.final_state: dict[str, Any] | None = None   # pooled, ENDED: the state it was finalized from
         if self.pool is not None:
             _set_threads(self.sweep)
             self.trainer = None
@@ -345,58 +368,66 @@ class VAETrainable(tune.Trainable):
             self.trainer = _make_trainer(self.cfg, self.sweep)
 
     def _begin(self) -> None:
-        """What the trial does outside its process (join its pool, create or reopen its MLflow
-        run), done at its first step rather than in setup: when Tune retries a trial it may start
-        a fresh actor for it, give the trial to a cached one instead (reuse_actors) and discard the
-        fresh one after its setup, by then maybe after the trial ended. That setup must leave no
-        trace (it used to reopen a finished run, and could take the trial's slot in its pool)."""
+        """SET_UP -> TRAINING: join its pool, create or reopen its MLflow run. At its first step
+        rather than in setup: when Tune retries a trial it may start a fresh actor for it, give
+        the trial to a cached one instead (reuse_actors) and discard the fresh one after its setup,
+        by then maybe after the trial ended. That setup must leave no trace (it could reopen a
+        finished run, and take the trial's slot in its pool)."""
+        restored, self.restored = self.restored, None
         self.run = _open_run(self.sweep, self.trial_id, self.cfg, self.config_dict)
         # Epochs already in the run's history: a retried trial replays those after its checkpoint
         # (or all of them, when it had none yet), and they are not logged twice.
-        self.logged_through = (self.run.resume(self.unlogged, "epoch")
-                               if self.run is not None and not self.run.created else 0)
-        self.unlogged = []
+        if self.run is not None and not self.run.created:
+            self.logged_through = self.run.resume(restored.unlogged if restored else [], "epoch")
         if self.pool is not None:
             # Last: its group's next round waits for it from now on, and it asks at once.
-            self._join(self.resume_state)
-            self.resume_state = None
+            self._join(restored.trainer_state if restored else None)
         if self.run is not None and self.logged_through == 0 and self.cfg.image_every:
             # At initialisation: step 0 of the UI's slider (again, the same image, for a retry
             # from scratch whose first attempt died before its first epoch).
             self._log_pseudo_inputs(0)
-        self.begun = True
+        self.phase = Phase.TRAINING
 
     def _join(self, state: dict[str, Any] | None) -> None:
         # The validated config itself: the pool does not validate it again.
         self.pool_token = ray.get(self.pool.join.remote(self.trial_id, self.cfg, state))
-        self.pool_member = self.trial_id
-        self.pool_state = state
+        self.checkpointed = state
 
     def _pool_step(self) -> dict[str, Any]:
         """The trial's next epoch from its pool. Evicted while alive (it was slow to ask: a busy
-        Tune driver, a slow MLflow), it joins again with the state of the last epoch it reported
-        (saved at its checkpoint) and asks again; without that state it fails, and Tune retries
-        it from its checkpoint."""
+        Tune driver, a slow MLflow), it joins again with the state of the epoch it last reported
+        (the pool keeps an evicted trial's state for a while; else its own last checkpoint's)
+        and asks again; without such a state it fails, and Tune retries it from its checkpoint."""
         try:
             return ray.get(self.pool.step.remote(self.trial_id))
         except NotAMember:
-            state = self.pool_state
-            if (state["epoch"] if state is not None else 0) != self.epoch:
+            state = self._state_at(self.epoch)
+            if state is None:
                 raise
             self._join(state)
             return ray.get(self.pool.step.remote(self.trial_id))
 
+    def _state_at(self, epoch: int) -> dict[str, Any] | None:
+        """A state of this trial at `epoch`: its last checkpoint's, or the one its pool parked."""
+        if (self.checkpointed["epoch"] if self.checkpointed is not None else 0) == epoch:
+            return self.checkpointed
+        try:
+            parked = ray.get(self.pool.state.remote(self.trial_id))
+        except NotAMember:
+            return None
+        return parked if parked["epoch"] == epoch else None
+
     def _leave(self) -> None:
-        if self.pool is not None and self.pool_member is not None:
+        if self.pool is not None and self.pool_token is not None:
             try:
                 # With its token: this process's membership only, not a retried incarnation's.
-                ray.get(self.pool.leave.remote(self.pool_member, self.pool_token), timeout=30)
+                ray.get(self.pool.leave.remote(self.trial_id, self.pool_token), timeout=30)
             except Exception:   # the pool is gone (sweep over): nothing to leave
                 pass
-            self.pool_member = None
+            self.pool_token = None
 
     def step(self) -> dict[str, Any]:
-        if not self.begun:
+        if self.phase is Phase.SET_UP:
             self._begin()
         try:
             metrics = self.trainer.step() if self.pool is None else self._pool_step()
@@ -430,9 +461,12 @@ class VAETrainable(tune.Trainable):
         if stopped:
             result.update(finalize(trainer, self.run, metrics["stop_reason"]))
             result["done"] = True
+            self.phase = Phase.ENDED
             if self.pool is not None and trainer.device.type == "cuda":
-                # This process's GPU memory goes back to the pool (its CUDA context stays).
+                # This process's GPU memory goes back to the pool (its CUDA context stays). A
+                # Trainer sits in reference cycles: only the cycle collector frees its tensors.
                 del trainer
+                gc.collect()
                 torch.cuda.empty_cache()
         return result
 
@@ -448,13 +482,14 @@ class VAETrainable(tune.Trainable):
             log_pseudo_inputs(self.run, u, shape, epoch, wait=False)
 
     def save_checkpoint(self, checkpoint_dir: str) -> None:
-        if not self.begun:
+        if self.phase is Phase.SET_UP:
             self._begin()
         if self.pool is None:
             state = self.trainer.state_dict()
+        elif self.phase is Phase.ENDED:
+            state = self.final_state
         else:
-            state = self.final_state if self.final_state is not None else ray.get(self.pool.state.remote(self.trial_id))
-            self.pool_state = state
+            state = self.checkpointed = ray.get(self.pool.state.remote(self.trial_id))
         # With the writes MLflow has not acknowledged yet: a restore sends them again.
         torch.save({"trainer": state, "run_id": self.run.run_id if self.run else None,
                     "unlogged": self.run.unacknowledged() if self.run else []},
@@ -488,13 +523,15 @@ class VAETrainable(tune.Trainable):
         self.epoch = int(state["trainer"]["epoch"])
         if self.pool is None:
             self.trainer.load_state_dict(state["trainer"])
-        elif not self.begun:
-            self.resume_state = state["trainer"]     # it joins its pool with it at its first step
-        else:
+        if self.phase is Phase.SET_UP:
+            # Applied when it begins: the writes are sent when its run is opened, the state
+            # (pooled) is what it joins its pool with.
+            self.restored = Restored(state["trainer"], state.get("unlogged", []))
+            return
+        if self.pool is not None:
             self._join(state["trainer"])             # replaces its slot
-        if not self.begun:
-            self.unlogged = state.get("unlogged", [])   # sent again when its run is opened
-        elif state["run_id"] and self.sweep.get("tracking_uri"):
+        self.phase = Phase.TRAINING
+        if state["run_id"] and self.sweep.get("tracking_uri"):
             self.run = tracking.RunHandle(self.sweep["tracking_uri"], state["run_id"])
             self.logged_through = self.run.resume(state.get("unlogged", []), "epoch")
 
