@@ -15,6 +15,7 @@ from ray import tune
 from ray.tune import CLIReporter
 
 from sweeper import tracking
+from sweeper.evaluations import Evaluations
 from trainables.vae.catalog import METRIC_EPOCH_SECONDS, METRIC_TEST_LL, STOP_ERROR, STOP_SCHEDULER, short
 
 
@@ -137,8 +138,11 @@ class TimeLeftCallback(tune.Callback):
     _FIRST: dict[str, tuple[float, float | None, float]] = {}
 
     def __init__(self, total_trials: int, max_epochs: int, expected_epochs: float | None, at_once: int,
-                 every_s: float = 300.0, *, sweep_id: str = "", finish_guess_epochs: float = 0.0):
+                 every_s: float = 300.0, *, sweep_id: str = "", finish_guess_epochs: float = 0.0,
+                 stopped_test_fraction: float = 1.0):
         self.sweep_id = sweep_id
+        # A stopped trial's test costs this fraction of a full one (the spec's stopped_trials).
+        self.stopped_test_fraction = stopped_test_fraction
         self.total, self.max_epochs, self.expected, self.at_once = total_trials, max_epochs, expected_epochs, at_once
         self.finish_guess_epochs = finish_guess_epochs
         self.every_s = every_s
@@ -202,15 +206,20 @@ class TimeLeftCallback(tune.Callback):
         per_epoch, startup, finish, _ = self._costs()
         cold = max(self.startup_s, default=0.0)   # the evaluation tasks start processes of their own
         done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
-        # Ended without a reason of its own: the scheduler stopped it, the driver tests it at the end.
-        stopped = sum(1 for t in trials if t.status == "TERMINATED" and not (t.last_result or {}).get("stop_reason"))
+        # Stopped by the scheduler and not tested yet: the evaluations in flight (launched as trials
+        # stop); without that record, every trial that ended without a reason of its own.
+        stopped = Evaluations.pending(self.sweep_id)
+        if stopped is None:
+            stopped = sum(1 for t in trials
+                          if t.status == "TERMINATED" and not (t.last_result or {}).get("stop_reason"))
         epochs = {t.trial_id: int((t.last_result or {}).get("training_iteration", 0)) for t in trials}
 
         def seconds(budget: float, stops_expected: bool) -> float:
             work = sum(max(0.0, budget - e) * per_epoch + finish + (startup if e == 0 else 0.0)
                        for t, e in epochs.items() if t not in done)
             work += max(0, self.total - len(epochs)) * (startup + budget * per_epoch + finish)
-            evaluations = (cold + stopped * finish / max(1, self.at_once)) if stopped or stops_expected else 0.0
+            evaluations = ((cold + stopped * finish * self.stopped_test_fraction / max(1, self.at_once))
+                           if stopped or stops_expected else 0.0)
             return work / max(1, self.at_once) + evaluations
 
         expected = seconds(self.expected, True) if self.expected is not None else None

@@ -167,6 +167,8 @@ def evaluate(run_id: str, samples: int, tracking_uri: str | None, device: str, r
     before = f" (the run's test_ll: {out.logged_test_ll:.3f})" if out.logged_test_ll is not None else ""
     click.echo(f"{out.metric} = {out.test_ll:.3f} nats over {out.images} images in {out.seconds:.1f} s, "
                f"logged to run {out.run_id}{before}")
+    if out.raised:
+        click.echo(f"it is the run's test_ll now (it had {'an estimate' if out.logged_test_ll is not None else 'none'})")
 
 
 @main.command()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sweeper import tracking
 from sweeper.errors import SweeperError
-from trainables.vae.catalog import rescored_metric
+from trainables.vae.catalog import METRIC_TEST_IMAGES, METRIC_TEST_LL, METRIC_TEST_SAMPLES, rescored_metric
 
 
 @contextlib.contextmanager
@@ -45,6 +45,7 @@ class Rescored:
     images: int
     seconds: float
     logged_test_ll: float | None   # the run's own test_ll (S as it was trained with), for comparison
+    raised: bool = False           # it also became the run's test_ll (that was missing or an estimate)
 
 
 def rescore_run(run_id: str, samples: int = 20_000, tracking_uri: str | None = None, device: str = "auto",
@@ -101,6 +102,24 @@ def rescore_run(run_id: str, samples: int = 20_000, tracking_uri: str | None = N
         raise SweeperError(f"the re-scored test LL of run {run_id} is {value}; nothing was logged")
     metric = rescored_metric(samples)
     handle = tracking.RunHandle(uri, run_id)
-    handle.log_metrics({metric: value, f"{metric}_seconds": seconds}, step=int(run.data.metrics.get("epoch", 0)))
-    return Rescored(run_id, metric, value, samples, int(data.test.shape[0]), seconds,
-                    run.data.metrics.get("test_ll"))
+    images = int(data.test.shape[0])
+    metrics = {metric: value, f"{metric}_seconds": seconds}
+    raised = raises_test_ll(run.data.metrics, samples, images, config.test_samples)
+    if raised:
+        # A stopped trial tested with a declared estimate, or not at all: this is its test LL now.
+        metrics.update({METRIC_TEST_LL: round(value, 2), METRIC_TEST_SAMPLES: samples, METRIC_TEST_IMAGES: images})
+    handle.log_metrics(metrics, step=int(run.data.metrics.get("epoch", 0)))
+    return Rescored(run_id, metric, value, samples, images, seconds, run.data.metrics.get(METRIC_TEST_LL), raised)
+
+
+def raises_test_ll(metrics, samples: int, images: int, trial_samples: int) -> bool:
+    """Whether a re-score on all `images` test images with `samples` becomes the run's test_ll:
+    when it is a full test (at least the trial's own `trial_samples`) and the run has no test LL or
+    only a declared estimate (fewer images or importance samples than its trial's full test).
+    Otherwise it stays beside as test_ll_S<S>: the sweep's test LLs keep one precision."""
+    if samples < trial_samples:
+        return False
+    if METRIC_TEST_LL not in metrics:
+        return True
+    return (metrics.get(METRIC_TEST_IMAGES, images) < images
+            or metrics.get(METRIC_TEST_SAMPLES, trial_samples) < trial_samples)

@@ -35,11 +35,13 @@ from ray import tune
 
 from sweeper import tracking
 from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
+from sweeper.evaluations import StoppedTrialEvaluations, evaluate_stopped_trials
 from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallback, TrialRunsCallback,
                                asha_expected_epochs, duration, trial_name)
 from sweeper.spec import SweepSpec, load_spec
-from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_LL, METRIC_VAL_ELBO,
-                                    STOP_ERROR, STOP_SCHEDULER, short, stop_reason)
+from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_IMAGES, METRIC_TEST_LL,
+                                    METRIC_TEST_SAMPLES, METRIC_VAL_ELBO,
+                                    short, stop_reason)
 
 STATE_FILE = "sweep.json"
 # What the trials need from the driver's environment: MLflow credentials and the data location.
@@ -550,6 +552,9 @@ class SweepDriver:
                 callbacks=[SchedulerStateCallback(scheduler), _time_left(spec, self.at_once, plan.sweep_id),
                            TrialRunsCallback(plan.tracking_uri, self.experiment_id, self.parent.run_id,
                                              spec.scheduler.type, plan.sweep_id),
+                           # After TrialRunsCallback, which tags a stopped trial's run: tested as it stops.
+                           StoppedTrialEvaluations(plan.sweep_id, plan.tracking_uri, self.experiment_id,
+                                                   self.parent.run_id, spec),
                            *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else [])],
                 progress_reporter=_reporter(spec), verbose=1),
         )
@@ -577,8 +582,8 @@ class SweepDriver:
                          seen=TrialRunsCallback.seen_in(self.parent.run_id))
         self.outcome.errors = [f"{trial_name_of(r)}: {error_line(r)} (traceback: {Path(r.path) / 'error.txt'})"
                                for r in results if r.error is not None]
-        self.failed_evaluations = evaluate_stopped_trials(results, plan.tracking_uri, self.experiment_id,
-                                                          self.parent.run_id, spec, self.echo)
+        self.failed_evaluations = evaluate_stopped_trials(results, plan.sweep_id, plan.tracking_uri,
+                                                          self.experiment_id, self.parent.run_id, spec, self.echo)
         self.outcome.errors += self.failed_evaluations
         self.outcome.unaccounted = unaccounted_trials(results, spec, plan, self.experiment_id, self.parent.run_id)
 
@@ -719,7 +724,26 @@ def _time_left(spec: SweepSpec, at_once: int, sweep_id: str) -> TimeLeftCallback
     expected = (asha_expected_epochs(s.grace_period, s.reduction_factor, s.max_t or max_epochs)
                 if s.type == "asha" else None)
     return TimeLeftCallback(spec.total_trials, max_epochs, expected, at_once, sweep_id=sweep_id,
-                            finish_guess_epochs=finish_guess_epochs(spec))
+                            finish_guess_epochs=finish_guess_epochs(spec),
+                            stopped_test_fraction=stopped_test_fraction(spec))
+
+
+def stopped_test_fraction(spec: SweepSpec) -> float:
+    """What the test of a trial the scheduler stopped costs, as a fraction of a full one: the
+    estimate's images x samples over the full test's (none: the weights and images only)."""
+    from trainables.vae.data import get_spec
+
+    policy = spec.stopped_trials
+    if policy.test_ll == "full":
+        return 1.0
+    if not policy.tests:
+        return 0.05
+    cfg = spec.base_config()
+    fractions = []
+    for name in _datasets_of(spec):
+        test = min(get_spec(name).info.split_sizes[2], cfg["test_subset"] or 10**9)
+        fractions.append(min(1.0, min(policy.images, test) * policy.samples / (test * int(cfg["test_samples"]))))
+    return max(fractions, default=1.0)
 
 
 def finish_guess_epochs(spec: SweepSpec) -> float:
@@ -774,78 +798,6 @@ def mark_lost_trials(results, plan: SweepPlan, spec: SweepSpec, experiment_id: s
         from sweeper.search import fail_running_study_trials
 
         fail_running_study_trials(plan.state_dir, spec.name)
-
-
-TAG_EVALUATION_FAILED = "sweeper.evaluation_failed"   # a stopped trial whose test evaluation failed
-EVALUATION_ERROR_FILE = "evaluation_error.txt"          # ... its traceback, an artifact of its run
-
-
-def evaluate_stopped_trials(results, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                            spec: SweepSpec, echo: Callable[[str], None]) -> list[str]:
-    """Test-evaluate, from their last checkpoints, the trials the scheduler stopped (Ray tasks).
-
-    Which trials: those whose run the driver tagged `stop_reason: scheduler` when the scheduler
-    stopped them (`TrialRunsCallback`) and that have no test_ll yet, and those whose evaluation
-    failed before. So it is idempotent, a resumed sweep finishes what an interrupt cut short or
-    an error broke, and a trial that Ctrl-C merely ended is never evaluated half-trained.
-
-    Returns one line per evaluation that failed; that trial's run is closed as FAILED (stop
-    reason `error`, what failed in `stop_detail`, the traceback as its artifact)."""
-    from trainables.vae_trainable import evaluate_stopped_trial
-
-    by_id = {}
-    for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if trial_id and result.error is None and result.checkpoint is not None:
-            by_id[str(trial_id)] = result
-    todo = []
-    for run in tracking.child_runs(tracking_uri, experiment_id, parent_run_id):
-        tags = run.data.tags
-        retry = TAG_EVALUATION_FAILED in tags
-        if ((stop_reason(tags.get(tracking.TAG_STOP)) != STOP_SCHEDULER and not retry)
-                or METRIC_TEST_LL in run.data.metrics or tracking.TAG_ORPHANED in tags):
-            continue
-        result = by_id.get(tags.get(tracking.TAG_TRIAL, ""))
-        if result is not None:
-            todo.append((run, result))
-    if not todo:
-        return []
-    echo(f"evaluating {len(todo)} trial(s) stopped by the scheduler on the test set ...")
-    task = ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu)(evaluate_stopped_trial)
-    pending = []
-    for run, result in todo:
-        if TAG_EVALUATION_FAILED in run.data.tags:     # tried before and failed: it is a stopped trial again
-            handle = tracking.RunHandle(tracking_uri, run.info.run_id)
-            handle.set_tags({tracking.TAG_STOP: STOP_SCHEDULER})
-            handle.client.delete_tag(run.info.run_id, TAG_EVALUATION_FAILED)
-        pending.append((task.remote(result.config, result.checkpoint, run.data.tags[tracking.TAG_TRIAL]), run))
-    failed = []
-    for ref, run in pending:
-        try:
-            ray.get(ref)
-        except Exception as exc:     # the task raised (RayTaskError) or its worker died
-            failed.append(_evaluation_failed(tracking_uri, run, exc))
-    return failed
-
-
-def _evaluation_failed(tracking_uri: str, run, exc: BaseException) -> str:
-    """Close a stopped trial's run whose test evaluation raised; the line for the sweep's errors."""
-    text = str(exc)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    last = (lines[-1] if lines else type(exc).__name__)[:300]
-    epoch = int(run.data.metrics.get("epoch", 0))
-    handle = tracking.RunHandle(tracking_uri, run.info.run_id)
-    where = f"the artifact {EVALUATION_ERROR_FILE} of MLflow run {run.info.run_id}"
-    try:
-        handle.log_text(text, EVALUATION_ERROR_FILE)
-    except Exception:   # the traceback is a courtesy; the run's state is what matters
-        where = "the driver's console above"
-    handle.set_tags({tracking.TAG_STOP: STOP_ERROR, TAG_EVALUATION_FAILED: "1",
-                     "stop_detail": f"stopped by the scheduler after epoch {epoch}; its test evaluation failed: "
-                                    f"{last} (traceback: {where})"})
-    handle.terminate("FAILED")
-    return (f"trial_{run.data.tags.get(tracking.TAG_TRIAL, '?')} ({run.info.run_name}): stopped by the scheduler "
-            f"after epoch {epoch}, its test evaluation failed: {last} (traceback: {where})")
 
 
 def _reporter(spec: SweepSpec) -> SweepReporter:
@@ -938,7 +890,8 @@ def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tr
         row.update({q.name: params.get(q.name) if q.applies(params, defaults) else None for q in spec.parameters})
         if metric != METRIC_VAL_ELBO and tested is not None:
             row[METRIC_BEST_VAL_ELBO] = metric_at_tested_epoch(client, run, METRIC_VAL_ELBO)[0]
-        for key in (METRIC_TEST_LL, "test_elbo", "active_units", "test_bits_per_dim"):
+        for key in (METRIC_TEST_LL, "test_elbo", "active_units", "test_bits_per_dim", METRIC_TEST_SAMPLES,
+                    METRIC_TEST_IMAGES):
             if key in m:
                 row[key] = m[key]
         rows.append(row)
@@ -955,6 +908,12 @@ def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tr
     readable = _readable(table[shown], marks=table[at_column], metric=metric)
     legend = (f"Best first by {metric} ({spec.metric.mode}) at the epoch whose weights each trial tested "
               f"({METRIC_BEST_EPOCH}); {METRIC_TEST_LL} is shown beside and never used to choose.")
+    estimates = estimated_test_lls(table)
+    if estimates.any():
+        readable.loc[estimates, METRIC_TEST_LL] = readable.loc[estimates, METRIC_TEST_LL] + " (estimate)"
+        legend += (" '(estimate)': a test LL made with fewer test images or importance samples than the sweep's "
+                   "others (the spec's stopped_trials; the run holds test_images and test_samples): not comparable "
+                   "with them; `sweeper evaluate RUN_ID` tests it in full.")
     if (table[at_column] == "latest").any():
         legend += (" '(latest)': a trial without a tested epoch (running, killed or failed), with its latest "
                    "value, after the others.")
@@ -976,6 +935,22 @@ def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tr
                                            "test LL not used"})
     parent.log_metrics(metrics)
     return table
+
+
+def estimated_test_lls(table):
+    """Rows whose test LL has fewer test images or importance samples than the most precise one
+    of the table (a stopped trial's declared estimate)."""
+    import pandas as pd
+
+    if METRIC_TEST_LL not in table:
+        return pd.Series(False, index=table.index)
+    tested = table[METRIC_TEST_LL].notna()
+    out = pd.Series(False, index=table.index)
+    for key in (METRIC_TEST_IMAGES, METRIC_TEST_SAMPLES):
+        if key in table:
+            values = pd.to_numeric(table[key], errors="coerce")
+            out |= tested & values.notna() & (values < values[tested].max())
+    return out
 
 
 def markdown_table(readable) -> str:

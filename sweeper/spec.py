@@ -27,7 +27,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import yaml
 
@@ -58,7 +58,7 @@ SCHEDULERS = ("asha", "fifo")
 
 TOP_LEVEL_KEYS = ("name", "experiment", "description", "metric", "trial", "parameters", "search",
                   "scheduler", "num_samples", "max_concurrent", "max_failures", "checkpoint_every",
-                  "resources")
+                  "resources", "stopped_trials")
 
 # Beyond this many combinations of choice/grid values (and numeric bounds) the trial configs are
 # checked one parameter at a time instead of as a full cartesian product (keeps validation instant).
@@ -162,6 +162,29 @@ class SchedulerSpec:
     max_t: int | None = None               # asha only; defaults to trial.max_epochs
 
 
+STOPPED_TRIAL_TESTS = ("full", "estimate", "none")
+
+
+@dataclass(frozen=True)
+class StoppedTrials:
+    """How the trials a scheduler stops are tested (each as soon as it stops, while the sweep
+    runs): `full` (the trial's test_samples on every test image, as a trial that ends by itself),
+    `estimate` (`samples` importance samples on the first `images` test images: a declared
+    cheaper estimate, stored with both numbers), or `none` (weights kept, no test LL; `sweeper
+    evaluate` adds one later)."""
+
+    test_ll: str = "full"
+    samples: int | None = None     # estimate only
+    images: int | None = None      # estimate only
+
+    ESTIMATE_SAMPLES: ClassVar[int] = 500
+    ESTIMATE_IMAGES: ClassVar[int] = 2000
+
+    @property
+    def tests(self) -> bool:
+        return self.test_ll != "none"
+
+
 @dataclass(frozen=True)
 class Resources:
     """What one trial reserves on the cluster (fractional GPUs let trials share one).
@@ -199,6 +222,7 @@ class SweepSpec:
     max_failures: int = 1
     checkpoint_every: int | None = None   # epochs between checkpoints; None: 1, or 10 for pooled trials
     resources: Resources = Resources()
+    stopped_trials: StoppedTrials = StoppedTrials()
     description: str = ""
     source: str = "<spec>"
 
@@ -238,6 +262,8 @@ class SweepSpec:
                    max_failures=self.max_failures, resources=dataclasses.asdict(self.resources))
         if self.checkpoint_every is not None:
             out["checkpoint_every"] = self.checkpoint_every
+        if self.stopped_trials != StoppedTrials():
+            out["stopped_trials"] = {k: v for k, v in dataclasses.asdict(self.stopped_trials).items() if v is not None}
         return out
 
     @property
@@ -548,14 +574,37 @@ class _Checker:
             counts["checkpoint_every"] = self.integer(top["checkpoint_every"], "checkpoint_every", minimum=1,
                                                       hint=" (epochs between a trial's checkpoints)")
         resources = self.check_resources(top.get("resources"), trial, parameters)
+        stopped = self.check_stopped_trials(top.get("stopped_trials"), scheduler)
 
         if self.problems:
             return None
         return SweepSpec(
             name=name, experiment=experiment or name, metric=metric, trial=trial,
             parameters=tuple(parameters), search=search, scheduler=scheduler,
-            resources=resources, description=description, source=source, **counts,
+            resources=resources, stopped_trials=stopped, description=description, source=source, **counts,
         )
+
+    def check_stopped_trials(self, value: Any, scheduler: SchedulerSpec) -> StoppedTrials:
+        if value is None:
+            return StoppedTrials()
+        block = self.mapping(value, "stopped_trials", ("test_ll", "samples", "images"))
+        test = self.string(block.get("test_ll", "full"), "stopped_trials.test_ll", STOPPED_TRIAL_TESTS) or "full"
+        if scheduler.type == "fifo":
+            self.add("stopped_trials", f"only used when a scheduler stops trials (scheduler.type: asha); "
+                                       f"with {scheduler.type} every trial ends by itself and is tested in full: "
+                                       "remove stopped_trials")
+        if test != "estimate":
+            for key in ("samples", "images"):
+                if key in block:
+                    self.add(f"stopped_trials.{key}", f"only used by test_ll: estimate (the full test uses the "
+                                                      f"trial's test_samples on every image); set test_ll: "
+                                                      f"estimate or remove {key}")
+            return StoppedTrials(test)
+        samples = self.integer(block.get("samples", StoppedTrials.ESTIMATE_SAMPLES), "stopped_trials.samples",
+                               minimum=1, hint=" (importance samples per test image)")
+        images = self.integer(block.get("images", StoppedTrials.ESTIMATE_IMAGES), "stopped_trials.images",
+                              minimum=1, hint=" (the first N test images)")
+        return StoppedTrials("estimate", samples, images)
 
     def check_metric(self, value: Any) -> Metric:
         block = self.mapping(value, "metric", ("name", "mode"))

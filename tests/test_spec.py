@@ -437,3 +437,19 @@ def test_a_spec_that_does_not_exist_points_at_the_shipped_ones(tmp_path: Path) -
     (problem,) = error.value.problems
     shipped = Path(__file__).resolve().parents[1] / "search_spaces"
     assert f"the shipped specs are in {shipped} (priors.yaml, pseudo_inputs.yaml, quickstart.yaml)" in problem
+
+
+def test_stopped_trials_policy_is_validated_and_round_trips() -> None:
+    base = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml").read_text())
+    spec = parse_spec({**base, "stopped_trials": {"test_ll": "estimate", "samples": 200}})
+    assert (spec.stopped_trials.test_ll, spec.stopped_trials.samples, spec.stopped_trials.images) == ("estimate", 200, 2000)
+    assert parse_spec(spec.to_dict()).stopped_trials == spec.stopped_trials
+    assert parse_spec(base).stopped_trials.test_ll == "full" and "stopped_trials" not in parse_spec(base).to_dict()
+    with pytest.raises(SpecError) as error:
+        parse_spec({**base, "scheduler": {"type": "fifo"}, "stopped_trials": {"test_ll": "nonee", "images": 0}})
+    problems = error.value.problems
+    assert any(p.startswith("stopped_trials.test_ll: unknown value 'nonee'") and "'none'" in p for p in problems)
+    assert any(p.startswith("stopped_trials: only used when a scheduler stops trials") for p in problems)
+    assert any(p.startswith("stopped_trials.images: only used by test_ll: estimate") for p in problems)
+    with pytest.raises(SpecError, match=r"stopped_trials\.samples"):
+        parse_spec({**base, "stopped_trials": {"test_ll": "estimate", "samples": 0}})

@@ -31,7 +31,8 @@ from trainables.vae.data import dataset_digest
 from trainables.vae.evaluate import display_grid
 from trainables.tracking import SWEEP_KEY
 from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH, METRIC_TEST_BPD,
-                                    METRIC_TEST_LL, RESULT_RUN_ID, STOP_ERROR, STOP_NAN, STOP_SCHEDULER)
+                                    METRIC_TEST_IMAGES, METRIC_TEST_LL, METRIC_TEST_SAMPLES, RESULT_RUN_ID,
+                                    STOP_ERROR, STOP_NAN, STOP_SCHEDULER)
 from trainables.vae.train import Trainer, final_evaluation
 
 CHECKPOINT_FILE = "trainer.pt"
@@ -103,8 +104,10 @@ def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any
     samples) of the tested weights as a strip linked to the full image; the UI folds what follows."""
     experiment = run.experiment_id or run.client.get_run(run.run_id).info.experiment_id
     bpd = f" = {final[METRIC_TEST_BPD]:.4f} bits/dim" if METRIC_TEST_BPD in final else ""
-    line = (f"**test LL {final[METRIC_TEST_LL]:.2f} nats**{bpd} (S={final['test_samples']}) · tested: epoch "
-            f"{final[METRIC_BEST_EPOCH]} of {trainer.epoch}, best val ELBO {final[METRIC_BEST_VAL_ELBO]:.2f}")
+    images = final[METRIC_TEST_IMAGES]
+    subset = f", an estimate on the first {images} test images" if images < trainer.x_test.shape[0] else ""
+    line = (f"**test LL {final[METRIC_TEST_LL]:.2f} nats**{bpd} (S={final[METRIC_TEST_SAMPLES]}{subset}) · tested: "
+            f"epoch {final[METRIC_BEST_EPOCH]} of {trainer.epoch}, best val ELBO {final[METRIC_BEST_VAL_ELBO]:.2f}")
     if strip:
         name = "pseudo_inputs" if hasattr(trainer.model.prior, "pseudo_inputs") else "samples"
         # A path the UI's server answers (no data: URIs in descriptions), one line under the text.
@@ -184,8 +187,12 @@ def trainer_from_state(cfg: TrainConfig, sweep: dict[str, Any], state: dict[str,
     return trainer
 
 
-def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> dict[str, Any]:
-    """End a trial: restore the best weights, evaluate on the test set, log it all, close the run."""
+def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str, *, test: bool = True,
+             samples: int | None = None, images: int | None = None) -> dict[str, Any]:
+    """End a trial: restore the best weights, evaluate on the test set (with `samples` importance
+    samples on the first `images` test images; default: the config's S on all), log it all,
+    close the run. Without `test`, the weights and images are logged and the run closed without a
+    test LL (`sweeper evaluate` can add it later)."""
     out: dict[str, Any] = {"stop_reason": reason}
     if reason == STOP_NAN:
         if run is not None:
@@ -195,8 +202,12 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
     if run is not None and reason == STOP_SCHEDULER:
         _log_last_pseudo_inputs(run, trainer)   # its last step() did not know it was the last
     trainer.finish()
-    final = final_evaluation(trainer)
-    per_image = final.pop("per_image_ll")
+    final, per_image = {}, None
+    if test:
+        final = final_evaluation(trainer, samples, images)
+        per_image = final.pop("per_image_ll")
+    else:
+        final = tested_epoch(trainer)
     out.update(final)
     if run is not None:
         step = trainer.epoch
@@ -208,20 +219,33 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str) -> d
                         name=f"{cfg.dataset}-{cfg.model}-{cfg.prior}", step=step,
                         params={"dataset": cfg.dataset, "model": cfg.model, "prior": cfg.prior, "K": cfg.K,
                                 "best_epoch": trainer.best_epoch or step})
-        run.log_text(tracking.per_image_csv(per_image.tolist()), "per_image_ll.csv")
-        run.log_figure(tracking.ll_histogram_figure(per_image.tolist(), f"{cfg.dataset} / {cfg.model} / {cfg.prior}"),
-                       "test_ll_histogram.png")
+        if per_image is not None:
+            run.log_text(tracking.per_image_csv(per_image.tolist()), "per_image_ll.csv")
+            run.log_figure(tracking.ll_histogram_figure(per_image.tolist(),
+                                                        f"{cfg.dataset} / {cfg.model} / {cfg.prior}"),
+                           "test_ll_histogram.png")
         # test_ll last: a run that has it has everything (an interrupted evaluation is redone on resume).
         run.log_metrics(stored_finals(final), step=step)
-        note = summary_note(run, trainer, final, strip=True)
         description = run.client.get_run(run.run_id).data.tags.get(tracking.TAG_NOTE, "")
-        run.set_tags({tracking.TAG_STOP: reason, "stop_detail": trainer.stop_detail,
-                      tracking.TAG_NOTE: f"{note}\n\n{description.split(NOTE_BREAK)[-1]}" if description else note})
+        detail = trainer.stop_detail
+        if test:
+            note = summary_note(run, trainer, final, strip=True)
+            description = f"{note}\n\n{description.split(NOTE_BREAK)[-1]}" if description else note
+        else:
+            detail += "; not tested (the spec's stopped_trials policy): `sweeper evaluate` tests it"
+        run.set_tags({tracking.TAG_STOP: reason, "stop_detail": detail, tracking.TAG_NOTE: description})
         # A scheduler-stopped trial is evaluated later: its run's duration is its training, up to
         # its last epoch; the evaluation's own time is test_ll_seconds.
         end = run.last_timestamp(METRIC_EPOCH) if reason == STOP_SCHEDULER else None
         run.terminate("FINISHED", end_time=end)
     return out
+
+
+def tested_epoch(trainer: Trainer) -> dict[str, Any]:
+    """The epoch whose weights are kept and its validation ELBO, for a trial not tested."""
+    best = trainer.progress
+    return {METRIC_BEST_EPOCH: best.best_epoch or trainer.epoch,
+            METRIC_BEST_VAL_ELBO: -best.best_val_loss if best.best_epoch is not None else float("nan")}
 
 
 NOTE_BREAK = "\n\n"     # between the tested summary and the description the run was created with
@@ -268,8 +292,10 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
-def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint", trial_id: str) -> dict[str, Any]:
-    """Finalize a trial the scheduler stopped, from its last checkpoint (runs as a Ray task)."""
+def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint", trial_id: str, *,
+                           test: bool = True, samples: int | None = None, images: int | None = None) -> dict[str, Any]:
+    """Finalize a trial the scheduler stopped, from its last checkpoint (runs as a Ray task): its
+    test LL with `samples` on the first `images` test images (the spec's `stopped_trials`)."""
     cfg, sweep = split_config(config)
     with checkpoint.as_directory() as directory:
         saved = read_checkpoint(directory)
@@ -280,7 +306,7 @@ def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint"
     if run is not None:
         run.resume(saved.get("unlogged", []))     # what the stopped actor had not sent yet
         run.set_tags({tracking.TAG_SCHEDULER: scheduler})
-    return finalize(trainer, run, STOP_SCHEDULER)
+    return finalize(trainer, run, STOP_SCHEDULER, test=test, samples=samples, images=images)
 
 
 def newest_existing_checkpoint(missing: "tune.Checkpoint") -> tuple["tune.Checkpoint", int] | None:

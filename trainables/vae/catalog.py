@@ -47,6 +47,8 @@ METRIC_TEST_LL = "test_ll"                  # nats, importance sampling with tes
 METRIC_TEST_BPD = "test_bits_per_dim"       # gray data
 METRIC_BEST_EPOCH = "best_epoch"            # the epoch whose weights were tested
 METRIC_BEST_VAL_ELBO = "best_val_elbo"      # the validation ELBO at best_epoch: what the tool chooses on
+METRIC_TEST_SAMPLES = "test_samples"        # the importance samples S behind test_ll ...
+METRIC_TEST_IMAGES = "test_images"          # ... and the test images it is the mean over (a declared estimate: fewer)
 # A trial's Tune results also carry its MLflow run id (the searcher links its study trial to it).
 RESULT_RUN_ID = "mlflow_run_id"
 

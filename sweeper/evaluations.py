@@ -1,0 +1,175 @@
+"""The test evaluation of trials the scheduler stopped: launched as each trial stops, while the
+sweep runs, on the resources its trial gave back; what an interrupt or an error cut short is
+finished after Tune's run (and by `--resume`).
+
+A stopped trial is evaluated from its last checkpoint by `evaluate_stopped_trial`, a Ray task
+(Tune kills a stopping actor after a timeout, so a long test LL cannot run in the trial itself),
+as the spec's `stopped_trials` policy says: the full test LL, a declared estimate (fewer images
+and importance samples, both stored with it), or none (the weights are kept for `sweeper
+evaluate`). Which trials: those whose run the driver tagged `stop_reason: scheduler` and that
+have no `test_ll` yet, and those whose evaluation failed before; so it is idempotent, and a
+trial that Ctrl-C merely ended is never evaluated half-trained.
+
+One owner: the driver's thread. Tune calls `StoppedTrialEvaluations` there as trials stop; the
+driver collects what is in flight (`Evaluations.finish`) when Tune's run has returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import ray
+from ray import tune
+
+from sweeper import tracking
+from sweeper.spec import SweepSpec
+from trainables.vae.catalog import METRIC_TEST_LL, STOP_ERROR, STOP_SCHEDULER, stop_reason
+
+TAG_EVALUATION_FAILED = "sweeper.evaluation_failed"   # a stopped trial whose test evaluation failed
+EVALUATION_ERROR_FILE = "evaluation_error.txt"          # ... its traceback, an artifact of its run
+
+
+@dataclass
+class Evaluations:
+    """The sweep's evaluations in flight (trial id -> (Ray ref, its run)) and the lines of those
+    that failed. Held per sweep by the driver process (`of`), not by the pickled callbacks."""
+
+    tracking_uri: str
+    spec: SweepSpec
+    in_flight: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+    _BY_SWEEP: ClassVar[dict[str, "Evaluations"]] = {}    # one per sweep in this driver process
+
+    @classmethod
+    def of(cls, sweep_id: str, tracking_uri: str, spec: SweepSpec) -> "Evaluations":
+        if sweep_id not in cls._BY_SWEEP:
+            cls._BY_SWEEP[sweep_id] = cls(tracking_uri, spec)
+        return cls._BY_SWEEP[sweep_id]
+
+    @classmethod
+    def pending(cls, sweep_id: str) -> int | None:
+        """How many of the sweep's evaluations are in flight; None if none was ever launched here."""
+        evaluations = cls._BY_SWEEP.get(sweep_id)
+        return len(evaluations.in_flight) if evaluations is not None else None
+
+    @classmethod
+    def forget(cls, sweep_id: str) -> None:
+        cls._BY_SWEEP.pop(sweep_id, None)
+
+    def launch(self, run, config: dict[str, Any], checkpoint, trial_id: str) -> None:
+        """Start the evaluation of one stopped trial (a Ray task with its trial's resources)."""
+        from trainables.vae_trainable import evaluate_stopped_trial
+
+        if trial_id in self.in_flight:
+            return
+        if TAG_EVALUATION_FAILED in run.data.tags:     # tried before and failed: it is a stopped trial again
+            handle = tracking.RunHandle(self.tracking_uri, run.info.run_id)
+            handle.set_tags({tracking.TAG_STOP: STOP_SCHEDULER})
+            handle.client.delete_tag(run.info.run_id, TAG_EVALUATION_FAILED)
+        policy = self.spec.stopped_trials
+        task = ray.remote(num_cpus=self.spec.resources.cpu, num_gpus=self.spec.resources.gpu)(evaluate_stopped_trial)
+        ref = task.remote(config, checkpoint, trial_id, test=policy.tests, samples=policy.samples,
+                          images=policy.images)
+        self.in_flight[trial_id] = (ref, run)
+
+    def collect(self, wait: bool) -> None:
+        """Record the evaluations that ended (all of them, waiting, with `wait`)."""
+        if not self.in_flight:
+            return
+        refs = {ref: trial_id for trial_id, (ref, _) in self.in_flight.items()}
+        done, _ = ray.wait(list(refs), num_returns=len(refs) if wait else len(refs), timeout=None if wait else 0)
+        for ref in done:
+            _, run = self.in_flight.pop(refs[ref])
+            try:
+                ray.get(ref)
+            except Exception as exc:     # the task raised (RayTaskError) or its worker died
+                self.failed.append(_evaluation_failed(self.tracking_uri, run, exc))
+
+
+class StoppedTrialEvaluations(tune.Callback):
+    """Launches a stopped trial's test evaluation as soon as the scheduler stops it. After
+    `TrialRunsCallback` in the callbacks' list: that one tags the run `stop_reason: scheduler`.
+    Plain data only (Tune pickles callbacks); what is in flight lives in `Evaluations`."""
+
+    def __init__(self, sweep_id: str, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: SweepSpec):
+        self.sweep_id, self.args, self.spec = sweep_id, (tracking_uri, experiment_id, parent_run_id), spec
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (trial.last_result or {}).get("stop_reason") or trial.checkpoint is None:
+            return    # it ended by itself (finalized in its last step), or has nothing to evaluate
+        run = tracking.find_child(*self.args, trial_id=trial.trial_id)
+        if run is None or stop_reason(run.data.tags.get(tracking.TAG_STOP)) != STOP_SCHEDULER:
+            return
+        Evaluations.of(self.sweep_id, self.args[0], self.spec).launch(run, trial.config, trial.checkpoint,
+                                                                      trial.trial_id)
+
+    def on_step_end(self, iteration, trials, **info):
+        evaluations = Evaluations._BY_SWEEP.get(self.sweep_id)
+        if evaluations is not None:
+            evaluations.collect(wait=False)
+
+
+def evaluate_stopped_trials(results, sweep_id: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                            spec: SweepSpec, echo: Callable[[str], None]) -> list[str]:
+    """After Tune's run: wait for the evaluations launched while it ran, then evaluate, from their
+    last checkpoints, the stopped trials still without a test LL (an interrupt or an error cut
+    theirs short, or they stopped in an earlier run of the driver). Returns one line per
+    evaluation that failed; that trial's run is closed as FAILED (stop reason `error`, what
+    failed in `stop_detail`, the traceback as its artifact)."""
+    evaluations = Evaluations.of(sweep_id, tracking_uri, spec)
+    if evaluations.in_flight:
+        echo(f"waiting for the test evaluation of {len(evaluations.in_flight)} trial(s) stopped by the scheduler ...")
+    evaluations.collect(wait=True)
+    by_id = {}
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if trial_id and result.error is None and result.checkpoint is not None:
+            by_id[str(trial_id)] = result
+    todo = []
+    for run in tracking.child_runs(tracking_uri, experiment_id, parent_run_id):
+        tags = run.data.tags
+        retry = TAG_EVALUATION_FAILED in tags
+        if ((stop_reason(tags.get(tracking.TAG_STOP)) != STOP_SCHEDULER and not retry)
+                or evaluated(run, spec) or tracking.TAG_ORPHANED in tags):
+            continue
+        result = by_id.get(tags.get(tracking.TAG_TRIAL, ""))
+        if result is not None:
+            todo.append((run, result))
+    if todo:
+        echo(f"evaluating {len(todo)} trial(s) stopped by the scheduler on the test set ...")
+        for run, result in todo:
+            evaluations.launch(run, result.config, result.checkpoint, run.data.tags[tracking.TAG_TRIAL])
+        evaluations.collect(wait=True)
+    failed = evaluations.failed
+    Evaluations.forget(sweep_id)
+    return failed
+
+
+def evaluated(run, spec: SweepSpec) -> bool:
+    """Whether a stopped trial's run holds what the policy asks: a test LL, or (policy none) its
+    end (the run is closed with its weights)."""
+    if not spec.stopped_trials.tests:
+        return run.info.status != "RUNNING" and tracking.TAG_MODEL_ID in run.data.tags
+    return METRIC_TEST_LL in run.data.metrics
+
+
+def _evaluation_failed(tracking_uri: str, run, exc: BaseException) -> str:
+    """Close a stopped trial's run whose test evaluation raised; the line for the sweep's errors."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = (lines[-1] if lines else type(exc).__name__)[:300]
+    epoch = int(run.data.metrics.get("epoch", 0))
+    handle = tracking.RunHandle(tracking_uri, run.info.run_id)
+    where = f"the artifact {EVALUATION_ERROR_FILE} of MLflow run {run.info.run_id}"
+    try:
+        handle.log_text(text, EVALUATION_ERROR_FILE)
+    except Exception:   # the traceback is a courtesy; the run's state is what matters
+        where = "the driver's console above"
+    handle.set_tags({tracking.TAG_STOP: STOP_ERROR, TAG_EVALUATION_FAILED: "1",
+                     "stop_detail": f"stopped by the scheduler after epoch {epoch}; its test evaluation failed: "
+                                    f"{last} (traceback: {where})"})
+    handle.terminate("FAILED")
+    return (f"trial_{run.data.tags.get(tracking.TAG_TRIAL, '?')} ({run.info.run_name}): stopped by the scheduler "
+            f"after epoch {epoch}, its test evaluation failed: {last} (traceback: {where})")

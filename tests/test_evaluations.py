@@ -1,0 +1,80 @@
+"""sweeper/evaluations.py: a stopped trial's test evaluation as a real Ray task. One that fails
+closes its run as FAILED with the traceback and is listed; the next pass (the end of the sweep,
+or `--resume`) evaluates it again once the cause is gone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+import ray
+import yaml
+from ray import tune
+
+from sweeper import tracking
+from sweeper.evaluations import EVALUATION_ERROR_FILE, TAG_EVALUATION_FAILED, Evaluations, evaluate_stopped_trials
+from sweeper.spec import parse_spec
+from trainables.vae_trainable import SWEEP_KEY, VAETrainable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def local_ray(shared_datasets, monkeypatch):
+    monkeypatch.setenv("SWEEPER_DATA_DIR", str(shared_datasets))    # the tasks' processes inherit it
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=256 * 2**20)
+    yield
+    ray.shutdown()
+
+
+def test_a_failed_evaluation_is_closed_and_listed_then_done_by_the_next_pass(tmp_path, local_ray):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.check_store(uri)
+    experiment_id = tracking.ensure_experiment(uri, "evaluations")
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(experiment_id, tags={"sweeper.role": "sweep"}).info.run_id
+    config = {"dataset": "static_mnist", "prior": "standard", "max_epochs": 3, "train_subset": 200, "val_subset": 100,
+              "test_subset": 40, "test_samples": 10, "image_every": 0, "device": "cpu",
+              SWEEP_KEY: {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
+                          "sweep_name": "s", "name_keys": ["prior"], "scheduler": "asha"}}
+    trial = VAETrainable(config)           # outside Tune its trial id is "default"
+    trial.train()
+    good = tmp_path / "checkpoint_000000"
+    good.mkdir()
+    trial.save_checkpoint(str(good))
+    trial.stop()
+    run = tracking.find_child(uri, experiment_id, parent, "default")
+    tracking.RunHandle(uri, run.info.run_id).set_tags({tracking.TAG_STOP: "scheduler"})   # as the driver does
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "trainer.pt").write_bytes(b"not a checkpoint")
+
+    spec = parse_spec({**yaml.safe_load((ROOT / "search_spaces" / "quickstart.yaml").read_text()),
+                       "stopped_trials": {"test_ll": "estimate", "samples": 5, "images": 30}})
+    evaluations = Evaluations.of("s", uri, spec)
+    evaluations.launch(tracking.find_child(uri, experiment_id, parent, "default"), config,
+                       tune.Checkpoint.from_directory(str(broken)), "default")
+    evaluations.collect(wait=True)
+    (line,) = evaluations.failed
+    assert "trial_default" in line and "its test evaluation failed" in line and EVALUATION_ERROR_FILE in line
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FAILED" and run.data.tags[TAG_EVALUATION_FAILED] == "1"
+    assert run.data.tags[tracking.TAG_STOP] == "error" and "test_ll" not in run.data.metrics
+    assert EVALUATION_ERROR_FILE in {a.path for a in client.list_artifacts(run.info.run_id)}
+    Evaluations.forget("s")
+
+    # The next pass finds it (failed before) and evaluates it from a checkpoint that loads.
+    result = SimpleNamespace(metrics={"trial_id": "default"}, error=None, config=config,
+                             checkpoint=tune.Checkpoint.from_directory(str(good)))
+    lines: list[str] = []
+    assert evaluate_stopped_trials([result], "s", uri, experiment_id, parent, spec, lines.append) == []
+    assert lines == ["evaluating 1 trial(s) stopped by the scheduler on the test set ..."]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and TAG_EVALUATION_FAILED not in run.data.tags
+    assert run.data.tags[tracking.TAG_STOP] == "scheduler"
+    assert (run.data.metrics["test_images"], run.data.metrics["test_samples"]) == (30, 5)
+    # Idempotent: a third pass has nothing to do.
+    assert evaluate_stopped_trials([result], "s", uri, experiment_id, parent, spec, lines.append) == []
+    assert len(lines) == 1
