@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
 import json
+import logging
 import pickle
 import signal
 import sqlite3
@@ -298,3 +302,250 @@ def test_the_saved_view_sorts_on_the_choosing_metric_at_the_tested_epoch_never_o
     assert json.loads(envelope["state"]) == view and isinstance(envelope["createdAt"], int)
     assert tracking.ui_url("http://h:1", experiment_id, view=True).endswith(
         "/runs?workflowType=machine_learning&viewStateShareKey=sweeper")
+
+
+# --------------------------------------------------------------------------------------------
+# Bounds: a step never waits on the outbox as long as the pool waits before evicting it, and a
+# checkpoint carries a bounded number of unsent images
+
+
+def write_steps(writes) -> list[tuple[str, int]]:
+    """(kind, step) of queued writes: what a checkpoint would carry, in order."""
+    return [(w["kind"], w["step"] if w["kind"] == "image" else w["metrics"][0][3]) for w in writes]
+
+
+@contextlib.contextmanager
+def outage(store):
+    """Every write to the store finds it locked (the sender retries) until the block ends."""
+    lock = sqlite3.connect(store[3] / "mlflow.db", timeout=30)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        lock.rollback()
+        lock.close()
+
+
+def test_a_step_waits_on_its_outbox_far_less_than_its_pool_waits_before_evicting_it():
+    """A pooled trial that has not called its pool for the pool's wait is evicted. A step queues at
+    most two images (a trial's first step adds its step-0 image to its epoch's) and metrics never
+    wait, so a step waits at most 2 x PUT_WAIT_S on the outbox: that must leave at least half the
+    pool's wait to the step's own work (the round, the checkpoint)."""
+    from trainables import pool
+
+    evict_s = inspect.signature(pool.get_pool).parameters["wait_s"].default
+    assert inspect.signature(pool.PoolActor).parameters["wait_s"].default == evict_s
+    assert 2 * tracking.PUT_WAIT_S <= evict_s / 2, (tracking.PUT_WAIT_S, evict_s)
+
+
+def test_during_an_outage_an_image_waits_put_wait_s_for_room_then_is_dropped_and_metrics_never_wait(
+        store, monkeypatch, caplog):
+    """The store is locked (a tracking outage) while a trial logs three epochs into an outbox with
+    room for one image: the trial is never blocked for longer than PUT_WAIT_S, once; what it
+    queued is stored when the outage ends, and the dropped images are not."""
+    uri, run_id, client = new_run(store)
+    image_bytes = tracking._write_bytes({"kind": "image", "image": grid(1)})
+    monkeypatch.setattr(tracking, "QUEUE_BYTES", image_bytes + 1000)     # room for one image and its metrics
+    monkeypatch.setattr(tracking, "PUT_WAIT_S", 3.0, raising=False)
+    caplog.set_level(logging.WARNING, logger=tracking.__name__)
+    run = tracking.RunHandle(uri, run_id)
+    run.log_metrics({"setup": 1.0}, step=0)         # the store's tables exist before the outage
+    returned: list[float] = []
+    errors: list[BaseException] = []
+
+    def steps():       # three epochs of a trial, each with its image
+        try:
+            for epoch in (1, 2, 3):
+                run.log_image(grid(epoch), "pseudo_inputs", epoch, wait=False)
+                run.log_metrics({"epoch": epoch, "val_elbo": -100.0 + epoch}, step=epoch, wait=False)
+            returned.append(time.monotonic())
+        except BaseException as exc:   # collected: a thread's exception would not fail the test
+            errors.append(exc)
+
+    trial = threading.Thread(target=steps, daemon=True)
+    with outage(store):
+        start = time.monotonic()
+        trial.start()
+        trial.join(timeout=30)
+        assert not trial.is_alive(), "the trial's logging blocked on a full outbox during the outage"
+        assert errors == []
+        # Image 2 waited PUT_WAIT_S for room and was dropped; image 3 found the outbox still full
+        # and was dropped without waiting again.
+        assert 3.0 <= returned[0] - start < 6.0, returned[0] - start
+        assert write_steps(run.unacknowledged()) == [("image", 1), ("metrics", 1), ("metrics", 2), ("metrics", 3)]
+    assert "2 image(s) dropped" in caplog.text
+    run.terminate()
+    assert_stored_once(client, run_id, 3, {1})
+
+
+def test_a_checkpoint_carries_every_unsent_metric_but_unsent_images_only_up_to_its_budget(
+        store, monkeypatch, caplog):
+    uri, run_id, client = new_run(store)
+    image_bytes = tracking._write_bytes({"kind": "image", "image": grid(1)})
+    monkeypatch.setattr(tracking, "CHECKPOINT_IMAGE_BYTES", 2 * image_bytes, raising=False)
+    caplog.set_level(logging.WARNING, logger=tracking.__name__)
+    run = tracking.RunHandle(uri, run_id)
+    run.log_metrics({"setup": 1.0}, step=0)
+    with outage(store):
+        for epoch in range(1, 5):
+            run.log_image(grid(epoch), "pseudo_inputs", epoch, wait=False)
+            run.log_metrics({"epoch": epoch, "val_elbo": -100.0 + epoch}, step=epoch, wait=False)
+        checkpoint = run.unacknowledged()
+        # The oldest images while they fit the budget, in queue order; every metric.
+        assert write_steps(checkpoint) == [("image", 1), ("metrics", 1), ("image", 2), ("metrics", 2),
+                                           ("metrics", 3), ("metrics", 4)]
+        assert "2 unsent image(s)" in caplog.text
+    run.terminate()             # the live queue kept (and now sends) every image
+    assert_stored_once(client, run_id, 4, {1, 2, 3, 4})
+
+
+# --------------------------------------------------------------------------------------------
+# The outbox's lifecycle: order, close, release, exit
+
+
+def test_the_outbox_stores_writes_in_the_order_they_were_queued(store, monkeypatch):
+    """The trainable queues an epoch's image before its metrics, so that a stored epoch has its
+    image (resume relies on it): a sender that sent metrics ahead of an image queued earlier would
+    break that. The sender's calls are held at a gate until everything is queued."""
+    uri, run_id, _ = new_run(store)
+    sender = tracking.client(uri)          # the client the outbox's thread sends with
+    gate = threading.Event()
+    sent: list[tuple[str, list[int]]] = []
+
+    def recorded(method, describe):
+        real = getattr(sender, method)
+
+        def call(*args):
+            if args[0] != run_id:       # another test's run
+                return real(*args)
+            assert gate.wait(60), "the test never opened the gate"
+            what = describe(*args)
+            result = real(*args)
+            sent.append(what)           # acknowledged, in the order the store got them
+            return result
+
+        monkeypatch.setattr(sender, method, call)
+
+    recorded("log_batch", lambda _run, metrics: ("metrics", sorted({m.step for m in metrics})))
+    recorded("log_artifacts", lambda _run, folder, _path: (
+        "image", sorted({int(tracking._IMAGE_NAME.match(p.name)["step"]) for p in Path(folder).glob("*.png")})))
+    run = tracking.RunHandle(uri, run_id)
+    run.log_image(grid(1), "pseudo_inputs", 1, wait=False)      # the sender holds it at the gate
+    for epoch in (1, 2):
+        run.log_metrics({"epoch": epoch}, step=epoch, wait=False)
+    run.log_image(grid(2), "pseudo_inputs", 2, wait=False)
+    run.log_metrics({"epoch": 3}, step=3, wait=False)
+    run.log_image(grid(3), "pseudo_inputs", 3, wait=False)
+    run.log_image(grid(4), "pseudo_inputs", 4, wait=False)
+    run.log_metrics({"epoch": 4}, step=4, wait=False)
+    gate.set()
+    run.terminate()
+    assert sent == [("image", [1]), ("metrics", [1, 2]), ("image", [2]), ("metrics", [3]), ("image", [3]),
+                    ("image", [4]), ("metrics", [4])]
+
+
+def outboxes_of(run_id: str) -> list:
+    """The outboxes of `run_id` still alive in this process (whatever holds them), once its sender
+    threads have ended (a closed outbox's thread ends; one that does not fails the test here)."""
+    senders = [t for t in threading.enumerate() if t.name == f"mlflow-outbox-{run_id[:8]}"]
+    for t in senders:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in senders), "a closed run's sender thread did not end"
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is tracking._Outbox and o.run_id == run_id]
+
+
+def test_a_closed_runs_outbox_is_released_once_what_it_held_is_stored(store):
+    """A reused actor closes one trial's run after another: a run closed with writes still queued
+    sends them, then its outbox (and its queue, and its thread) is gone from the process."""
+    uri, run_id, client = new_run(store)
+    run = tracking.RunHandle(uri, run_id)
+    run.log_metrics({"setup": 1.0}, step=0)
+    with outage(store):
+        run.log_image(grid(1), "pseudo_inputs", 1, wait=False)
+        run.log_metrics({"epoch": 1, "val_elbo": -99.0}, step=1, wait=False)
+        assert run.close(timeout_s=0) is False          # left queued: still sent after the outage
+    assert run.flush(timeout_s=60)
+    assert_stored_once(client, run_id, 1, {1})
+    del run
+    assert outboxes_of(run_id) == []
+
+
+def test_a_closed_handle_refuses_writes_and_a_new_handle_of_the_run_logs_again(store):
+    uri, run_id, client = new_run(store)
+    run = tracking.RunHandle(uri, run_id)
+    run.log_metrics({"epoch": 1}, step=1, wait=False)
+    assert run.close() is True
+    with pytest.raises(tracking.RunClosedError, match="this handle was closed"):
+        run.log_metrics({"epoch": 2}, step=2, wait=False)
+    with pytest.raises(tracking.RunClosedError, match="this handle was closed"):
+        run.log_image(grid(2), "pseudo_inputs", 2, wait=False)
+    with pytest.raises(tracking.RunClosedError, match="this handle was closed"):
+        run.resume([{"kind": "metrics", "metrics": [("epoch", 2.0, 0, 2)]}])
+    assert run.unacknowledged() == [] and run.flush()       # reads still answer
+    assert run.close() is True                              # closing again: nothing to do
+    again = tracking.RunHandle(uri, run_id)                  # a retried trial in a reused actor
+    again.log_metrics({"epoch": 2}, step=2, wait=False)
+    again.terminate()
+    with pytest.raises(tracking.RunClosedError):
+        again.log_metrics({"epoch": 3}, step=3, wait=False)
+    assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [1, 2]
+    del run, again
+    assert outboxes_of(run_id) == []
+
+
+def test_a_new_handle_of_a_run_still_sending_queues_behind_what_the_closed_handle_left(store):
+    """One order per run and process: a retried trial in a reused actor writes after what its
+    earlier incarnation left queued, not beside it."""
+    uri, run_id, client = new_run(store)
+    run = tracking.RunHandle(uri, run_id)
+    run.log_metrics({"setup": 1.0}, step=0)
+    with outage(store):
+        run.log_image(grid(1), "pseudo_inputs", 1, wait=False)
+        run.log_metrics({"epoch": 1, "val_elbo": -99.0}, step=1, wait=False)
+        assert run.close(timeout_s=0) is False
+        again = tracking.RunHandle(uri, run_id)
+        again.log_metrics({"epoch": 2, "val_elbo": -98.0}, step=2, wait=False)
+        assert write_steps(again.unacknowledged()) == [("image", 1), ("metrics", 1), ("metrics", 2)]
+    again.terminate()
+    assert_stored_once(client, run_id, 2, {1})
+    del run, again
+    assert outboxes_of(run_id) == []
+
+
+EXITS_AT_ONCE = """
+import atexit
+import sys
+import numpy as np
+from trainables import tracking
+assert "mlflow" not in sys.modules
+uri, run_id = sys.argv[1:3]
+run = tracking.RunHandle(uri, run_id)
+run.log_image(np.full((56, 56), 9, dtype=np.uint8), "pseudo_inputs", 1, wait=False)
+for epoch in (1, 2, 3):
+    run.log_metrics({"epoch": epoch, "val_elbo": -100.0 + epoch}, step=epoch, wait=False)
+atexit.register(print, "exiting", flush=True)     # registered last: the first hook to run at exit
+print("queued", flush=True)
+"""
+
+
+def test_what_a_process_queued_is_stored_when_it_exits_before_sending_anything(store):
+    """The script queues its writes and ends at once. The store stays locked until the script's
+    interpreter is shutting down: its writes can only go out at exit, and nothing was sent (nor
+    mlflow imported by the script) before."""
+    uri, run_id, client = new_run(store)
+    tracking.RunHandle(uri, run_id).log_metrics({"setup": 1.0}, step=0)    # the tables exist before the lock
+    with outage(store):
+        script = subprocess.Popen([sys.executable, "-c", EXITS_AT_ONCE, uri, run_id], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+        try:
+            said = [script.stdout.readline(), script.stdout.readline()]
+        except BaseException:
+            script.kill()
+            raise
+    _, err = script.communicate(timeout=120)
+    assert script.returncode == 0 and said == ["queued\n", "exiting\n"], (said, err)
+    try:
+        assert_stored_once(client, run_id, 3, {1})
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nthe script's stderr:\n{err[-3000:]}") from None

@@ -9,11 +9,14 @@ which builds on this module.
 
 A trial's per-epoch metrics and images go through its run's outbox: a queue that one background
 thread per run sends in order, retrying while the server says "not now", so that a trial (and
-the GPU pool it belongs to) never waits for the tracking server. What the server has not
+the GPU pool it belongs to) does not wait for the tracking server: metrics never wait, an image
+waits at most PUT_WAIT_S for room in a full queue, then is dropped. What the server has not
 acknowledged yet is a plain list (`RunHandle.unacknowledged`) that the trial keeps in its
 checkpoint and sends again when it is restored (`RunHandle.resume`): re-sending is idempotent
 (a metric with the same key, step, timestamp and value is one row; an image goes to the same
-file), so nothing is lost when a trial ends, is killed or resumes, and nothing is stored twice.
+file), so no metric is lost when a trial ends, is killed or resumes, and nothing is stored twice
+(a checkpoint carries at most CHECKPOINT_IMAGE_BYTES of unsent images: a lost image is a frame of
+the UI's slider, not a result).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import logging
 import math
 import random
 import re
+import shutil
 import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -153,9 +157,19 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
 
 
-# A trial's queued writes, at most (bytes): a server this far behind makes logging block (back-
-# pressure) instead of growing the trial's memory without bound.
+# A run's queued writes, at most (bytes): a server this far behind makes an image wait for room
+# (back-pressure), then drops it, instead of growing the trial's memory without bound.
 QUEUE_BYTES = 64 * 2**20
+# The longest an image waits for room in a full queue before it is dropped; metrics never wait (a
+# few hundred bytes an epoch). A step queues at most two images (a trial's first step also logs
+# its step-0 image), so it waits at most 2 x PUT_WAIT_S = 40 s on its outbox: a third of the time
+# its pool waits for a silent trial before evicting it (trainables/pool.py, wait_s = 120 s), the
+# rest left to the step's own work (its round, its checkpoint).
+PUT_WAIT_S = 20.0
+# The unsent images a checkpoint carries, at most (bytes; a pseudo-input grid is ~0.3 MB): see
+# RunHandle.unacknowledged. Unsent metrics are all carried: they are small, and an exact resume
+# needs them.
+CHECKPOINT_IMAGE_BYTES = 2 * 2**20
 BATCH_METRICS = 1000            # MLflow's limit of metrics per log_batch: queued epochs go out together
 TAG_LOGGED_IMAGES = "mlflow.loggedImages"     # MLflow's tag: the run has step-indexed images
 _IMAGE_NAME = re.compile(r"^(?P<key>.+)\+step\+(?P<step>\d+)\+timestamp\+\d+\+[^+]+\.png$")
@@ -165,54 +179,112 @@ class TrackingError(RuntimeError):
     """A queued write could not be logged (a permanent error, or a server unreachable for RETRY_S)."""
 
 
+class RunClosedError(RuntimeError):
+    """A write through a RunHandle after its `close` or `terminate` (a bug in the caller)."""
+
+
 def _write_bytes(write: Mapping[str, Any]) -> int:
     if write["kind"] == "image":
         return int(write["image"].nbytes) + 200
     return 100 * len(write["metrics"])
 
 
+OPEN, CLOSING, CLOSED = "open", "closing", "closed"     # an outbox's states
+
+
 class _Outbox:
     """One run's writes in order, sent by one background thread; a write leaves the queue only
     when the server acknowledged it. Writes are plain dicts (picklable, for checkpoints):
     {"kind": "metrics", "metrics": [(key, value, timestamp_ms, step), ...]} and
-    {"kind": "image", "key", "step", "timestamp", "uuid", "image": uint8 array}."""
+    {"kind": "image", "key", "step", "timestamp", "uuid", "image": uint8 array}.
+
+    Its lifecycle is `state`:
+      open     it takes writes, and its sender thread (started with it) sends them. A write that
+               fails for good stops the sender: `put` and `flush` raise TrackingError until
+               `retry` (a restored trial) starts it again.
+      closing  `close` was called: it takes no writes, and the sender sends what is queued. A new
+               handle of the run in this process reopens it, so that its writes go after those.
+      closed   everything queued was stored, or the sender had failed (what was left is in the
+               trial's checkpoint): it is out of the registry and its thread has ended.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str, retry_s: float):
+        _load_sender()
+        _flush_first_at_exit()
         self.tracking_uri, self.run_id, self.retry_s = tracking_uri, run_id, retry_s
         self._cond = threading.Condition()
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._bytes = 0
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
         self._images_tagged = False
-        self._closed = False
+        self._shedding = False      # an image was dropped for want of room, and none has fitted since
+        self.images_dropped = 0
         self.images: set[tuple[str, int]] = set()   # (key, step) queued or stored: logged once
+        self.state = OPEN
+        self._thread: threading.Thread | None = None
+        self._start_sender()
 
-    def put(self, write: dict[str, Any]) -> None:
+    def _start_sender(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"mlflow-outbox-{self.run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def put(self, write: dict[str, Any]) -> bool:
+        """Queue `write` (True). Metrics never wait. An image waits up to PUT_WAIT_S while the queue
+        is full (one write always fits, however large), then is dropped (False, with a warning), as
+        is every image after it, without waiting, until one fits again."""
         size = _write_bytes(write)
         with self._cond:
-            # Back-pressure: wait while the queue is full (one write always fits, however large).
-            while self._queue and self._bytes + size > QUEUE_BYTES and self._error is None:
-                self._cond.wait()
-            self._raise()
+            self._check_writable()
+            if write["kind"] == "image":
+                if not self._fits(size) and not self._shedding:
+                    deadline = time.monotonic() + PUT_WAIT_S
+                    while not self._fits(size) and self._error is None and self.state == OPEN:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    self._check_writable()
+                if not self._fits(size):
+                    self._shedding = True
+                    self.images_dropped += 1
+                    _logger.warning("MLflow run %s: image %s of step %s dropped: %.1f MiB are waiting for the "
+                                    "tracking server (%d image(s) dropped so far)", self.run_id, write["key"],
+                                    write["step"], self._bytes / 2**20, self.images_dropped)
+                    return False
+                self._shedding = False
             self._queue.append(write)
             self._bytes += size
-            self._closed = False          # a closed run's handle used again (a reused actor)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"mlflow-outbox-{self.run_id[:8]}",
-                                                daemon=True)
-                self._thread.start()
             self._cond.notify_all()
+            return True
 
-    def unacknowledged(self) -> list[dict[str, Any]]:
+    def _fits(self, size: int) -> bool:
+        return not self._queue or self._bytes + size <= QUEUE_BYTES
+
+    def unacknowledged(self, image_bytes: float = math.inf) -> list[dict[str, Any]]:
+        """The writes the server has not acknowledged yet, oldest first: every metrics write, and
+        the oldest images while their total fits `image_bytes` (a warning counts the others)."""
         with self._cond:
-            return list(self._queue)
+            writes = list(self._queue)
+        kept, used, left_out = [], 0, 0
+        for write in writes:
+            if write["kind"] == "image":
+                size = _write_bytes(write)
+                if used + size > image_bytes:
+                    left_out += 1
+                    continue
+                used += size
+            kept.append(write)
+        if left_out:
+            _logger.warning("MLflow run %s: %d unsent image(s) left out of the checkpoint (it carries %.1f MiB "
+                            "of images at most): lost if the trial is restored from it", self.run_id, left_out,
+                            image_bytes / 2**20)
+        return kept
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every queued write is acknowledged (True) or `timeout_s` passed (False)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
-            while self._queue and self._error is None:
+            while self._queue and self._error is None and self.state != CLOSED:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -223,17 +295,38 @@ class _Outbox:
     def retry(self) -> None:
         """After a failure: the writes still queued are tried again (a restored trial)."""
         with self._cond:
+            self._check_open()
             self._error = None
-            if self._queue and self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=f"mlflow-outbox-{self.run_id[:8]}",
-                                                daemon=True)
-                self._thread.start()
+            if self._thread is None:
+                self._start_sender()
+
+    def reopen(self) -> bool:
+        """open <- closing, for a new handle of the run (the sender goes on); False once closed."""
+        with self._cond:
+            if self.state == CLOSING:
+                self.state = OPEN
+            return self.state == OPEN
 
     def close(self) -> None:
-        """The thread ends once the queue is empty (what is still queued is still sent)."""
+        """open -> closing: what is queued is still sent, then the outbox is closed (at once if
+        its sender had failed: nothing would send what is left)."""
         with self._cond:
-            self._closed = True
+            if self.state != OPEN:
+                return
+            self.state = CLOSING if self._thread is not None else CLOSED
             self._cond.notify_all()
+            closed = self.state == CLOSED
+        if closed:
+            _unregister(self)
+
+    def _check_open(self) -> None:
+        if self.state != OPEN:
+            raise RunClosedError(f"MLflow run {self.run_id}: its outbox is {self.state}; make a new RunHandle "
+                                 "to log to the run again")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        self._raise()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -241,26 +334,35 @@ class _Outbox:
                                 f"write(s) could not be logged: {self._error}") from self._error
 
     def _run(self) -> None:
+        """The sender: the queue's writes in order, until it is closing and empty, or a write fails."""
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not self._queue and self.state == OPEN:
                     self._cond.wait()
-                if not self._queue:
-                    self._thread = None
-                    return
+                if not self._queue:             # closing, and everything is stored
+                    self.state, self._thread = CLOSED, None
+                    self._cond.notify_all()
+                    break
                 batch = self._next_batch()
             try:
                 self._send(batch)
             except BaseException as exc:   # kept for the trial's next call to raise; the writes stay queued
                 with self._cond:
-                    self._error = exc
-                    self._thread = None
+                    self._error, self._thread = exc, None
+                    closed = self.state == CLOSING      # no call of the trial's will raise it
+                    if closed:
+                        self.state = CLOSED
                     self._cond.notify_all()
-                return
+                if not closed:
+                    return
+                _logger.warning("MLflow run %s: %d write(s) left unsent after it was closed (a restored trial "
+                                "sends its checkpoint's again): %s", self.run_id, len(self._queue), exc)
+                break
             with self._cond:
                 for _ in batch:
                     self._bytes -= _write_bytes(self._queue.popleft())
                 self._cond.notify_all()
+        _unregister(self)
 
     def _next_batch(self) -> list[dict[str, Any]]:
         """The queue's first write, and the metrics writes right after a metrics write (one request)."""
@@ -294,44 +396,79 @@ class _Outbox:
         name = (f"{write['key'].replace('/', '~')}+step+{write['step']}+timestamp+{write['timestamp']}"
                 f"+{write['uuid']}")
         image = convert_to_pil_image(write["image"])
-        with tempfile.TemporaryDirectory(prefix="sweeper-image-") as folder:
+        # Not a TemporaryDirectory: its clean-up also runs at interpreter exit (weakref.finalize),
+        # under a send that the exit flush is waiting for.
+        folder = tempfile.mkdtemp(prefix="sweeper-image-")
+        try:
             image.save(Path(folder) / f"{name}.png")
             compress_image_size(image).save(Path(folder) / f"{name}+compressed.webp")
             call("log_artifacts", folder, "images")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         if not self._images_tagged:
             call("set_tag", TAG_LOGGED_IMAGES, True)
             self._images_tagged = True
 
 
+# (tracking URI, run id) -> the run's outbox in this process while it is open or closing: every
+# handle of the run shares its order, and the exit flush finds what is unsent.
 _OUTBOXES: dict[tuple[str, str], _Outbox] = {}
-_OUTBOXES_LOCK = threading.Lock()
+_OUTBOXES_LOCK = threading.Lock()       # taken before an outbox's own lock, never while holding it
 
 
-def _outbox(tracking_uri: str, run_id: str, retry_s: float) -> _Outbox:
-    """One outbox per run and process: every handle of a run shares its order."""
+def _open_outbox(tracking_uri: str, run_id: str, retry_s: float) -> _Outbox:
+    """The run's outbox to write to: the open one, the closing one reopened (what it holds goes
+    first), or a new one."""
     with _OUTBOXES_LOCK:
         box = _OUTBOXES.get((tracking_uri, run_id))
-        if box is None:
+        if box is None or not box.reopen():
             box = _OUTBOXES[(tracking_uri, run_id)] = _Outbox(tracking_uri, run_id, retry_s)
         return box
 
 
-def _drop_outbox(tracking_uri: str, run_id: str) -> None:
+def _registered(tracking_uri: str, run_id: str) -> _Outbox | None:
     with _OUTBOXES_LOCK:
-        _OUTBOXES.pop((tracking_uri, run_id), None)
+        return _OUTBOXES.get((tracking_uri, run_id))
+
+
+def _unregister(box: _Outbox) -> None:
+    """A closed outbox leaves the registry: nothing in the process holds its queue any more."""
+    with _OUTBOXES_LOCK:
+        if _OUTBOXES.get((box.tracking_uri, box.run_id)) is box:
+            del _OUTBOXES[(box.tracking_uri, box.run_id)]
+
+
+def _load_sender() -> None:
+    """Import what the sender sends with, in the thread that makes an outbox. A process that ends
+    right after queueing its writes sends them at exit (`_flush_at_exit`), when Python refuses what
+    some imports do (concurrent.futures, which MLflow imports, registers a hook: "can't register
+    atexit after shutdown"): the sender's first send must not be the process's first MLflow import."""
+    import PIL.Image  # noqa: F401
+    from mlflow.entities import Metric  # noqa: F401
+    from mlflow.tracking import MlflowClient  # noqa: F401
+    from mlflow.tracking.multimedia import compress_image_size, convert_to_pil_image  # noqa: F401
 
 
 EXIT_FLUSH_S = 10.0     # at interpreter exit, what is still queued gets this long to go out
 
 
-@atexit.register
 def _flush_at_exit() -> None:
     deadline = time.monotonic() + EXIT_FLUSH_S
-    for box in list(_OUTBOXES.values()):
+    with _OUTBOXES_LOCK:
+        boxes = list(_OUTBOXES.values())
+    for box in boxes:
         try:
             box.flush(max(0.0, deadline - time.monotonic()))
         except TrackingError:
             pass
+
+
+def _flush_first_at_exit() -> None:
+    """Exit hooks run last registered first: registered again whenever an outbox is made, the
+    flush runs before the hooks registered until then, which may clean up what a send still uses
+    (weakref.finalize's removes temporary folders; MLflow's)."""
+    atexit.unregister(_flush_at_exit)
+    atexit.register(_flush_at_exit)
 
 
 @dataclass
@@ -344,6 +481,11 @@ class RunHandle:
     image before its metrics knows that an epoch whose metrics are stored has its image too
     (`resume` returns the last such epoch). Other calls are synchronous, retried while the server
     says "not now"; `terminate` and `last_step` first wait for the queue.
+
+    `close` and `terminate` close the handle: its writes (`log_metrics`, `log_image`, `resume`)
+    raise RunClosedError from then on, its reads (`flush`, `unacknowledged`) still answer. What
+    the run's outbox holds is still sent, then the outbox is released; a new handle of the run (a
+    retried trial in a reused actor) logs to it again, after what is left.
     """
 
     tracking_uri: str
@@ -352,14 +494,27 @@ class RunHandle:
     experiment_id: str | None = None       # known to open_trial_run: saves a get_run where it is needed
     has_dataset: bool = False              # the run records a dataset input (as open_trial_run found it)
     retry_s: float = RETRY_S               # how long a call is retried while the server says "not now"
+    _closed: bool = field(default=False, init=False, repr=False, compare=False)   # by close or terminate
+    _box: _Outbox | None = field(default=None, init=False, repr=False, compare=False)  # the outbox it last used
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_box": None}       # a copy in another process has no outbox there
 
     @property
     def client(self):
         return client(self.tracking_uri)
 
-    @property
-    def _outbox(self) -> _Outbox:
-        return _outbox(self.tracking_uri, self.run_id, self.retry_s)
+    def _outbox_to_write(self) -> _Outbox:
+        if self._closed:
+            raise RunClosedError(f"MLflow run {self.run_id}: this handle was closed (close or terminate); make a "
+                                 "new RunHandle to log to the run again")
+        self._box = _open_outbox(self.tracking_uri, self.run_id, self.retry_s)
+        return self._box
+
+    def _outbox_to_read(self) -> _Outbox | None:
+        """The run's outbox in this process, else the one this handle last used (closed: what it
+        could not send), else None (nothing was queued here)."""
+        return _registered(self.tracking_uri, self.run_id) or self._box
 
     def _retry(self, fn: Callable[..., Any], *args, **kwargs) -> Any:
         return _with_retry(fn, *args, retry_s=self.retry_s, **kwargs)
@@ -375,18 +530,20 @@ class RunHandle:
         """Numeric values of `metrics` at `step`, through the outbox (`wait=False`: return at once)."""
         now = int(time.time() * 1000)
         items = [(k, v if math.isfinite(v) else float("nan"), now, step or 0) for k, v in _numeric(metrics).items()]
+        box = self._outbox_to_write()
         if items:
-            self._outbox.put({"kind": "metrics", "metrics": items})
+            box.put({"kind": "metrics", "metrics": items})
         if wait:
             self.flush()
 
     def log_image(self, image: np.ndarray, key: str, step: int, wait: bool = True) -> None:
         """A step-indexed image (the UI's step slider shows it changing over epochs), through the
-        outbox. Logged once per (key, step): a replayed epoch does not add a second copy."""
-        box = self._outbox
-        if (key, step) not in box.images:
-            box.put({"kind": "image", "key": key, "step": int(step), "timestamp": int(time.time() * 1000),
-                     "uuid": str(uuid.uuid4()), "image": np.asarray(image)})
+        outbox. Logged once per (key, step): a replayed epoch does not add a second copy. While the
+        tracking server is far behind, it may be dropped (see `_Outbox.put`)."""
+        box = self._outbox_to_write()
+        if (key, step) not in box.images and box.put({
+                "kind": "image", "key": key, "step": int(step), "timestamp": int(time.time() * 1000),
+                "uuid": str(uuid.uuid4()), "image": np.asarray(image)}):
             box.images.add((key, step))
         if wait:
             self.flush()
@@ -394,23 +551,30 @@ class RunHandle:
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until everything queued for this run is stored (False: `timeout_s` passed first).
         Raises TrackingError if a write failed for good."""
-        return self._outbox.flush(timeout_s)
+        box = self._outbox_to_read()
+        return True if box is None else box.flush(timeout_s)
 
-    def unacknowledged(self) -> list[dict[str, Any]]:
+    def unacknowledged(self, image_bytes: float | None = None) -> list[dict[str, Any]]:
         """The queued writes the server has not acknowledged yet, oldest first: plain data for a
-        checkpoint, to give to `resume` when the trial is restored from it."""
-        return self._outbox.unacknowledged()
+        checkpoint, to give to `resume` when the trial is restored from it. Every metrics write
+        (small, and an exact resume needs them); of the images, the oldest while they fit
+        `image_bytes` (default CHECKPOINT_IMAGE_BYTES), with a warning that counts the others: an
+        image left out is never stored if the trial is restored from this checkpoint, which costs
+        a frame of the UI's slider, not a result."""
+        box = self._outbox_to_read()
+        if box is None:
+            return []
+        return box.unacknowledged(CHECKPOINT_IMAGE_BYTES if image_bytes is None else image_bytes)
 
     def resume(self, unacknowledged: Iterable[Mapping[str, Any]] = (), step_key: str = "epoch") -> int:
         """After a restore: send again what the checkpoint held unacknowledged, wait until it is
         stored, and return the last step of metric `step_key` in the run (0 if none). The images
         the run already has are remembered, so that replayed epochs do not log them again."""
-        box = self._outbox
+        box = self._outbox_to_write()
         box.retry()
         for write in unacknowledged:
-            if write["kind"] == "image":
+            if box.put(dict(write)) and write["kind"] == "image":
                 box.images.add((write["key"], write["step"]))
-            box.put(dict(write))
         self.flush()
         box.images.update(self.stored_images())
         return self.last_step(step_key)
@@ -426,9 +590,15 @@ class RunHandle:
         return found
 
     def close(self, timeout_s: float = 30.0) -> bool:
-        """Give what is queued up to `timeout_s` to be stored, then let the run's sender thread end
-        (a trial's cleanup). False if writes are left (they are still in the last checkpoint)."""
-        box = self._outbox
+        """Close the handle (a trial's cleanup): what is queued gets up to `timeout_s` to be stored,
+        then the run's outbox is closed; what is left is still sent in the background (it is also in
+        the last checkpoint), then the outbox is released. False if writes were left."""
+        if self._closed:          # closed before: nothing more to do
+            return self._box is None or not self._box.unacknowledged()
+        self._closed = True
+        box = self._box = self._outbox_to_read()
+        if box is None:
+            return True
         try:
             done = box.flush(timeout_s)
         except TrackingError as exc:
@@ -438,8 +608,6 @@ class RunHandle:
             _logger.warning("MLflow run %s: %d write(s) not yet stored when the trial closed", self.run_id,
                             len(box.unacknowledged()))
         box.close()
-        if done:
-            _drop_outbox(self.tracking_uri, self.run_id)
         return done
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -473,9 +641,9 @@ class RunHandle:
 
     def terminate(self, status: str = "FINISHED", end_time: int | None = None) -> None:
         """Close the run as `status` once everything queued for it is stored (`end_time` in ms:
-        when its own work ended, default now). A run that cannot be FINISHED for want of its
-        writes raises TrackingError; a failing or killed run is closed all the same (what was not
-        stored is in the trial's checkpoint)."""
+        when its own work ended, default now), and the handle as `close` does. A run that cannot
+        be FINISHED for want of its writes raises TrackingError (the handle stays open); a failing
+        or killed run is closed all the same (what was not stored is in the trial's checkpoint)."""
         try:
             self.flush()
         except TrackingError as exc:
@@ -483,8 +651,10 @@ class RunHandle:
                 raise
             _logger.warning("%s", exc)
         self._retry(self.client.set_terminated, self.run_id, status, end_time)
-        self._outbox.close()
-        _drop_outbox(self.tracking_uri, self.run_id)
+        self._closed = True
+        box = self._box = self._outbox_to_read()
+        if box is not None:
+            box.close()
 
     def reopen(self) -> None:
         self._retry(self.client.update_run, self.run_id, status="RUNNING")
