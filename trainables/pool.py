@@ -70,6 +70,9 @@ from trainables.vae.train import Trainer, build_trial_model, fixed_subset, resol
 # Ray namespace of the pool actors: fixed, so a resumed sweep (a new driver) finds its pools.
 POOL_NAMESPACE = "sweeper-pools"
 N_PSEUDO_INPUTS = 100   # pseudo-inputs returned for a trial's image grid
+# A member not heard from for this long while others wait for it is evicted (its process died,
+# or Tune stopped it without `leave`). A step's own waits (its MLflow outbox) stay well below it.
+EVICT_WAIT_S = 120.0
 FORGET_AFTER_WAITS = 10  # default forget_s in units of wait_s: long past an eviction, a trial is dead
 
 log = logging.getLogger(__name__)
@@ -681,7 +684,7 @@ class PoolActor:
       device: their states wait in host memory.
     """
 
-    def __init__(self, device: str = "auto", wait_s: float = 120.0, splits: Splits | None = None,
+    def __init__(self, device: str = "auto", wait_s: float = EVICT_WAIT_S, splits: Splits | None = None,
                  clock: Callable[[], float] = time.monotonic, forget_s: float | None = None, **device_kw):
         self._device = DeviceTrainers(device, splits, **device_kw)
         if self._device.device.type == "cpu":
@@ -901,7 +904,7 @@ def pool_name(sweep_id: str, node_id: str, gpu: str | None) -> str:
     return f"{sweep_id}/{node_id}/{'gpu' + gpu if gpu is not None else 'cpu'}"
 
 
-def get_pool(sweep_id: str, wait_s: float = 120.0):
+def get_pool(sweep_id: str, wait_s: float = EVICT_WAIT_S):
     """The pool actor of this process's device, created on first use (call inside a trial).
 
     A trial with a (fractional) GPU uses the pool of that GPU on its node; a CPU trial the

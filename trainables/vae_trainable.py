@@ -24,7 +24,7 @@ import torch
 from ray import tune
 
 from trainables import tracking
-from trainables.pool import NotAMember, get_pool
+from trainables.pool import EVICT_WAIT_S, NotAMember, get_pool
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.data import dataset_digest
@@ -378,7 +378,7 @@ class VAETrainable(tune.Trainable):
         self.config_dict = config
         self.cfg, self.sweep = split_config(config)
         pool = self.sweep.get("pool")
-        self.pool = get_pool(pool["sweep_id"], pool.get("wait_s", 120.0)) if pool else None
+        self.pool = get_pool(pool["sweep_id"], pool.get("wait_s", EVICT_WAIT_S)) if pool else None
         self.phase = Phase.SET_UP
         self.restored: Restored | None = None            # SET_UP: a checkpoint to begin from
         self.run: tracking.RunHandle | None = None
@@ -554,12 +554,13 @@ class VAETrainable(tune.Trainable):
             # (pooled) is what it joins its pool with.
             self.restored = Restored(state["trainer"], state.get("unlogged", []))
             return
-        if self.pool is not None:
-            self._join(state["trainer"])             # replaces its slot
-        self.phase = Phase.TRAINING
         if state["run_id"] and self.sweep.get("tracking_uri"):
             self.run = tracking.RunHandle(self.sweep["tracking_uri"], state["run_id"])
             self.logged_through = self.run.resume(state.get("unlogged", []), "epoch")
+        if self.pool is not None:
+            # After the run's resume (which may wait for MLflow): from its join on, its group waits for it.
+            self._join(state["trainer"])             # replaces its slot
+        self.phase = Phase.TRAINING
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self._leave()             # a reused actor: the old trial's slot goes, a new trial starts
