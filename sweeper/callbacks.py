@@ -278,8 +278,9 @@ class SweepReporter(CLIReporter):
     why it ended (`completed`, `early_stopping`, `nan`, `scheduler`, `error`), its epochs, seconds
     per epoch, latest value of the sweep's metric and test LL. Running trials come first, then the
     ended ones by their latest metric (the sweep's choice of the best trial, on the metric at
-    each trial's tested epoch, is printed at the end). Tune still decides when to report (every
-    `every_s` and at the end). Plain data only: Tune pickles it with the experiment."""
+    each trial's tested epoch, is printed at the end). It is printed when a trial started or
+    ended (at most every `every_s`), else every 5 minutes, and at the end: a long sweep's console
+    stays readable. Plain data only: Tune pickles it with the experiment."""
 
     ORDER = {"RUNNING": 0, "PENDING": 1, "PAUSED": 1, "TERMINATED": 2, "ERROR": 3}
 
@@ -287,6 +288,22 @@ class SweepReporter(CLIReporter):
         # metric/mode are Tune's (TuneConfig): the base class refuses them twice.
         super().__init__(parameter_columns=list(parameters), max_report_frequency=every_s, max_progress_rows=max_rows)
         self.parameters, self.metric_name, self.metric_mode, self.max_rows = list(parameters), metric, mode, max_rows
+
+    # When the table is printed again: at most every `every_s` while something changes that a user
+    # waits for (a trial starts or ends), else every `quiet_s` (long trials: the epochs move on).
+    QUIET_S = 300.0
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        if done:
+            return True
+        now = time.time()
+        since = now - getattr(self, "_printed_at", 0.0)
+        states = tuple(sorted((t.trial_id, self.status(t)) for t in trials))
+        changed = states != getattr(self, "_printed_states", None)
+        if since >= (self._max_report_freqency if changed else self.QUIET_S):
+            self._printed_at, self._printed_states = now, states
+            return True
+        return False
 
     def report(self, trials, done: bool, *sys_info: str) -> None:
         print(self.render(trials, done), flush=True)

@@ -40,8 +40,7 @@ from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallbac
                                asha_expected_epochs, duration, trial_name)
 from sweeper.spec import SweepSpec, load_spec
 from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_IMAGES, METRIC_TEST_LL,
-                                    METRIC_TEST_SAMPLES, METRIC_VAL_ELBO,
-                                    short, stop_reason)
+                                    METRIC_TEST_SAMPLES, METRIC_VAL_ELBO, STOP_SCHEDULER, short, stop_reason)
 
 STATE_FILE = "sweep.json"
 # What the trials need from the driver's environment: MLflow credentials and the data location.
@@ -593,15 +592,22 @@ class SweepDriver:
         whatever it had reached (Tune's state, or only its start-up: `make_tuner` launches it again)."""
         if self.parent is None:
             raise KeyboardInterrupt    # nothing was created yet: run_sweep says so
-        closed = tracking.close_stale_children(self.plan.tracking_uri, self.experiment_id, self.parent.run_id)
+        running = [r for r in tracking.child_runs(self.plan.tracking_uri, self.experiment_id, self.parent.run_id)
+                   if r.info.status == "RUNNING"]
+        testing = sum(stop_reason(r.data.tags.get(tracking.TAG_STOP)) == STOP_SCHEDULER for r in running)
+        tracking.close_stale_children(self.plan.tracking_uri, self.experiment_id, self.parent.run_id)
         self.parent.terminate("KILLED")
         self.parent_closed = True
         if not self.state_file.exists():     # before sweep.json: there is no sweep to continue
             raise SweepInterrupted(f"interrupted before sweep {self.plan.sweep_id} started: nothing was launched "
                                    f"(its MLflow run {self.parent.run_id} is closed as KILLED)") from None
+        closed = [f"{len(running) - testing} training trial(s)"] if len(running) > testing else []
+        if testing:
+            closed.append(f"{testing} stopped trial(s) whose test evaluation was cut short (--resume tests them)")
+        what = f"the runs of {' and '.join(closed)} are closed as KILLED" if closed else "no trial was running"
         raise SweepInterrupted(
-            f"sweep {self.plan.sweep_id} interrupted; {len(closed)} running trial run(s) closed as KILLED, "
-            f"finished trials are kept. Continue it with:\n  {self.command}") from None
+            f"sweep {self.plan.sweep_id} interrupted; {what}; finished trials are kept. Continue it with:\n"
+            f"  {self.command}") from None
 
     def abandon_if_nothing_launched(self, why: str) -> bool:
         """A new sweep that failed before Tune saved its state and before any trial opened a run

@@ -253,3 +253,21 @@ def test_a_new_sqlite_store_is_created_whole_or_not_at_all(tmp_path, monkeypatch
     assert sorted(os.listdir(tmp_path)) == ["mlflow.db"]
     experiment = tracking.ensure_experiment(uri, "after")
     assert tracking.client(uri).get_experiment(experiment).name == "after"
+
+
+def test_the_console_table_is_printed_again_when_a_trial_starts_or_ends_else_every_five_minutes(monkeypatch):
+    """A long sweep printed its table every 30 s (the README's taste: 402 lines in 12 minutes)."""
+    clock = [1000.0]
+    monkeypatch.setattr("sweeper.callbacks.time.time", lambda: clock[0])
+    reporter = SweepReporter(["prior", "K", "lr"], "val_elbo", "max", every_s=30.0)
+    running = [trial("a", "RUNNING", 3), trial("b", "RUNNING", 3)]
+    printed = []
+    for t in range(0, 1200, 10):           # 20 minutes, asked every 10 s as Tune does
+        clock[0] = 1000.0 + t
+        trials = running if t < 600 else [trial("a", "RUNNING", 9), trial("b", "TERMINATED", 9)]
+        if reporter.should_report(trials):
+            printed.append(t)
+    # The first view, every 5 minutes while nothing starts or ends, at once (30 s apart at most)
+    # when b ends at minute 10, then every 5 minutes again.
+    assert printed == [0, 300, 600, 900]
+    assert reporter.should_report(trials, done=True)

@@ -177,3 +177,35 @@ def test_a_sweep_is_not_done_until_every_trial_of_its_spec_is_accounted_for(tmp_
     study.tell(stray, -90.0)
     assert unaccounted_trials(results, spec, plan, experiment_id, parent) == [
         f"Optuna trial #{stray.number} is COMPLETE but belongs to no trial of the sweep"]
+
+
+def test_a_ctrl_c_says_which_runs_it_closed_training_trials_and_stopped_ones_being_tested(tmp_path):
+    """It said "9 running trial run(s) closed as KILLED" for trials that had finished training
+    and were being tested."""
+    import json
+
+    from sweeper.errors import SweepInterrupted
+    from sweeper.run import STATE_FILE, Interrupts, SweepDriver, SweepPlan
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = parse_spec(yaml.safe_load(QUICKSTART.read_text()))
+    plan = SweepPlan("quickstart-20260101-000000", str(tmp_path / "sweeps"), tmp_path, uri)
+    experiment_id = tracking.ensure_experiment(uri, "ctrl-c")
+    parent = tracking.RunHandle(uri, tracking.client(uri).create_run(experiment_id).info.run_id)
+    (tmp_path / STATE_FILE).write_text(json.dumps({"parent_run_id": parent.run_id}))
+    runs = {}
+    for name, tags in (("training", {}), ("testing", {"stop_reason": "scheduler"}), ("done", {"stop_reason": "completed"})):
+        runs[name] = tracking.open_trial_run(uri, experiment_id, parent.run_id, trial_id=name, trial_name=name,
+                                             params={}, sweep_name="s")
+        runs[name].set_tags(tags)
+    runs["done"].terminate("FINISHED")
+    driver = SweepDriver(spec, tmp_path / "quickstart.yaml", (), plan, False, print, Interrupts(print), "sweeper run X --resume")
+    driver.experiment_id, driver.parent = experiment_id, parent
+    with pytest.raises(SweepInterrupted) as interrupted:
+        driver.interrupted()
+    assert ("the runs of 1 training trial(s) and 1 stopped trial(s) whose test evaluation was cut short (--resume "
+            "tests them) are closed as KILLED; finished trials are kept") in str(interrupted.value)
+    client = tracking.client(uri)
+    assert [client.get_run(runs[n].run_id).info.status for n in ("training", "testing", "done")] == [
+        "KILLED", "KILLED", "FINISHED"]
+    assert client.get_run(parent.run_id).info.status == "KILLED"
