@@ -182,3 +182,31 @@ def test_a_restore_whose_checkpoint_retention_deleted_goes_on_from_the_newest_th
     restored.stop()
     steps = sorted(m.step for m in client.get_metric_history(expected[RESULT_RUN_ID], "val_elbo"))
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_trial_process_silences_only_the_exit_that_lands_in_a_finalizer(capfd):
+    """Ray's SIGTERM handler raises SystemExit when Tune ends a stopped trial's actor; inside a
+    finalizer Python printed it as an "Exception ignored" traceback on the driver's console."""
+    import gc
+    import sys
+
+    from trainables.vae_trainable import quiet_exit_in_finalizers
+
+    class Ends:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    before = sys.unraisablehook
+    sys.unraisablehook = quiet_exit_in_finalizers
+    try:
+        Ends(SystemExit(1))
+        gc.collect()
+        assert capfd.readouterr().err == ""
+        Ends(RuntimeError("a real problem"))
+        gc.collect()
+        assert "RuntimeError: a real problem" in capfd.readouterr().err
+    finally:
+        sys.unraisablehook = before

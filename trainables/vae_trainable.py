@@ -15,6 +15,7 @@ import gc
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -340,6 +341,16 @@ def newest_existing_checkpoint(missing: "tune.Checkpoint") -> tuple["tune.Checkp
     return checkpoint, epoch
 
 
+def quiet_exit_in_finalizers(unraisable) -> None:
+    """`sys.unraisablehook` of a trial's process. When Tune ends the actor of a stopped trial,
+    Ray's SIGTERM handler raises SystemExit; landing inside a finalizer (a WeakSet's, say) Python
+    cannot raise it and printed a 10-line "Exception ignored" traceback on the driver's console
+    for a trial that ended as it should. Only that is silenced; anything else is printed as usual."""
+    if isinstance(unraisable.exc_value, SystemExit):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 class Phase(enum.Enum):
     """Where a trial's process is in the trial's life (`VAETrainable.phase`)."""
 
@@ -371,6 +382,7 @@ class VAETrainable(tune.Trainable):
     """
 
     def setup(self, config: dict[str, Any]) -> None:
+        sys.unraisablehook = quiet_exit_in_finalizers
         self._start(config)
 
     def _start(self, config: dict[str, Any]) -> None:
