@@ -16,7 +16,9 @@ driver collects what is in flight (`Evaluations.finish`) when Tune's run has ret
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Callable, ClassVar
 
 import ray
@@ -26,18 +28,19 @@ from sweeper import tracking
 from sweeper.spec import SweepSpec
 from trainables.vae.catalog import METRIC_TEST_LL, STOP_ERROR, STOP_SCHEDULER, stop_reason
 
+logger = logging.getLogger(__name__)
+
 TAG_EVALUATION_FAILED = "sweeper.evaluation_failed"   # a stopped trial whose test evaluation failed
 EVALUATION_ERROR_FILE = "evaluation_error.txt"          # ... its traceback, an artifact of its run
 
 
 @dataclass
 class Evaluations:
-    """The sweep's evaluations in flight (trial id -> (Ray ref, its run)) and the lines of those
-    that failed. Held per sweep by the driver process (`of`), not by the pickled callbacks."""
+    """The sweep's evaluations in flight and the lines of those that failed. Held per sweep by the driver process (`of`), not by the pickled callbacks."""
 
     tracking_uri: str
     spec: SweepSpec
-    in_flight: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    in_flight: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)   # trial id -> (ref, run, checkpoint)
     failed: list[str] = field(default_factory=list)
 
     _BY_SWEEP: ClassVar[dict[str, "Evaluations"]] = {}    # one per sweep in this driver process
@@ -72,33 +75,44 @@ class Evaluations:
         task = ray.remote(num_cpus=self.spec.resources.cpu, num_gpus=self.spec.resources.gpu)(evaluate_stopped_trial)
         ref = task.remote(config, checkpoint, trial_id, test=policy.tests, samples=policy.samples,
                           images=policy.images)
-        self.in_flight[trial_id] = (ref, run)
+        self.in_flight[trial_id] = (ref, run, checkpoint)
 
     def collect(self, wait: bool) -> None:
         """Record the evaluations that ended (all of them, waiting, with `wait`)."""
         if not self.in_flight:
             return
-        refs = {ref: trial_id for trial_id, (ref, _) in self.in_flight.items()}
+        refs = {ref: trial_id for trial_id, (ref, _, _) in self.in_flight.items()}
         done, _ = ray.wait(list(refs), num_returns=len(refs) if wait else len(refs), timeout=None if wait else 0)
         for ref in done:
-            _, run = self.in_flight.pop(refs[ref])
+            _, run, checkpoint = self.in_flight.pop(refs[ref])
             try:
                 ray.get(ref)
             except Exception as exc:     # the task raised (RayTaskError) or its worker died
                 self.failed.append(_evaluation_failed(self.tracking_uri, run, exc))
+            else:
+                drop_checkpoints(checkpoint)
 
 
-class StoppedTrialEvaluations(tune.Callback):
-    """Launches a stopped trial's test evaluation as soon as the scheduler stops it. After
-    `TrialRunsCallback` in the callbacks' list: that one tags the run `stop_reason: scheduler`.
-    Plain data only (Tune pickles callbacks); what is in flight lives in `Evaluations`."""
+class TrialEnds(tune.Callback):
+    """When a trial ends: one the scheduler stopped is tested at once (its evaluation launched);
+    one that ended by itself (tested in its last step) needs its checkpoints no more, nor does a
+    stopped one once tested (`Evaluations.collect`): they are deleted. A resume never restores an
+    ended trial and `sweeper evaluate` uses the weights in MLflow, so what a finished sweep leaves
+    on disk is its MLflow store and Tune's small records, not a checkpoint per trial.
+
+    After `TrialRunsCallback` in the callbacks' list: that one tags a stopped trial's run
+    `stop_reason: scheduler`. Plain data only (Tune pickles callbacks); what is in flight lives
+    in `Evaluations`."""
 
     def __init__(self, sweep_id: str, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: SweepSpec):
         self.sweep_id, self.args, self.spec = sweep_id, (tracking_uri, experiment_id, parent_run_id), spec
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if (trial.last_result or {}).get("stop_reason") or trial.checkpoint is None:
-            return    # it ended by itself (finalized in its last step), or has nothing to evaluate
+        if trial.checkpoint is None:
+            return
+        if (trial.last_result or {}).get("stop_reason"):      # it ended by itself and was finalized
+            drop_checkpoints(trial.checkpoint)
+            return
         run = tracking.find_child(*self.args, trial_id=trial.trial_id)
         if run is None or stop_reason(run.data.tags.get(tracking.TAG_STOP)) != STOP_SCHEDULER:
             return
@@ -173,3 +187,18 @@ def _evaluation_failed(tracking_uri: str, run, exc: BaseException) -> str:
     handle.terminate("FAILED")
     return (f"trial_{run.data.tags.get(tracking.TAG_TRIAL, '?')} ({run.info.run_name}): stopped by the scheduler "
             f"after epoch {epoch}, its test evaluation failed: {last} (traceback: {where})")
+
+
+def drop_checkpoints(checkpoint) -> None:
+    """Delete every checkpoint of an ended (and tested) trial: the `checkpoint_*` folders beside
+    its last one, on whatever storage holds them."""
+    import pyarrow.fs
+
+    fs, trial_dir = checkpoint.filesystem, str(PurePosixPath(checkpoint.path).parent)
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(trial_dir, allow_not_found=True))
+        for info in infos:
+            if info.type == pyarrow.fs.FileType.Directory and PurePosixPath(info.path).name.startswith("checkpoint_"):
+                fs.delete_dir(info.path)
+    except OSError as exc:      # disk space, not correctness: say so and go on
+        logger.warning("could not delete the checkpoints in %s: %s", trial_dir, exc)

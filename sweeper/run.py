@@ -35,7 +35,7 @@ from ray import tune
 
 from sweeper import tracking
 from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
-from sweeper.evaluations import StoppedTrialEvaluations, evaluate_stopped_trials
+from sweeper.evaluations import TrialEnds, evaluate_stopped_trials
 from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallback, TrialRunsCallback,
                                asha_expected_epochs, duration, trial_name)
 from sweeper.spec import SweepSpec, load_spec
@@ -546,13 +546,15 @@ class SweepDriver:
                 # was. At the end too, so a scheduler-stopped trial has its last epoch's checkpoint.
                 # Retention may delete the checkpoint Tune's last saved state names; a restore then
                 # goes on from the trial's newest one (VAETrainable.restore).
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_at_end=True,
+                # One kept: Tune deletes the older only once the newer is complete, so one always
+                # exists, and an ended trial's go too (TrialEnds).
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_at_end=True,
                                                         checkpoint_frequency=spec.checkpoint_frequency),
                 callbacks=[SchedulerStateCallback(scheduler), _time_left(spec, self.at_once, plan.sweep_id),
                            TrialRunsCallback(plan.tracking_uri, self.experiment_id, self.parent.run_id,
                                              spec.scheduler.type, plan.sweep_id),
                            # After TrialRunsCallback, which tags a stopped trial's run: tested as it stops.
-                           StoppedTrialEvaluations(plan.sweep_id, plan.tracking_uri, self.experiment_id,
+                           TrialEnds(plan.sweep_id, plan.tracking_uri, self.experiment_id,
                                                    self.parent.run_id, spec),
                            *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else [])],
                 progress_reporter=_reporter(spec), verbose=1),

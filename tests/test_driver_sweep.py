@@ -94,7 +94,7 @@ def test_an_early_ctrl_c_and_stopped_trials_tested_as_they_stop(tmp_path, shared
     assert "time: " in console and "from the first estimate to the end of the sweep" in console
     for noise in ("Token authentication is enabled", "Creating initial MLflow database tables",
                   "Started a local Ray instance", "Result logdir", "| loc ", "192.0.2", "Total run time",
-                  "Wrote the latest version", "Current best trial", "\x1b[0m\n"):
+                  "Wrote the latest version", "Current best trial", "Trainable.setup took", "\x1b[0m\n"):
         assert noise not in console, noise
     assert not ray.is_initialized()
 

@@ -75,6 +75,9 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
     assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
     assert parents[0].info.status == "FINISHED"
     assert "best_test_ll" in parents[0].data.metrics
+    # An ended, tested trial's checkpoints are gone (its weights are in MLflow): a finished sweep
+    # leaves its store and Tune's records, not a checkpoint per trial.
+    assert not list((tmp_path / "sweeps").rglob("checkpoint_*"))
     # The best trial is chosen on validation at each trial's tested epoch, not on test LL.
     tested = outcome.summary[outcome.summary["best_epoch"].notna()]
     assert list(tested["val_elbo"]) == sorted(tested["val_elbo"], reverse=True)

@@ -36,6 +36,11 @@ from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, MET
                                     STOP_ERROR, STOP_NAN, STOP_SCHEDULER)
 from trainables.vae.train import Trainer, final_evaluation
 
+# Tune's note that a trial's setup took over 10 s ("consider setting reuse_actors=True") reached
+# the driver's console at the end of every sweep: the sweep does reuse actors; a fresh process
+# importing torch, Ray and MLflow and loading its data is simply that slow on a small machine.
+logging.getLogger("ray.tune.trainable.trainable").setLevel(logging.WARNING)
+
 CHECKPOINT_FILE = "trainer.pt"
 N_GRID_IMAGES = 100
 
