@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,13 @@ def _command(root: Path, spec: Path) -> list[str]:
     return [sys.executable, "-m", "sweeper.cli", "run", str(spec), *(["--resume"] if resumable else [])]
 
 
+def _as_from_a_terminal() -> None:
+    """A command typed in a terminal gets SIGINT's default action; one started from a background
+    job (CI, nohup) inherits SIGINT ignored, and a Ctrl-C before the driver installs its own
+    handler would be lost, which no user at a terminal sees."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kill_all(proc: subprocess.Popen) -> None:
     """The driver's process group (its Ray), whatever is left of it."""
     try:
@@ -70,7 +78,7 @@ def chaos(root: Path, seed: int, data_dir: Path) -> list[str]:
         delay = rng.uniform(3.0, 40.0)
         log = open(root / f"launch{i}.log", "w")
         proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_as_from_a_terminal)
         try:
             proc.wait(timeout=delay)
             events.append(f"launch {i} ({command[-1]}): ended by itself with {proc.returncode} before {how} "
@@ -111,8 +119,13 @@ def test_a_sweep_killed_three_times_at_random_loses_and_doubles_nothing(tmp_path
 if __name__ == "__main__":
     data = Path(os.environ.get("SWEEPER_DATA_DIR", ROOT.parent / "shared" / "datasets")).resolve()
     for seed in map(int, sys.argv[1:] or ["0"]):
-        with tempfile.TemporaryDirectory() as folder:
-            t0 = time.time()
-            happened = chaos(Path(folder), seed, data)
-            sweep_checks.check_agreement(Path(folder), name="chaos", experiment="chaos", trials=TRIALS)
-            print(f"seed {seed}: agreement after {time.time() - t0:.0f} s; " + "; ".join(happened), flush=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"chaos-{seed}-"))
+        t0 = time.time()
+        try:
+            happened = chaos(folder, seed, data)
+            sweep_checks.check_agreement(folder, name="chaos", experiment="chaos", trials=TRIALS)
+        except BaseException:
+            print(f"seed {seed}: FAILED; its logs and stores are kept in {folder}", flush=True)
+            raise
+        print(f"seed {seed}: agreement after {time.time() - t0:.0f} s; " + "; ".join(happened), flush=True)
+        shutil.rmtree(folder)
