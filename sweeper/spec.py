@@ -941,7 +941,8 @@ class _Checker:
                 self.add(path, f"{value} audit trial(s) cannot measure a rank correlation, which needs at least "
                                f"{AUDIT_MIN}; use {AUDIT_MIN} or more, or 0 to turn audit trials off")
                 return None
-            return value
+            # 0 is as if unset: a sweep started without audit trials resumes with --set scheduler.audit=0.
+            return value or None
         if not (math.isfinite(value) and 0 < value < 1):
             hint = (f"; for a count write an integer ({int(value)})" if math.isfinite(value) and value >= 1
                     and float(value).is_integer() else "")

@@ -476,7 +476,11 @@ def test_audit_counts_and_fractions() -> None:
     assert audit_trials(0.125, 64) == 8 and audit_trials(0.25, 10) == 3      # 2.5 rounds up
     assert audit_trials(0.1, 8) == 3 and audit_trials(0.5, 4) == 3 and audit_trials(0.9, 3) == 3   # at least 3
     assert parse_spec(VALID).audit_trials == 0 and "audit" not in parse_spec(VALID).to_dict()["scheduler"]
+    # audit: 0 is the spec without it (what --resume compares): a sweep started before audit trials resumes with it.
+    zero = parse_spec(VALID | {"scheduler": {**VALID["scheduler"], "audit": 0}})
+    assert zero.to_dict() == parse_spec(VALID).to_dict()
     # --num-samples and --set reach it like any value: too few trials for the count is named with its origin.
     with pytest.raises(SpecError, match=r"scheduler.audit: 6 audit trials exceed the 4 trial\(s\).*\(from --set "
                                         r"scheduler.audit=6\)"):
         parse_spec(VALID, "spec.yaml", ["scheduler.audit=6"], num_samples=4)
+    assert load_spec(SPECS[[p.stem for p in SPECS].index("pseudo_inputs")]).audit_trials >= 3
