@@ -510,3 +510,14 @@ def test_the_audit_choice_is_random_but_reproducible_for_a_seed() -> None:
     for i in range(8):
         asha.on_trial_add(None, SimpleNamespace(trial_id=f"t{i}"))
     assert [int(t[1:]) for t in asha.audit_trials()] == list(audit_plan(8, 3, spec.search.seed))
+
+
+def test_the_time_left_counts_audit_trials_at_their_whole_budget() -> None:
+    from sweeper.callbacks import asha_expected_epochs
+    from sweeper.run import _time_left
+
+    asha = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+    plain = _time_left(make_spec(scheduler=asha, num_samples=6), 2, "s")
+    audited = _time_left(make_spec(scheduler=asha | {"audit": 3}, num_samples=6), 2, "s")
+    assert plain.expected == pytest.approx(asha_expected_epochs(1, 2, MAX_EPOCHS))
+    assert audited.expected == pytest.approx((3 * plain.expected + 3 * MAX_EPOCHS) / 6)
