@@ -89,6 +89,7 @@ def test_audit_trials_run_to_their_end_and_the_sweep_measures_its_rungs(tmp_path
     assert {"rung_fidelity.md", "rung_fidelity.json"} <= artifacts
     saved = json.loads(Path(client.download_artifacts(parent.info.run_id, "rung_fidelity.json", str(tmp_path))).read_text())
     assert saved["audit"] == 3 and [r["epoch"] for r in saved["rungs"]] == [1, 2]
-    assert saved["winner"] == parent.data.tags["best_trial"]
+    best = client.get_run(parent.data.tags["best_run_id"])
+    assert saved["winner"] == f"{parent.data.tags['best_trial']} (trial_{best.data.tags['sweeper.trial_id']})"
     console = "\n".join(lines)
     assert "rung fidelity (3 audit trial(s)" in console and "  epoch 1: " in console
