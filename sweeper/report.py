@@ -1045,9 +1045,7 @@ def _optuna_section(rep: _Report, parents: list, tracking_uri: str) -> list[str]
 
 def _fidelity_section(rep: _Report, client, parents: list, runs: list) -> list[str]:
     """Per sweep under ASHA: how well its rungs ranked the trials against their end, from its audit
-    trials (sweeper/fidelity.py); also rung_fidelity_<sweep>.json."""
-    import json
-
+    trials (sweeper/fidelity.py; the sweep's run also has it as rung_fidelity.json)."""
     from sweeper.fidelity import sweep_fidelity
 
     lines = []
@@ -1060,15 +1058,12 @@ def _fidelity_section(rep: _Report, client, parents: list, runs: list) -> list[s
             continue
         if fidelity is None:
             continue
-        path = rep.result.out / f"rung_fidelity_{_safe(name)}.json"
-        path.write_text(json.dumps(fidelity.to_dict(), indent=2) + "\n")
-        rep.result.files.append(path)
         lines += [fidelity.markdown(title=f"Sweep `{name}`", level=3), ""]
     if not lines:
         return []
     return ["## Rung fidelity", "", "Did ASHA's rungs rank the trials the way they ended? Measured on each sweep's "
-            "audit trials (`scheduler.audit`: trials the scheduler recorded but never stopped). Also in "
-            "rung_fidelity_<sweep>.json.", ""] + lines
+            "audit trials (`scheduler.audit`: trials the scheduler recorded but never stopped); each sweep's "
+            "MLflow run has it as rung_fidelity.json too.", ""] + lines
 
 
 def _trials_section(rep: _Report, trials: pd.DataFrame) -> list[str]:

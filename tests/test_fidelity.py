@@ -173,13 +173,11 @@ def test_the_report_has_a_rung_fidelity_section_per_sweep(tmp_path) -> None:
             client.set_tag(run, TAG_AUDIT_WOULD_STOP, "2")
     add_trial(client, exp_id, parent, "stopped", prior="vamp", val=[-200.0, -99.0], best_epoch=2, test_ll=-99.0,
               stop="scheduler")
-    result = make_report("fid", uri, tmp_path / "report", log_to_parent=False)
+    make_report("fid", uri, tmp_path / "report", log_to_parent=False)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Rung fidelity" in text and "### Sweep `fid-1`" in text
     assert "| 2 | 4 | -1.00 | 0.083 | upside down |" in text
     assert "| 4 | 4 | +1.00 |" in text
     assert "1 of the 1 trial(s) the scheduler stopped were ahead of the winner (a3 (trial_a3))" in text
     assert "the winner itself would have been stopped after epoch 2" in text
-    saved = json.loads((tmp_path / "report" / "rung_fidelity_fid-1.json").read_text())
-    assert saved["rungs"][0]["epoch"] == 2 and saved["audit"] == 4
-    assert (tmp_path / "report" / "rung_fidelity_fid-1.json") in result.files
+    assert "Not measured at epoch(s) 16" in text       # no trial got that far
