@@ -7,6 +7,7 @@ unpickles its own copies).
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,10 @@ from ray.tune import CLIReporter
 
 from sweeper import tracking
 from sweeper.evaluations import Evaluations
-from trainables.vae.catalog import METRIC_EPOCH_SECONDS, METRIC_TEST_LL, STOP_ERROR, STOP_SCHEDULER, short
+from trainables.vae.catalog import (METRIC_EPOCH_SECONDS, METRIC_TEST_LL, RESULT_RUN_ID, STOP_ERROR, STOP_SCHEDULER,
+                                    short)
+
+logger = logging.getLogger(__name__)
 
 
 def trial_name(trial) -> str:
@@ -82,6 +86,78 @@ class TrialRunsCallback(tune.Callback):
                 tracking.TAG_STOP: STOP_SCHEDULER, tracking.TAG_SCHEDULER: self.scheduler,
                 "stop_detail": f"stopped by the scheduler ({self.scheduler}) after epoch "
                                f"{result.get('training_iteration', '?')}"})
+
+
+class AuditTrialsCallback(tune.Callback):
+    """Marks the scheduler's audit trials (`ResumableASHAScheduler.is_audit`) where everything
+    downstream can tell them: their MLflow run gets `TAG_AUDIT` at their first result, and
+    `TAG_AUDIT_WOULD_STOP` (the epoch) once ASHA would have stopped them; their Optuna trial gets
+    the same as user attributes while it runs (`study`: its storage URL and name; None without
+    Optuna). At the experiment's end every audit trial's run is checked once more (a driver killed
+    between a result and its tag). Tagging is idempotent. It holds the scheduler, as
+    `SchedulerStateCallback` does (Tune pickles both with the experiment, the scheduler once)."""
+
+    def __init__(self, scheduler, tracking_uri: str, experiment_id: str, parent_run_id: str,
+                 study: tuple[str, str] | None = None):
+        self.scheduler = scheduler
+        self.args = (tracking_uri, experiment_id, parent_run_id)
+        self.study = study
+        self.marked: set[tuple[str, str]] = set()     # (trial id, tag) done in this driver process
+
+    def _audit(self, trial_id: str) -> bool:
+        is_audit = getattr(self.scheduler, "is_audit", None)
+        return bool(is_audit and is_audit(trial_id))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self._audit(trial.trial_id):
+            self.mark(trial.trial_id, result.get(RESULT_RUN_ID))
+
+    def on_experiment_end(self, trials, **info):
+        for trial_id in getattr(self.scheduler, "audit_trials", list)():
+            self.mark(trial_id, None)
+
+    def mark(self, trial_id: str, run_id: str | None) -> None:
+        from sweeper.fidelity import TAG_AUDIT, TAG_AUDIT_WOULD_STOP
+
+        tags = {TAG_AUDIT: "true"}
+        would_stop = self.scheduler.would_have_stopped(trial_id)
+        if would_stop is not None:
+            tags[TAG_AUDIT_WOULD_STOP] = str(would_stop)
+        todo = {k: v for k, v in tags.items() if (trial_id, k) not in self.marked}
+        if not todo:
+            return
+        if run_id is None:
+            run = tracking.find_child(*self.args, trial_id=trial_id)
+            if run is None:
+                return      # it never opened a run (it failed in its setup)
+            run_id = run.info.run_id
+        tracking.RunHandle(self.args[0], run_id).set_tags(todo)
+        self._mark_study_trial(trial_id, todo)
+        self.marked.update((trial_id, k) for k in todo)
+
+    def _mark_study_trial(self, trial_id: str, tags: dict[str, str]) -> None:
+        """The same on the trial's Optuna trial, while it runs (a finished one cannot change)."""
+        if self.study is None:
+            return
+        import optuna
+
+        from sweeper.fidelity import TAG_AUDIT_WOULD_STOP, USER_ATTR_AUDIT, USER_ATTR_AUDIT_WOULD_STOP
+        from sweeper.search import USER_ATTR_TUNE_TRIAL, _storage
+
+        storage_url, name = self.study
+        try:
+            study = optuna.load_study(study_name=name, storage=_storage(storage_url))
+            for frozen in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if frozen.user_attrs.get(USER_ATTR_TUNE_TRIAL) == trial_id:
+                    live = optuna.trial.Trial(study, frozen._trial_id)
+                    live.set_user_attr(USER_ATTR_AUDIT, True)
+                    if TAG_AUDIT_WOULD_STOP in tags:
+                        live.set_user_attr(USER_ATTR_AUDIT_WOULD_STOP, int(tags[TAG_AUDIT_WOULD_STOP]))
+                    return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass    # it finished meanwhile; the MLflow tag stands
+        except Exception as exc:   # the study is a courtesy copy of the mark: never stop the sweep for it
+            logger.warning("could not mark audit trial %s in the Optuna study: %s", trial_id, exc)
 
 
 def _run_for_failed_setup(args, trial, sweep_name: str) -> str:

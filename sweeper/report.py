@@ -816,6 +816,7 @@ def make_report(experiment: str, tracking_uri: str | None = None, out: str | Pat
             sections += _best_trials_section(rep, client, trials, Path(tmp))
         sections += _curves_section(rep, trials, histories)
     sections += _optuna_section(rep, parents, uri)
+    sections += _fidelity_section(rep, client, parents, runs)
     if not trials.empty:
         sections += _trials_section(rep, trials)
 
@@ -1040,6 +1041,29 @@ def _optuna_section(rep: _Report, parents: list, tracking_uri: str) -> list[str]
                   "`optuna-dashboard` shows them with their intermediate values.", "",
                   f"![Optuna study of {parent.info.run_name}]({name})", ""]
     return ["## Search: the Optuna study", ""] + lines if lines else []
+
+
+def _fidelity_section(rep: _Report, client, parents: list, runs: list) -> list[str]:
+    """Per sweep under ASHA: how well its rungs ranked the trials against their end, from its audit
+    trials (sweeper/fidelity.py; the sweep's run also has it as rung_fidelity.json)."""
+    from sweeper.fidelity import sweep_fidelity
+
+    lines = []
+    for parent in parents:
+        name = parent.info.run_name or parent.info.run_id
+        try:
+            fidelity = sweep_fidelity(client, parent, runs)
+        except Exception as exc:   # an unreadable history: the rest of the report stands
+            rep.note(f"sweep {name}: rung fidelity could not be measured ({type(exc).__name__}: {exc})")
+            continue
+        if fidelity is None:
+            continue
+        lines += [fidelity.markdown(title=f"Sweep `{name}`", level=3), ""]
+    if not lines:
+        return []
+    return ["## Rung fidelity", "", "Did ASHA's rungs rank the trials the way they ended? Measured on each sweep's "
+            "audit trials (`scheduler.audit`: trials the scheduler recorded but never stopped); each sweep's "
+            "MLflow run has it as rung_fidelity.json too.", ""] + lines
 
 
 def _trials_section(rep: _Report, trials: pd.DataFrame) -> list[str]:

@@ -531,6 +531,13 @@ class SweepDriver:
         if self.pooled:
             sweep_cfg["pool"] = {"sweep_id": plan.sweep_id}
         scheduler = make_scheduler(spec)
+        audit = []
+        if spec.audit_trials:   # marks them in MLflow (and the study) for the rung fidelity at the end
+            from sweeper.callbacks import AuditTrialsCallback
+            from sweeper.search import study_storage_url
+
+            study = (study_storage_url(plan.state_dir), spec.name) if spec.search.algorithm == "optuna" else None
+            audit.append(AuditTrialsCallback(scheduler, plan.tracking_uri, self.experiment_id, self.parent.run_id, study))
         return tune.Tuner(
             trainable,
             param_space={**param_space(spec), SWEEP_KEY: sweep_cfg},
@@ -544,19 +551,18 @@ class SweepDriver:
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 # Every epoch by default: a retried or resumed trial continues exactly where it
                 # was. At the end too, so a scheduler-stopped trial has its last epoch's checkpoint.
-                # Retention may delete the checkpoint Tune's last saved state names; a restore then
-                # goes on from the trial's newest one (VAETrainable.restore).
                 # One kept: Tune deletes the older only once the newer is complete, so one always
-                # exists, and an ended trial's go too (TrialEnds).
+                # exists; retention may delete the one Tune's last saved state names, and a restore
+                # then goes on from the trial's newest (VAETrainable.restore). An ended, tested
+                # trial's checkpoints go too (TrialEnds).
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_at_end=True,
                                                         checkpoint_frequency=spec.checkpoint_frequency),
                 callbacks=[SchedulerStateCallback(scheduler), _time_left(spec, self.at_once, plan.sweep_id),
                            TrialRunsCallback(plan.tracking_uri, self.experiment_id, self.parent.run_id,
                                              spec.scheduler.type, plan.sweep_id),
                            # After TrialRunsCallback, which tags a stopped trial's run: tested as it stops.
-                           TrialEnds(plan.sweep_id, plan.tracking_uri, self.experiment_id,
-                                                   self.parent.run_id, spec),
-                           *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else [])],
+                           TrialEnds(plan.sweep_id, plan.tracking_uri, self.experiment_id, self.parent.run_id, spec),
+                           *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else []), *audit],
                 progress_reporter=_reporter(spec), verbose=1),
         )
 
@@ -640,12 +646,25 @@ class SweepDriver:
         if self.outcome is not None:
             self.outcome.summary = summarize(self.spec, self.plan.tracking_uri, self.experiment_id, self.parent,
                                              self.echo, errors=self.outcome.errors)
+            self.rung_fidelity()
         self.parent.terminate(self.status)
         timing = TimeLeftCallback.compare(self.plan.sweep_id)
         if timing:
             self.echo(timing)
         if self.outcome is not None:
             echo_urls(self.outcome, self.echo)
+
+    def rung_fidelity(self) -> None:
+        """After the summary: how well ASHA's rungs ranked the trials (sweeper/fidelity.py), printed
+        and logged to the parent run. A failure here is reported and does not end the sweep badly."""
+        from sweeper.fidelity import log_rung_fidelity
+
+        best = best_trial(self.outcome.summary)
+        try:
+            log_rung_fidelity(self.spec, self.plan.tracking_uri, self.experiment_id, self.parent, self.echo,
+                              winner=best["run_id"] if best is not None else None)
+        except Exception as exc:
+            self.echo(f"rung fidelity could not be measured: {type(exc).__name__}: {exc}")
 
     def result(self) -> SweepOutcome:
         outcome = self.outcome
@@ -731,6 +750,8 @@ def _time_left(spec: SweepSpec, at_once: int, sweep_id: str) -> TimeLeftCallback
     s = spec.scheduler
     expected = (asha_expected_epochs(s.grace_period, s.reduction_factor, s.max_t or max_epochs)
                 if s.type == "asha" else None)
+    if expected is not None and spec.audit_trials:   # audit trials run their whole budget
+        expected += spec.audit_trials * ((s.max_t or max_epochs) - expected) / spec.total_trials
     return TimeLeftCallback(spec.total_trials, max_epochs, expected, at_once, sweep_id=sweep_id,
                             finish_guess_epochs=finish_guess_epochs(spec),
                             stopped_test_fraction=stopped_test_fraction(spec))

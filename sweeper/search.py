@@ -6,7 +6,7 @@
 - `PruningAwareOptunaSearch`: tells Optuna that a trial the scheduler (ASHA) stopped was PRUNED,
   not COMPLETE with its last low-epoch value (which misleads TPE).
 - `make_scheduler`: ASHA on epochs (`ResumableASHAScheduler`, whose rungs survive a resume through
-  `SchedulerStateCallback`) or FIFO.
+  `SchedulerStateCallback`, with the spec's audit trials exempt from its stops) or FIFO.
 - `param_space`: the fixed trial keys, plus Ray Tune domains for the `random` algorithm.
 
 Metric and mode belong in `TuneConfig(metric=spec.metric.name, mode=spec.metric.mode)`, never on
@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import pickle
+import random
 import tempfile
 import warnings
 from pathlib import Path
@@ -378,15 +379,83 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
 # Schedulers
 
 
+def audit_plan(total_trials: int, count: int, seed: int) -> tuple[int, ...]:
+    """Which trials are audit trials, by the order Tune adds them (0 = the first): `count` of the
+    `total_trials` drawn at random, from a stream of their own seeded by the spec's search seed
+    (the same spec gives the same plan; the sampler's own draws are untouched)."""
+    rng = random.Random(f"sweeper.audit:{seed}")   # a str seed hashes the same in every process
+    return tuple(sorted(rng.sample(range(total_trials), min(count, total_trials))))
+
+
 class ResumableASHAScheduler(AsyncHyperBandScheduler):
     """ASHA whose rung state (the recorded metric of every trial at every milestone) can be saved
     and restored: `Tuner.restore` restores the searcher but starts the scheduler empty, which
     would let a resumed sweep promote trials the original run would have stopped.
 
-    Only the rungs are persisted, not metric/mode (TuneConfig sets those on each run).
+    Audit trials (`audit`: the positions, in the order Tune adds trials, of those that are; see
+    `audit_plan`) are exempt from the rungs' stops, so that how well each rung ranked the trials
+    can be measured against how they end (sweeper/fidelity.py). An audit trial is recorded at each
+    rung exactly as long as ASHA would have let it run: at the rung where it would have been
+    stopped it is recorded (every trial that reaches a rung is, the stopped ones included) and
+    goes on; from then on it is recorded at no rung. So the cut-offs the other trials meet are
+    those of plain ASHA over the same random population: an audit trial counts where it would
+    have counted and nowhere else. Recording it at later rungs too would put trials ASHA had
+    dropped (mostly weak ones) into the later cut-offs, lower them, and promote trials that plain
+    ASHA would have stopped: the sweep being measured would no longer be the one measured. The
+    epoch where each audit trial would have been stopped is kept (`would_have_stopped`). The
+    budget's end (max_t) stops audit trials as any other.
+
+    Persisted: the rungs, and the audit plan with the position of every trial seen and the
+    would-be stops (a resumed sweep keeps its audit trials); not metric/mode (TuneConfig sets
+    those on each run).
     """
 
-    STATE_FORMAT = 1
+    STATE_FORMAT = 2   # 1: rungs only (sweeps from before audit trials, which had none)
+
+    def __init__(self, *args: Any, audit: Sequence[int] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._audit_planned: frozenset[int] = frozenset(audit)
+        self._position: dict[str, int] = {}       # trial id -> its place in the order Tune added trials
+        self._would_stop: dict[str, int] = {}     # audit trial id -> the epoch ASHA would have stopped it at
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        # A retried or restored trial is added again: it keeps its place (and so its audit status).
+        self._position.setdefault(trial.trial_id, len(self._position))
+
+    def is_audit(self, trial_id: str) -> bool:
+        return self._position.get(trial_id) in self._audit_planned
+
+    def audit_trials(self) -> list[str]:
+        """The ids of the audit trials Tune has added so far."""
+        return [t for t, i in self._position.items() if i in self._audit_planned]
+
+    def would_have_stopped(self, trial_id: str) -> int | None:
+        """The epoch (time_attr) at which ASHA would have stopped this audit trial, if it would."""
+        return self._would_stop.get(trial_id)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        trial_id = trial.trial_id
+        if not self.is_audit(trial_id) or self._time_attr not in result or self._metric not in result:
+            return super().on_trial_result(tune_controller, trial, result)
+        at_end = result[self._time_attr] >= self._max_t and self._stop_last_trials
+        if trial_id in self._would_stop:      # past where ASHA would have stopped it: recorded nowhere
+            if at_end:
+                self._num_stopped += 1
+                return TrialScheduler.STOP
+            return TrialScheduler.CONTINUE
+        action = super().on_trial_result(tune_controller, trial, result)   # recorded as any trial
+        if action == TrialScheduler.STOP and not at_end:
+            self._would_stop[trial_id] = int(result[self._time_attr])
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        if trial.trial_id in self._would_stop:   # its end is recorded at no rung either
+            self._trial_info.pop(trial.trial_id, None)
+            return
+        super().on_trial_complete(tune_controller, trial, result)
 
     def _layout(self) -> dict[str, Any]:
         return {"time_attr": self._time_attr, "max_t": self._max_t,
@@ -396,10 +465,14 @@ class ResumableASHAScheduler(AsyncHyperBandScheduler):
     def state_dict(self) -> dict[str, Any]:
         return {"format": self.STATE_FORMAT, "layout": self._layout(),
                 "rungs": [[(m, dict(recorded)) for m, recorded in b._rungs] for b in self._brackets],
-                "num_stopped": self._num_stopped}
+                "num_stopped": self._num_stopped,
+                "audit": {"planned": sorted(self._audit_planned), "position": dict(self._position),
+                          "would_stop": dict(self._would_stop)}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != self.STATE_FORMAT:
+        """The saved rungs, and the saved audit plan: it, not the one this scheduler was built
+        with, says which trials are audit trials (a resumed sweep keeps them)."""
+        if state.get("format") not in (1, self.STATE_FORMAT):
             raise SweeperError(f"ASHA state format {state.get('format')!r} is not "
                                f"{self.STATE_FORMAT}; start the sweep afresh")
         if state["layout"] != self._layout():
@@ -411,6 +484,10 @@ class ResumableASHAScheduler(AsyncHyperBandScheduler):
         for bracket, rungs in zip(self._brackets, state["rungs"]):
             bracket._rungs = [(m, dict(recorded)) for m, recorded in rungs]
         self._num_stopped = state["num_stopped"]
+        audit = state.get("audit") or {}    # format 1: a sweep started before audit trials had none
+        self._audit_planned = frozenset(audit.get("planned", ()))
+        self._position = dict(audit.get("position", {}))
+        self._would_stop = dict(audit.get("would_stop", {}))
 
     def save(self, checkpoint_path: str) -> None:
         """Write the rung state to `checkpoint_path` atomically (a crash leaves the old file)."""
@@ -449,5 +526,6 @@ def make_scheduler(spec: SweepSpec) -> TrialScheduler:
     if s.type == "asha":
         return ResumableASHAScheduler(time_attr=TRAINING_ITERATION, max_t=s.max_t,
                                       grace_period=s.grace_period,
-                                      reduction_factor=s.reduction_factor)
+                                      reduction_factor=s.reduction_factor,
+                                      audit=audit_plan(spec.total_trials, spec.audit_trials, spec.search.seed))
     return FIFOScheduler()

@@ -55,6 +55,8 @@ DISCRETE_DISTRIBUTIONS = ("choice", "grid")
 SEARCH_ALGORITHMS = ("optuna", "random")
 OPTUNA_SAMPLERS = ("tpe", "random")
 SCHEDULERS = ("asha", "fifo")
+# Audit trials behind a rung's rank correlation: below 3 a Spearman correlation says nothing.
+AUDIT_MIN = 3
 
 TOP_LEVEL_KEYS = ("name", "experiment", "description", "metric", "trial", "parameters", "search",
                   "scheduler", "num_samples", "max_concurrent", "max_failures", "checkpoint_every",
@@ -160,6 +162,17 @@ class SchedulerSpec:
     grace_period: int | None = None       # asha only
     reduction_factor: float | None = None  # asha only
     max_t: int | None = None               # asha only; defaults to trial.max_epochs
+    audit: int | float | None = None       # asha only: audit trials, a count or a fraction (`audit_count`)
+
+    def audit_count(self, total_trials: int) -> int:
+        """How many of the sweep's trials are audit trials (exempt from ASHA's stops, see
+        sweeper/fidelity.py): a count as written; a fraction of the trials, rounded, but at least
+        AUDIT_MIN (the fewest a rank correlation needs) and at most all of them."""
+        if not self.audit:
+            return 0
+        if isinstance(self.audit, int):
+            return self.audit
+        return min(total_trials, max(AUDIT_MIN, math.floor(self.audit * total_trials + 0.5)))
 
 
 STOPPED_TRIAL_TESTS = ("full", "estimate", "none")
@@ -241,6 +254,11 @@ class SweepSpec:
     def total_trials(self) -> int:
         """Trials the sweep will run: Ray repeats the whole grid `num_samples` times."""
         return self.grid_size * self.num_samples
+
+    @property
+    def audit_trials(self) -> int:
+        """How many of its trials ASHA records at its rungs but never stops (`scheduler.audit`)."""
+        return self.scheduler.audit_count(self.total_trials)
 
     def base_config(self) -> dict[str, Any]:
         """Every trial key: the trial config's defaults overlaid with the fixed `trial` values."""
@@ -574,6 +592,9 @@ class _Checker:
             counts["checkpoint_every"] = self.integer(top["checkpoint_every"], "checkpoint_every", minimum=1,
                                                       hint=" (epochs between a trial's checkpoints)")
         resources = self.check_resources(top.get("resources"), trial, parameters)
+        if scheduler.audit and counts["num_samples"] is not None:
+            grid = math.prod(len(p.values) for p in parameters if p.distribution == "grid")
+            self.check_audit(scheduler, grid * counts["num_samples"])
         stopped = self.check_stopped_trials(top.get("stopped_trials"), scheduler)
 
         if self.problems:
@@ -910,13 +931,18 @@ class _Checker:
 
     def check_scheduler(self, value: Any, trial: Mapping[str, Any],
                         parameters: Sequence[Parameter]) -> SchedulerSpec:
-        block = self.mapping(value, "scheduler", ("type", "grace_period", "reduction_factor", "max_t"))
+        block = self.mapping(value, "scheduler", ("type", "grace_period", "reduction_factor", "max_t", "audit"))
         kind = self.string(block.get("type", "fifo"), "scheduler.type", SCHEDULERS) or "fifo"
         if kind != "asha":
             for key in ("grace_period", "reduction_factor", "max_t"):
                 if key in block:
                     self.add(f"scheduler.{key}", f"only used by type asha; set scheduler.type: asha "
                                                  f"or remove it ({kind} never stops trials early)")
+            if "audit" in block:
+                self.add("scheduler.audit", f"only used by type asha: audit trials are the ones exempt from "
+                                            f"ASHA's early stops, and {kind} never stops a trial early (every "
+                                            f"trial already trains to its own end); remove it, or set "
+                                            f"scheduler.type: asha")
             return SchedulerSpec(kind)
         grace = self.integer(block.get("grace_period", 1), "scheduler.grace_period", minimum=1)
         rf = self.number(block.get("reduction_factor", 4), "scheduler.reduction_factor")
@@ -945,7 +971,43 @@ class _Checker:
             source = "max_t" if "max_t" in block else epochs_from
             self.add("scheduler.grace_period", f"{grace} must be <= max_t ({max_t}, {source}); lower "
                                                f"grace_period or raise the epochs")
-        return SchedulerSpec("asha", grace or 1, rf or 4, max_t)
+        audit = self.audit_value(block["audit"]) if "audit" in block else None
+        return SchedulerSpec("asha", grace or 1, rf or 4, max_t, audit)
+
+    def audit_value(self, value: Any) -> int | float | None:
+        """`scheduler.audit` on its own: a count (an integer >= 0; 0 is off) or a fraction in (0, 1)."""
+        path = "scheduler.audit"
+        example = ("e.g. audit: 8 (trials) or audit: 0.125 (of the trials); each audit trial trains to its "
+                   "own end so that rung fidelity can be measured")
+        if not _is_number(value):
+            self.add(path, f"expected a number of trials or a fraction of them, got {_show(value)}; {example}")
+            return None
+        if _is_int(value):
+            if value < 0:
+                self.add(path, f"{value} must be >= 0 (0 turns audit trials off); {example}")
+                return None
+            if 0 < value < AUDIT_MIN:
+                self.add(path, f"{value} audit trial(s) cannot measure a rank correlation, which needs at least "
+                               f"{AUDIT_MIN}; use {AUDIT_MIN} or more, or 0 to turn audit trials off")
+                return None
+            # 0 is as if unset: a sweep started without audit trials resumes with --set scheduler.audit=0.
+            return value or None
+        if not (math.isfinite(value) and 0 < value < 1):
+            hint = (f"; for a count write an integer ({int(value)})" if math.isfinite(value) and value >= 1
+                    and float(value).is_integer() else "")
+            self.add(path, f"{value}: a fraction of the trials must be > 0 and < 1{hint}; {example}")
+            return None
+        return float(value)
+
+    def check_audit(self, scheduler: SchedulerSpec, total: int) -> None:
+        """`scheduler.audit` against the trials the sweep runs (num_samples x the grid)."""
+        where = f"the {total} trial(s) the sweep runs (num_samples x grid points)"
+        if isinstance(scheduler.audit, int) and scheduler.audit > total:
+            self.add("scheduler.audit", f"{scheduler.audit} audit trials exceed {where}; lower it, or use a "
+                                        f"fraction such as 0.25")
+        elif isinstance(scheduler.audit, float) and total < AUDIT_MIN:
+            self.add("scheduler.audit", f"{scheduler.audit} of {where} cannot measure a rank correlation, which "
+                                        f"needs at least {AUDIT_MIN} audit trials; run more trials or remove it")
 
     def check_resources(self, value: Any, trial: Mapping[str, Any],
                         parameters: Sequence[Parameter]) -> Resources:

@@ -412,3 +412,112 @@ def test_the_time_left_comes_from_tunes_trials_including_those_finished_before_a
     text = callback.estimate(trials)
     # c: 60 epochs left, d (not started): 100; 160 epochs x 36 s / 2 at once = 48 min
     assert "at most ~48 min" in text and "2 trial(s) to go" in text and "36.0 s per epoch" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Audit trials: recorded at ASHA's rungs, never stopped by them (sweeper/fidelity.py measures them)
+
+
+def audited_asha(audit=(1,)) -> ResumableASHAScheduler:
+    from ray.air.constants import TRAINING_ITERATION
+
+    asha = ResumableASHAScheduler(time_attr=TRAINING_ITERATION, max_t=10, grace_period=1, reduction_factor=2,
+                                  audit=audit)
+    asha.set_search_properties("val_elbo", "max")
+    return asha
+
+
+def feed(asha, trial_id: str, epoch: int, value: float) -> str:
+    if trial_id not in asha._position:
+        asha.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+    return asha.on_trial_result(None, SimpleNamespace(trial_id=trial_id), {"training_iteration": epoch,
+                                                                          "val_elbo": value})
+
+
+def test_an_audit_trial_below_the_cut_off_is_recorded_but_goes_on() -> None:
+    asha = audited_asha(audit=(1,))                   # the second trial Tune adds is the audit trial
+    assert feed(asha, "a", 1, -10.0) == TrialScheduler.CONTINUE
+    assert feed(asha, "b", 1, -1000.0) == TrialScheduler.CONTINUE      # plain ASHA stops it here
+    assert feed(asha, "c", 1, -1000.0) == TrialScheduler.STOP          # an ordinary trial below the cut-off
+    assert asha.is_audit("b") and not asha.is_audit("a") and asha.audit_trials() == ["b"]
+    assert asha.would_have_stopped("b") == 1 and asha.would_have_stopped("a") is None
+    rungs = dict(asha._brackets[0]._rungs)
+    assert rungs[1] == {"a": -10.0, "b": -1000.0, "c": -1000.0}       # recorded where it would have been
+    # The cut-offs the others meet are plain ASHA's on the same results.
+    plain = audited_asha(audit=())
+    assert [feed(plain, t, 1, v) for t, v in (("a", -10.0), ("b", -1000.0), ("c", -1000.0))] == \
+        [TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.STOP]
+    assert dict(plain._brackets[0]._rungs)[1] == rungs[1]
+    # Past where it would have been stopped, it is recorded at no rung: a dropped trial lowers no later cut-off.
+    assert feed(asha, "b", 2, -1.0) == TrialScheduler.CONTINUE
+    assert feed(asha, "a", 2, -9.0) == TrialScheduler.CONTINUE
+    assert dict(asha._brackets[0]._rungs)[2] == {"a": -9.0}
+    asha.on_trial_complete(None, SimpleNamespace(trial_id="b"), {"training_iteration": 8, "val_elbo": -0.5})
+    assert "b" not in dict(asha._brackets[0]._rungs)[8]
+    # Its budget's end stops it as any trial.
+    assert feed(asha, "b", 10, -0.5) == TrialScheduler.STOP
+    assert asha._num_stopped == 2         # c, and b at max_t; not b's would-be stop
+
+
+def test_an_audit_trial_above_the_cut_offs_counts_at_every_rung_as_any_trial() -> None:
+    asha = audited_asha(audit=(0,))
+    for epoch, value in ((1, -10.0), (2, -9.0), (4, -8.0)):
+        assert feed(asha, "a", epoch, value) == TrialScheduler.CONTINUE
+    assert asha.would_have_stopped("a") is None
+    assert {m: dict(r) for m, r in asha._brackets[0]._rungs if r} == {1: {"a": -10.0}, 2: {"a": -9.0}, 4: {"a": -8.0}}
+
+
+def test_audit_trials_survive_a_resume_and_a_retry(tmp_path: Path) -> None:
+    asha = audited_asha(audit=(1, 2))
+    for trial_id, value in (("a", -10.0), ("b", -1000.0), ("c", -5.0)):
+        feed(asha, trial_id, 1, value)
+    path = tmp_path / "asha.pkl"
+    asha.save(str(path))
+    # Tuner.restore: a fresh scheduler (here even with another plan), its state loaded, then Tune adds
+    # the restored trials again, in any order, and new ones after them.
+    restored = audited_asha(audit=(0,))
+    restored.restore(str(path))
+    for trial_id in ("c", "b", "a", "d"):
+        restored.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+    assert sorted(restored.audit_trials()) == ["b", "c"] and not restored.is_audit("d")
+    assert restored.would_have_stopped("b") == 1
+    assert restored.state_dict()["audit"]["position"] == {"a": 0, "b": 1, "c": 2, "d": 3}
+    assert feed(restored, "b", 2, -3.0) == TrialScheduler.CONTINUE and "b" not in dict(restored._brackets[0]._rungs)[2]
+    # A retried trial is added again (Tune's on_trial_error path): it keeps its place.
+    asha.on_trial_add(None, SimpleNamespace(trial_id="b"))
+    assert asha.is_audit("b") and feed(asha, "e", 1, -1.0) == TrialScheduler.CONTINUE and not asha.is_audit("e")
+    # A sweep saved before audit trials existed (format 1) resumes without any.
+    old = {k: v for k, v in asha.state_dict().items() if k != "audit"} | {"format": 1}
+    again = audited_asha(audit=(0,))
+    again.load_state_dict(old)
+    again.on_trial_add(None, SimpleNamespace(trial_id="a"))
+    assert again.audit_trials() == [] and dict(again._brackets[0]._rungs)[1]["b"] == -1000.0
+    with pytest.raises(SweeperError, match="format 7"):
+        again.load_state_dict(old | {"format": 7})
+
+
+def test_the_audit_choice_is_random_but_reproducible_for_a_seed() -> None:
+    from sweeper.search import audit_plan
+
+    plans = {seed: audit_plan(64, 8, seed) for seed in range(20)}
+    assert all(len(p) == 8 and len(set(p)) == 8 and set(p) <= set(range(64)) for p in plans.values())
+    assert plans[0] == audit_plan(64, 8, 0) and len(set(plans.values())) == 20
+    assert sum(p[0] for p in plans.values()) / 20 < 20      # not simply the first trials, nor the last
+    assert audit_plan(8, 0, 0) == () and audit_plan(4, 4, 3) == (0, 1, 2, 3)
+    spec = make_spec(scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2, "audit": 3}, num_samples=8)
+    asha = make_scheduler(spec)
+    asha.set_search_properties("val_elbo", "max")
+    for i in range(8):
+        asha.on_trial_add(None, SimpleNamespace(trial_id=f"t{i}"))
+    assert [int(t[1:]) for t in asha.audit_trials()] == list(audit_plan(8, 3, spec.search.seed))
+
+
+def test_the_time_left_counts_audit_trials_at_their_whole_budget() -> None:
+    from sweeper.callbacks import asha_expected_epochs
+    from sweeper.run import _time_left
+
+    asha = {"type": "asha", "grace_period": 1, "reduction_factor": 2}
+    plain = _time_left(make_spec(scheduler=asha, num_samples=6), 2, "s")
+    audited = _time_left(make_spec(scheduler=asha | {"audit": 3}, num_samples=6), 2, "s")
+    assert plain.expected == pytest.approx(asha_expected_epochs(1, 2, MAX_EPOCHS))
+    assert audited.expected == pytest.approx((3 * plain.expected + 3 * MAX_EPOCHS) / 6)

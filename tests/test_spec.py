@@ -453,3 +453,50 @@ def test_stopped_trials_policy_is_validated_and_round_trips() -> None:
     assert any(p.startswith("stopped_trials.images: only used by test_ll: estimate") for p in problems)
     with pytest.raises(SpecError, match=r"stopped_trials\.samples"):
         parse_spec({**base, "stopped_trials": {"test_ll": "estimate", "samples": 0}})
+
+
+# scheduler.audit: a count or a fraction of the trials exempt from ASHA's stops (sweeper/fidelity.py)
+AUDIT_INVALID = [
+    ("on-fifo", {"type": "fifo", "audit": 2}, 4, "only used by type asha: audit trials are the ones exempt from ASHA's "
+                                                 "early stops, and fifo never stops a trial early"),
+    ("more-than-trials", {"audit": 5}, 4, "5 audit trials exceed the 4 trial(s) the sweep runs"),
+    ("too-few", {"audit": 2}, 4, "2 audit trial(s) cannot measure a rank correlation, which needs at least 3; use 3"),
+    ("negative", {"audit": -1}, 4, "-1 must be >= 0 (0 turns audit trials off)"),
+    ("fraction-above-one", {"audit": 1.5}, 4, "1.5: a fraction of the trials must be > 0 and < 1"),
+    ("whole-float", {"audit": 4.0}, 8, "for a count write an integer (4)"),
+    ("not-a-number", {"audit": "all"}, 4, "expected a number of trials or a fraction of them, got 'all'"),
+    ("a-bool", {"audit": True}, 4, "expected a number of trials or a fraction of them, got True"),
+    ("fraction-of-too-few", {"audit": 0.5}, 2, "0.5 of the 2 trial(s) the sweep runs (num_samples x grid points) "
+                                               "cannot measure a rank correlation"),
+]
+
+
+@pytest.mark.parametrize("scheduler,num_samples,message", [c[1:] for c in AUDIT_INVALID],
+                         ids=[c[0] for c in AUDIT_INVALID])
+def test_invalid_audit_is_rejected_with_the_fix(scheduler, num_samples, message) -> None:
+    data = copy.deepcopy(VALID) | {"num_samples": num_samples}
+    data["scheduler"] = {**VALID["scheduler"], **scheduler}
+    if scheduler.get("type") == "fifo":
+        data["scheduler"] = scheduler
+    problems = [p for p in problems_of(data) if p.startswith("scheduler.audit: ")]
+    assert problems and any(message in p for p in problems), problems
+
+
+def test_audit_counts_and_fractions() -> None:
+    def audit_trials(audit, num_samples: int) -> int:
+        spec = parse_spec(VALID | {"num_samples": num_samples, "scheduler": {**VALID["scheduler"], "audit": audit}})
+        assert parse_spec(spec.to_dict()) == dataclasses.replace(spec, source="<spec>")   # round trip
+        return spec.audit_trials
+
+    assert audit_trials(4, 64) == 4 and audit_trials(0, 64) == 0
+    assert audit_trials(0.125, 64) == 8 and audit_trials(0.25, 10) == 3      # 2.5 rounds up
+    assert audit_trials(0.1, 8) == 3 and audit_trials(0.5, 4) == 3 and audit_trials(0.9, 3) == 3   # at least 3
+    assert parse_spec(VALID).audit_trials == 0 and "audit" not in parse_spec(VALID).to_dict()["scheduler"]
+    # audit: 0 is the spec without it (what --resume compares): a sweep started before audit trials resumes with it.
+    zero = parse_spec(VALID | {"scheduler": {**VALID["scheduler"], "audit": 0}})
+    assert zero.to_dict() == parse_spec(VALID).to_dict()
+    # --num-samples and --set reach it like any value: too few trials for the count is named with its origin.
+    with pytest.raises(SpecError, match=r"scheduler.audit: 6 audit trials exceed the 4 trial\(s\).*\(from --set "
+                                        r"scheduler.audit=6\)"):
+        parse_spec(VALID, "spec.yaml", ["scheduler.audit=6"], num_samples=4)
+    assert load_spec(SPECS[[p.stem for p in SPECS].index("pseudo_inputs")]).audit_trials >= 3
