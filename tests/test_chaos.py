@@ -2,7 +2,7 @@
 (SIGKILL of the driver and its Ray, or Ctrl-C), each time continued with `--resume`, then resumed
 to its end: nothing lost, nothing doubled, MLflow = Optuna = Tune (tests/sweep_checks.py).
 
-The moments are drawn from a seeded generator over the first ~40 s of each launch, so kills land
+The moments are drawn from a seeded generator over the first ~100 s of each launch, so kills land
 in the driver's start-up (before Tune saved its state) as well as mid-training and mid-evaluation.
 One seed runs in the suite; more from the command line, e.g. on a loaded machine:
 
@@ -75,7 +75,7 @@ def chaos(root: Path, seed: int, data_dir: Path) -> list[str]:
     rng.shuffle(kinds)
     for i, how in enumerate(kinds):
         command = _command(root, spec)
-        delay = rng.uniform(3.0, 40.0)
+        delay = rng.uniform(3.0, 100.0)
         log = open(root / f"launch{i}.log", "w")
         proc = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_as_from_a_terminal)
