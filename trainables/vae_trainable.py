@@ -30,8 +30,9 @@ from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.data import dataset_digest
 from trainables.vae.evaluate import display_grid
 from trainables.tracking import SWEEP_KEY
-from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH, METRIC_TEST_BPD,
-                                    METRIC_TEST_LL, RESULT_RUN_ID, STOP_ERROR, STOP_NAN, STOP_SCHEDULER)
+from trainables.vae.catalog import (CHOICE_WORDS, METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH,
+                                    METRIC_TEST_BPD, METRIC_TEST_LL, METRIC_TEST_LL_SE, RESULT_RUN_ID, SELECT_VAL_LL,
+                                    STOP_ERROR, STOP_NAN, STOP_SCHEDULER, other_choice, other_choice_metrics)
 from trainables.vae.train import Trainer, final_evaluation
 
 CHECKPOINT_FILE = "trainer.pt"
@@ -86,7 +87,12 @@ IMAGES_NOTE = (f"Images: `{tracking.IMAGE_PSEUDO_INPUTS}` in Model metrics shows
 # 1e-4; per_image_ll.csv and the trial's Tune result keep every digit.
 # Figures shown to people, rounded to what they can tell. The validation ELBO at the tested epoch
 # (best_val_elbo) is what trials are chosen on: stored exactly, so near-ties are decided by value.
-ROUNDED = {METRIC_TEST_LL: 2, "test_elbo": 2, "test_rec": 2, "test_kl": 2, METRIC_TEST_BPD: 4, "test_ll_seconds": 2}
+ROUNDED = {METRIC_TEST_LL: 2, METRIC_TEST_LL_SE: 2, "test_elbo": 2, "test_rec": 2, "test_kl": 2, METRIC_TEST_BPD: 4,
+           "test_ll_seconds": 2}
+# The other choice of epoch's test figures, rounded as the own choice's.
+for _choice in CHOICE_WORDS:
+    _names = other_choice_metrics(_choice)
+    ROUNDED.update({_names[k]: ROUNDED[k] for k in (METRIC_TEST_LL, METRIC_TEST_LL_SE, METRIC_TEST_BPD)})
 
 
 def stored_finals(final: dict[str, Any]) -> dict[str, float]:
@@ -102,9 +108,18 @@ def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any
     """The run's description once it is tested: the test LL first, with the pseudo-inputs (or
     samples) of the tested weights as a strip linked to the full image; the UI folds what follows."""
     experiment = run.experiment_id or run.client.get_run(run.run_id).info.experiment_id
-    bpd = f" = {final[METRIC_TEST_BPD]:.4f} bits/dim" if METRIC_TEST_BPD in final else ""
-    line = (f"**test LL {final[METRIC_TEST_LL]:.2f} nats**{bpd} (S={final['test_samples']}) · tested: epoch "
-            f"{final[METRIC_BEST_EPOCH]} of {trainer.epoch}, best val ELBO {final[METRIC_BEST_VAL_ELBO]:.2f}")
+    line = (f"**test LL {ll_text(final, METRIC_TEST_LL, METRIC_TEST_LL_SE)} nats**{bpd_text(final, METRIC_TEST_BPD)} "
+            f"(S={final['test_samples']}, ± SE over {trainer.x_test.shape[0]} test images) · tested: epoch "
+            f"{final[METRIC_BEST_EPOCH]} of {trainer.epoch}"
+            f"{' (best validation LL)' if trainer.config.select_on == SELECT_VAL_LL else ''}, "
+            f"best val ELBO {final[METRIC_BEST_VAL_ELBO]:.2f}")
+    choice = other_choice(trainer.config.select_on, trainer.config.best_after_warmup)
+    names = other_choice_metrics(choice)
+    if names[METRIC_TEST_LL] in final:
+        same = final[names[METRIC_BEST_EPOCH]] == final[METRIC_BEST_EPOCH]
+        line += (f" · {CHOICE_WORDS[choice]}: epoch {final[names[METRIC_BEST_EPOCH]]}"
+                 + (" (the same)" if same else f", test LL {ll_text(final, names[METRIC_TEST_LL], names[METRIC_TEST_LL_SE])}"
+                                               f"{bpd_text(final, names[METRIC_TEST_BPD])}"))
     if strip:
         name = "pseudo_inputs" if hasattr(trainer.model.prior, "pseudo_inputs") else "samples"
         # A path the UI's server answers (no data: URIs in descriptions), one line under the text.
@@ -114,6 +129,16 @@ def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any
 
 
 STRIP_FILE = "strip.png"
+
+
+def ll_text(final: dict[str, Any], metric: str, se: str) -> str:
+    """'-85.71 ± 0.25': a test LL with its standard error (as stored: 0.01 nats)."""
+    value = f"{final[metric]:.2f}"
+    return value + (f" ± {final[se]:.2f}" if math.isfinite(final.get(se, math.nan)) else "")
+
+
+def bpd_text(final: dict[str, Any], metric: str) -> str:
+    return f" = {final[metric]:.4f} bits/dim" if metric in final else ""
 
 
 def _open_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, config: dict[str, Any]) -> tracking.RunHandle | None:
