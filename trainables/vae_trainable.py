@@ -108,18 +108,20 @@ def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any
     """The run's description once it is tested: the test LL first, with the pseudo-inputs (or
     samples) of the tested weights as a strip linked to the full image; the UI folds what follows."""
     experiment = run.experiment_id or run.client.get_run(run.run_id).info.experiment_id
-    line = (f"**test LL {ll_text(final, METRIC_TEST_LL, METRIC_TEST_LL_SE)} nats**{bpd_text(final, METRIC_TEST_BPD)} "
+    ll = ll_text(final, METRIC_TEST_LL, METRIC_TEST_LL_SE)
+    line = (f"**test LL {ll} nats**{bpd_text(final, METRIC_TEST_BPD)} "
             f"(S={final['test_samples']}, ± SE over {trainer.x_test.shape[0]} test images) · tested: epoch "
             f"{final[METRIC_BEST_EPOCH]} of {trainer.epoch}"
             f"{' (best validation LL)' if trainer.config.select_on == SELECT_VAL_LL else ''}, "
             f"best val ELBO {final[METRIC_BEST_VAL_ELBO]:.2f}")
     choice = other_choice(trainer.config.select_on, trainer.config.best_after_warmup)
     names = other_choice_metrics(choice)
-    if names[METRIC_TEST_LL] in final:
-        same = final[names[METRIC_BEST_EPOCH]] == final[METRIC_BEST_EPOCH]
-        line += (f" · {CHOICE_WORDS[choice]}: epoch {final[names[METRIC_BEST_EPOCH]]}"
-                 + (" (the same)" if same else f", test LL {ll_text(final, names[METRIC_TEST_LL], names[METRIC_TEST_LL_SE])}"
-                                               f"{bpd_text(final, names[METRIC_TEST_BPD])}"))
+    if names[METRIC_TEST_LL] in final:      # the other choice of epoch, tested from the same run
+        epoch = final[names[METRIC_BEST_EPOCH]]
+        tested = (" (the same)" if epoch == final[METRIC_BEST_EPOCH] else
+                  f", test LL {ll_text(final, names[METRIC_TEST_LL], names[METRIC_TEST_LL_SE])}"
+                  + bpd_text(final, names[METRIC_TEST_BPD]))
+        line += f" · {CHOICE_WORDS[choice]}: epoch {epoch}{tested}"
     if strip:
         name = "pseudo_inputs" if hasattr(trainer.model.prior, "pseudo_inputs") else "samples"
         # A path the UI's server answers (no data: URIs in descriptions), one line under the text.
@@ -138,6 +140,7 @@ def ll_text(final: dict[str, Any], metric: str, se: str) -> str:
 
 
 def bpd_text(final: dict[str, Any], metric: str) -> str:
+    """' = 4.5420 bits/dim' for gray data, else ''."""
     return f" = {final[metric]:.4f} bits/dim" if metric in final else ""
 
 
