@@ -165,7 +165,7 @@ def evaluate(run_id: str, samples: int, tracking_uri: str | None, device: str, r
     data_root = str(Path(root).expanduser().resolve()) if root is not None else None
     out = rescore_run(run_id, samples, tracking_uri, device, data_root, echo=click.echo)
     before = f" (the run's test_ll: {out.logged_test_ll:.3f})" if out.logged_test_ll is not None else ""
-    click.echo(f"{out.metric} = {out.test_ll:.3f} nats over {out.images} images in {out.seconds:.1f} s, "
+    click.echo(f"{out.metric} = {out.test_ll:.3f} ± {out.se:.3f} (SE) nats over {out.images} images in {out.seconds:.1f} s, "
                f"logged to run {out.run_id}{before}")
     if out.raised:
         click.echo(f"it is the run's test_ll now (it had {'an estimate' if out.logged_test_ll is not None else 'none'})")

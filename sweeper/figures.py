@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import Formatter, FuncFormatter, MaxNLocator, NullFormatter
 
-from trainables.vae.catalog import DATASET_ORDER, K_PRIORS, STOP_NAN, STOP_SCHEDULER, short
+from trainables.vae.catalog import DATASET_ORDER, K_PRIORS, STOP_NAN, STOP_SCHEDULER, short, standard_error
 
 PRIOR_COLORS = {"standard": "#555753", "vamp": "#3465a4", "vamp_data": "#4e9a06", "mog": "#cc0000"}
 PRIOR_MARKERS = {"standard": "D", "vamp": "o", "vamp_data": "s", "mog": "^"}
@@ -235,7 +235,8 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None,
 
 def histograms_figure(per_image: list[tuple[str, str, str, np.ndarray, str]]) -> Figure:
     """(dataset, model, prior, per-image LL, budget) of the trial shown per prior (chosen on
-    validation), overlaid per dataset; the legend gives each trial's budget ('6 epoch(s), early stopping')."""
+    validation), overlaid per dataset; the legend gives each trial's mean ± its standard error (the
+    per-image std / sqrt(images)) and budget ('6 epoch(s), early stopping')."""
     datasets = order({d for d, *_ in per_image}, DATASET_ORDER)
     models = {m for _, m, *_ in per_image}
     fig, axes = _panel_grid(len(datasets))
@@ -247,7 +248,8 @@ def histograms_figure(per_image: list[tuple[str, str, str, np.ndarray, str]]) ->
             color = PRIOR_COLORS.get(prior)
             ax.hist(v, bins=bins, color=color, alpha=0.35, histtype="stepfilled")
             ax.hist(v, bins=bins, color=color, histtype="step", lw=1.2,
-                    label=f"{_series_label(model, prior, models)}: mean {v.mean():.2f}, {v.size} images\n({budget})")
+                    label=f"{_series_label(model, prior, models)}: mean {v.mean():.2f} ± "
+                          f"{standard_error(v.tolist()):.2f} (SE), {v.size} images\n({budget})")
         ax.set_xlabel("test log-likelihood per image (nats)")
         ax.set_ylabel("images")
         ax.set_title(dataset)

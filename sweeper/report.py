@@ -4,11 +4,14 @@
 then writes into one folder:
 
 - `table.csv` and a markdown table in `report.md`: test log-likelihood per (dataset, model, prior),
-  mean +/- std over seeds, beside the validation metric that chose the configuration, each row's
-  training budget, the published number (sweeper/published.py), the difference, and a flag where
-  ours is more than `FLAG_NATS` below the best sourced reference;
+  mean +/- std over seeds with the typical per-run standard error (a single run: +/- its SE),
+  beside the validation metric that chose the configuration, each row's training budget, the
+  published number (sweeper/published.py), the difference, and a verdict against the best sourced
+  reference that takes both standard errors into account (`published.compare`; a flag where ours
+  is below it by more than 2 combined SEs), with a word where the reference's test images differ;
 - `trials.csv` and a table in `report.md`: every trial's stop reason, epochs, best (tested) epoch,
-  the validation metric there, test LL, and its own time (training; test evaluation apart);
+  the validation metric there, test LL +/- SE, the other choice of epoch it tested (its epoch and
+  test LL +/- SE), and its own time (training; test evaluation apart);
 - `ll_vs_K.png`: test LL against the number of pseudo-inputs K, comparing like with like;
 - `ll_histograms.png`: per-image test LL of the trial shown per prior, one panel per dataset;
 - `best_<dataset>_<model>_<prior>.png`: that trial's pseudo-inputs, reconstructions of real
@@ -60,12 +63,13 @@ from sweeper.errors import SweeperError
 from sweeper.figures import (CURVES_LOW_PERCENTILE, best_trial_figure, curve_colouring, curves_clip, drawn,
                              finite, histograms_figure, k_points_frame, learning_curves_figure, ll_vs_k_figure,
                              optuna_figure)
-from sweeper.published import best_reference, published_ll
-from trainables.vae.catalog import (DATASET_ORDER, ENDED_BY_ITSELF, EPOCH_METRICS, K_PRIORS, METRIC_BEST_EPOCH,
-                                    METRIC_BEST_VAL_ELBO, METRIC_EPOCH, METRIC_EPOCH_SECONDS, METRIC_TEST_BPD,
-                                    METRIC_TEST_LL, METRIC_VAL_ELBO, MODEL_ORDER, PRIOR_ORDER, STOP_COMPLETED,
-                                    STOP_EARLY, STOP_ERROR, STOP_NAN, STOP_SCHEDULER, bits_per_dim,
-                                    bits_per_dim_dim, short, stop_reason)
+from sweeper.published import COMPARISON_RULE, best_reference, compare, published_ll
+from trainables.vae.catalog import (CHOICE_WORDS, DATASET_ORDER, ENDED_BY_ITSELF, EPOCH_METRICS, K_PRIORS,
+                                    METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH, METRIC_EPOCH_SECONDS,
+                                    METRIC_TEST_BPD, METRIC_TEST_LL, METRIC_TEST_LL_SE, METRIC_VAL_ELBO,
+                                    MODEL_ORDER, PRIOR_ORDER, STOP_COMPLETED, STOP_EARLY, STOP_ERROR, STOP_NAN,
+                                    STOP_SCHEDULER, bits_per_dim, bits_per_dim_dim, other_choice_metrics, short,
+                                    standard_error, stop_reason)
 
 # Trial params that never make two trials different configurations: the seed (averaged over) and
 # where/how a trial ran, which does not change its result.
@@ -74,8 +78,6 @@ NOT_CONFIG = frozenset({"seed", "data_root", "device", "image_every", "cuda_grap
 IGNORED_BY_PRIOR = {"standard": frozenset({"K", "fixed_pseudo_inputs"}),
                     "vamp": frozenset({"fixed_pseudo_inputs"}),
                     "mog": frozenset({"fixed_pseudo_inputs"})}
-# A result this many nats below the best sourced reference for its (dataset, model, prior) is flagged.
-FLAG_NATS = 1.0
 # The trial's own time, logged by the final evaluation: seconds of the test log-likelihood.
 METRIC_TEST_LL_SECONDS = "test_ll_seconds"
 # Optuna importances are shown only when every searched parameter has enough COMPLETE trials:
@@ -185,7 +187,24 @@ def _value_text(value: Any) -> Any:
 
 TRIAL_COLUMNS = ["run_id", "trial", "status", "stop_reason", "stop_detail", "parent_run_id", "start_time",
                  "dataset", "model", "prior", "K", "lr", "seed", "config_params", "epochs", "best_epoch",
-                 "test_ll", "val_elbo", "best_val_elbo", "test_bits_per_dim", "test_ll_seconds", "metrics"]
+                 "test_ll", "test_ll_se", "test_ll_se_from", "other_choice", "other_best_epoch", "other_test_ll",
+                 "other_test_ll_se", "val_elbo", "best_val_elbo", "test_bits_per_dim", "test_ll_seconds", "metrics"]
+# Where a trial's test_ll_se comes from: its own metric, its per_image_ll.csv (older runs), or unknown ("").
+SE_LOGGED = "logged"
+SE_FROM_CSV = "per_image_ll.csv"
+
+
+def _other_choice(m: dict[str, float]) -> dict[str, Any]:
+    """The other choice of epoch a run tested (`catalog.other_choice_metrics`), as trial columns."""
+    for choice in CHOICE_WORDS:
+        names = other_choice_metrics(choice)
+        if finite(m.get(names[METRIC_TEST_LL])):
+            return {"other_choice": choice, "other_best_epoch": int(m[names[METRIC_BEST_EPOCH]])
+                    if finite(m.get(names[METRIC_BEST_EPOCH])) else None,
+                    "other_test_ll": m[names[METRIC_TEST_LL]],
+                    "other_test_ll_se": m.get(names[METRIC_TEST_LL_SE], float("nan"))}
+    return {"other_choice": "", "other_best_epoch": None, "other_test_ll": float("nan"),
+            "other_test_ll_se": float("nan")}
 
 
 def trials_frame(runs: Iterable) -> pd.DataFrame:
@@ -213,8 +232,10 @@ def trials_frame(runs: Iterable) -> pd.DataFrame:
             "seed": p.get("seed", ""), "config_params": config,
             "epochs": int(m[METRIC_EPOCH]) if finite(m.get(METRIC_EPOCH)) else 0,
             "best_epoch": int(m[METRIC_BEST_EPOCH]) if finite(m.get(METRIC_BEST_EPOCH)) else None,
-            **{k: m.get(k, float("nan")) for k in (METRIC_TEST_LL, METRIC_VAL_ELBO, METRIC_BEST_VAL_ELBO,
-                                                   METRIC_TEST_BPD, METRIC_TEST_LL_SECONDS)},
+            **{k: m.get(k, float("nan")) for k in (METRIC_TEST_LL, METRIC_TEST_LL_SE, METRIC_VAL_ELBO,
+                                                   METRIC_BEST_VAL_ELBO, METRIC_TEST_BPD, METRIC_TEST_LL_SECONDS)},
+            "test_ll_se_from": SE_LOGGED if finite(m.get(METRIC_TEST_LL_SE)) else "",
+            **_other_choice(m),
             "metrics": dict(m),
         })
     frame = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
@@ -316,11 +337,20 @@ def _mean_std(values: pd.Series) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
 
 
-TABLE_COLUMNS = ["dataset", "model", "prior", "test_ll_mean", "test_ll_std", "n_seeds", "n_trials", "n_configs",
+TABLE_COLUMNS = ["dataset", "model", "prior", "test_ll_mean", "test_ll_std", "test_ll_se", "test_ll_mean_se",
+                 "n_seeds", "n_trials", "n_configs",
                  "config", "selected_on", "select_mean", "budget", "budget_differs", "stop_reasons", "epochs_min",
                  "epochs_max", "best_epoch_min", "best_epoch_max", "published_ll", "published_source", "diff_ll",
-                 "best_reference_ll", "best_reference_source", "below_best_reference", "flag", "bits_per_dim_mean",
+                 "published_check", "best_reference_ll", "best_reference_source", "below_best_reference",
+                 "combined_se", "verdict", "check", "reference_split", "flag", "bits_per_dim_mean",
                  "bits_per_dim_std", "published_bits_per_dim", "run_ids"]
+
+
+def _row_se(per_run_se: float, std: float, n: int) -> float:
+    """The standard error of a row's number (a mean over n seeds on one test set): the typical
+    per-run SE (the test images' sampling error, common to every seed) combined with the seeds'
+    spread (std / sqrt(n)); the per-run SE alone for one seed."""
+    return math.sqrt(per_run_se ** 2 + (std ** 2 / n if n > 1 else 0.0))
 
 
 def results_table(trials: pd.DataFrame, selection: Selection = Selection()) -> pd.DataFrame:
@@ -332,13 +362,18 @@ def results_table(trials: pd.DataFrame, selection: Selection = Selection()) -> p
     best mean `score` (the spec's metric at each trial's tested epoch) is reported: chosen on
     validation data, the test set plays no part in the choice. Its trials are averaged per seed
     (repeats of a seed count once), then mean and sample std (ddof=1; blank for one seed) over the
-    seeds. `select_mean`: that configuration's mean metric, `selected_on` its name; `n_seeds`,
+    seeds. `test_ll_se`: the typical per-run standard error (the mean of the seeds' `test_ll_se`,
+    NaN when none is known); `test_ll_mean_se`: the standard error of `test_ll_mean` (`_row_se`).
+    `select_mean`: that configuration's mean metric, `selected_on` its name; `n_seeds`,
     `n_trials`: what the numbers rest on; `n_configs`: how many configurations the group had;
     `run_ids`: the chosen configuration's runs. `budget`: how its trials stopped and after how
     many epochs; `budget_differs`: the rows of this dataset did not train under the same budget
     (`_budget_key`), so their numbers are not like with like. `published_*`: the paper's number
-    where it has one (`published_ll`); `best_reference_*`: the highest sourced number; `flag` is
-    True when the mean is more than FLAG_NATS below it. Groups without any finite test LL are left out.
+    where it has one (`published_ll`), `published_check` the verdict against it;
+    `best_reference_*`: the highest sourced number, `verdict` / `check` / `combined_se` ours against
+    it (`published.compare`, the reference's SE taken as our per-run SE), `reference_split` how its
+    test images differ from ours; `flag` is True when ours is below it by more than 2 combined
+    standard errors. Groups without any finite test LL are left out.
     """
     rows, keys = [], []
     done = trials[trials["has_ll"]] if not trials.empty else trials
@@ -353,14 +388,17 @@ def results_table(trials: pd.DataFrame, selection: Selection = Selection()) -> p
             # The run's own metric where it was logged, else from its test LL.
             bpd = chosen["test_bits_per_dim"].astype(float)
             chosen = chosen.assign(bpd=bpd.where(bpd.notna(), bits_per_dim(chosen["test_ll"], dim)))
-        per_seed = chosen.groupby("seed", sort=False)[["test_ll"] + (["bpd"] if dim else [])].mean()
+        per_seed = chosen.groupby("seed", sort=False)[["test_ll", "test_ll_se"] + (["bpd"] if dim else [])].mean()
         ll_mean, ll_std = _mean_std(per_seed["test_ll"])
+        run_se = float(per_seed["test_ll_se"].mean()) if per_seed["test_ll_se"].notna().any() else float("nan")
+        mean_se = _row_se(run_se, ll_std, len(per_seed))
         pub = published_ll(dataset, model, prior)
         ref = best_reference(dataset, model, prior)
-        below = ref.ll - ll_mean if ref else float("nan")
+        versus = compare(ll_mean, mean_se, ref, run_se) if ref else None
         best_epochs = chosen["best_epoch"].dropna().astype(int)
         row = {
             "dataset": dataset, "model": model, "prior": prior, "test_ll_mean": ll_mean, "test_ll_std": ll_std,
+            "test_ll_se": run_se, "test_ll_mean_se": mean_se,
             "n_seeds": len(per_seed), "n_trials": len(chosen), "n_configs": len(score), "config": config,
             "selected_on": f"{selection.metric} at the tested epoch ({selection.mode})",
             "select_mean": float(chosen["select"].mean()),
@@ -371,9 +409,15 @@ def results_table(trials: pd.DataFrame, selection: Selection = Selection()) -> p
             "best_epoch_max": int(best_epochs.max()) if len(best_epochs) else None,
             "published_ll": pub.ll if pub else float("nan"), "published_source": pub.source if pub else "",
             "diff_ll": ll_mean - pub.ll if pub else float("nan"),
+            "published_check": compare(ll_mean, mean_se, pub, run_se).verdict if pub else "",
             "best_reference_ll": ref.ll if ref else float("nan"),
             "best_reference_source": ref.source if ref else "",
-            "below_best_reference": below, "flag": bool(ref) and below > FLAG_NATS,
+            "below_best_reference": -versus.diff if versus else float("nan"),
+            "combined_se": versus.se if versus else float("nan"),
+            "verdict": versus.verdict if versus else "",
+            "check": versus.text() if versus else "no reference",
+            "reference_split": ref.split if ref else "",
+            "flag": bool(versus and versus.flag),
         }
         if dim is not None:
             bpd_mean, bpd_std = _mean_std(per_seed["bpd"])
@@ -436,20 +480,30 @@ def _md_table(header: list[str], rows: Iterable[Iterable[str]]) -> str:
     return "\n".join([_md_row(header), "|" + "|".join("---" for _ in header) + "|", *map(_md_row, rows)])
 
 
+def ll_cell(mean: float, std: float, se: float, n: int) -> str:
+    """A test LL as the tables show it: one run '-85.71 ± 0.25 (SE)'; several seeds
+    '-125.41 ± 0.70 (std, n=3; SE/run 0.55)'; an SE that is not known says so."""
+    se_text = _fmt(se) if finite(se) else "unknown"
+    if n > 1:
+        return f"{_fmt(mean)} ± {_fmt(std)} (std, n={n}; SE/run {se_text})"
+    return f"{_fmt(mean)} ± {_fmt(se)} (SE)" if finite(se) else f"{_fmt(mean)} (SE unknown)"
+
+
 def markdown_table(table: pd.DataFrame, selection: Selection = Selection()) -> str:
     """The results table for report.md."""
     bpd = "bits_per_dim_mean" in table
     header = ["dataset", "model", "prior", "test LL (nats)", f"{selection.metric} (chooses)", "seeds", "budget",
               "published", "source", "diff"]
     header += ["bits/dim", "published bits/dim"] if bpd else []
-    header += ["configuration", "check"]
+    header += ["configuration", "check (best reference)"]
     rows = []
     for r in table.itertuples(index=False):
-        ll = _fmt(r.test_ll_mean) + (f" ± {_fmt(r.test_ll_std)}" if finite(r.test_ll_std) else "")
+        ll = ll_cell(r.test_ll_mean, r.test_ll_std, r.test_ll_se, r.n_seeds)
         n = str(r.n_seeds) + (f" ({r.n_trials} trials)" if r.n_trials != r.n_seeds else "")
         budget = ("⚠ " if r.budget_differs else "") + r.budget
+        diff = _fmt(r.diff_ll, sign=True) + (f" ({r.published_check})" if r.published_check else "")
         cells = [r.dataset, r.model, r.prior, ll, _fmt(r.select_mean), n, budget, _fmt(r.published_ll),
-                 r.published_source or "–", _fmt(r.diff_ll, sign=True)]
+                 r.published_source or "–", diff]
         if bpd:
             b = _fmt(r.bits_per_dim_mean, 4) + (f" ± {_fmt(r.bits_per_dim_std, 4)}"
                                                   if finite(r.bits_per_dim_std) else "")
@@ -457,15 +511,7 @@ def markdown_table(table: pd.DataFrame, selection: Selection = Selection()) -> s
         config = r.config or "–"
         if r.n_configs > 1:
             config += f" (best of {r.n_configs} by {selection.metric})"
-        if r.flag:
-            check = (f"⚠ {r.below_best_reference:.2f} nats below {r.best_reference_ll:.2f} "
-                     f"({r.best_reference_source})")
-        elif finite(r.best_reference_ll):
-            check = f"within {FLAG_NATS:g} nat of the best reference ({r.best_reference_ll:.2f})" \
-                if r.below_best_reference > 0 else f"above the best reference ({r.best_reference_ll:.2f})"
-        else:
-            check = "no reference"
-        rows.append(cells + [config, check])
+        rows.append(cells + [config, r.check])
     return _md_table(header, rows)
 
 
@@ -485,25 +531,43 @@ def trials_table(trials: pd.DataFrame, selection: Selection = Selection()) -> pd
     cols = ["trial", "run_id", "dataset", "model", "prior", "K", "lr", "seed", "status", "stop_reason", "epochs",
             "best_epoch", "best_val_elbo"]
     cols += [selection.column] if selection.column != "best_val_elbo" else []
-    cols += ["select_at", "last_val_elbo", "test_ll", "test_bits_per_dim", "train_seconds", "test_ll_seconds",
-             "wall_seconds"]
+    cols += ["select_at", "last_val_elbo", "test_ll", "test_ll_se", "test_ll_se_from", "test_bits_per_dim",
+             "other_choice", "other_best_epoch", "other_test_ll", "other_test_ll_se", "train_seconds",
+             "test_ll_seconds", "wall_seconds"]
     out = trials.rename(columns={"val_elbo": "last_val_elbo"})[cols].copy()
     out["K"] = out["K"].astype("Int64")
     out["best_epoch"] = out["best_epoch"].astype("Int64")
+    out["other_best_epoch"] = out["other_best_epoch"].astype("Int64")
     return out.rename(columns={"select_at": "chosen_at"})
 
 
 def markdown_trials(trials: pd.DataFrame, selection: Selection = Selection()) -> str:
     header = ["trial", "dataset", "model", "prior", "K", "lr", "seed", "stop reason", "epochs", "best epoch",
-              f"{selection.metric} at best epoch", "test LL (nats)", "training", "test LL evaluation"]
+              f"{selection.metric} at best epoch", "test LL ± SE (nats)", "other choice: epoch, test LL ± SE",
+              "training", "test LL evaluation"]
     rows = []
     for r in trials.itertuples(index=False):
         value = _fmt(r.select) + (" (latest: no tested epoch)" if r.select_at == "latest" else "")
         rows.append([r.trial, r.dataset, r.model, r.prior, "" if r.K is None or pd.isna(r.K) else int(r.K),
                      short(r.lr), r.seed, r.stop_reason or r.status.lower(), r.epochs,
                      "" if r.best_epoch is None or pd.isna(r.best_epoch) else int(r.best_epoch), value,
-                     _fmt(r.test_ll), _duration(r.wall_seconds), _duration(r.test_ll_seconds)])
+                     _ll_se(r.test_ll, r.test_ll_se) if finite(r.test_ll) else "–", _other_text(r),
+                     _duration(r.wall_seconds), _duration(r.test_ll_seconds)])
     return _md_table(header, rows)
+
+
+def _ll_se(ll: float, se: float) -> str:
+    """'-85.71 ± 0.25'; '-85.71 (SE unknown)' for a run without one."""
+    return f"{_fmt(ll)} ± {_fmt(se)}" if finite(se) else f"{_fmt(ll)} (SE unknown)"
+
+
+def _other_text(r: Any) -> str:
+    """A trial's other choice of epoch: 'after_warmup: epoch 100, -125.02 ± 0.55' ('–' without one)."""
+    if not r.other_choice:
+        return "–"
+    epoch = "" if r.other_best_epoch is None or pd.isna(r.other_best_epoch) else int(r.other_best_epoch)
+    same = epoch == ("" if r.best_epoch is None or pd.isna(r.best_epoch) else int(r.best_epoch))
+    return f"{r.other_choice}: epoch {epoch}" + (" (the same)" if same else f", {_ll_se(r.other_test_ll, r.other_test_ll_se)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -808,6 +872,8 @@ def make_report(experiment: str, tracking_uri: str | None = None, out: str | Pat
 
     sections: list[str] = []
     if not trials.empty:
+        with tempfile.TemporaryDirectory(prefix="sweeper-report-") as tmp:
+            _fill_standard_errors(rep, client, trials, Path(tmp))
         sections += _table_section(rep, trials)
         result.shown = best_trials(trials, result.table)
         sections += _k_section(rep, trials)
@@ -846,15 +912,22 @@ def _table_section(rep: _Report, trials: pd.DataFrame) -> list[str]:
         return []
     rep.write(table, "table.csv")
     lines = ["## Test log-likelihood", "",
-             "Mean ± std (ddof=1) over seeds of the test log-likelihood in nats (higher is better; repeats "
-             "of a seed are averaged first). Where a (dataset, model, prior) holds several configurations, "
+             "Test log-likelihood in nats (higher is better): for a row of several seeds, mean ± std (ddof=1) "
+             "over the seeds (repeats of a seed are averaged first) with n and the typical per-run standard "
+             "error (`SE/run`); for a single run, ± its standard error. A run's SE is the per-image test LL's "
+             "std (ddof=1) / sqrt(N test images): how much its number would move on another test set of that "
+             "size. Where a (dataset, model, prior) holds several configurations, "
              f"the one with {selection.text} (mean over its seeds) is shown: chosen on validation, the test "
              f"set plays no part in it. `{selection.metric} (chooses)`: that mean. `budget`: how the row's "
              "trials stopped, after how many epochs, and their best (tested) epochs. "
              "`published`: the paper's number where it has one, else the first sourced one; `diff` = ours − "
-             f"published. `check`: ⚠ where ours is more than {FLAG_NATS:g} nat below the best sourced "
-             "reference for that dataset, model and prior. Also in [table.csv](table.csv).", "",
-             markdown_table(table, selection), ""]
+             "published, with the verdict of the rule below. `check`: ours against the best sourced "
+             f"reference for that dataset, model and prior: {COMPARISON_RULE}. Also in [table.csv](table.csv).",
+             "", markdown_table(table, selection), ""]
+    splits = sorted({(r.dataset, r.reference_split) for r in table.itertuples(index=False) if r.reference_split})
+    for dataset, split in splits:
+        lines += [f"Other test images: on {dataset}, {split}. Its number and ours are means over different "
+                  "images; the comparison above counts that through SE_ref.", ""]
     differ = sorted(set(table.loc[table["budget_differs"], "dataset"]))
     if differ:
         lines += [f"⚠ in `budget`: the rows of {', '.join(differ)} did not train under the same budget (some "
@@ -913,7 +986,30 @@ def _shown_label(r: Any, selection: Selection) -> str:
     """What the trial shown for a prior is: its budget and both numbers."""
     return (f"{r.epochs} epoch(s), {STOP_WORDS.get(r.stop_reason, r.stop_reason or r.status.lower())}; "
             f"{selection.metric} {_fmt(r.select)} at epoch {'' if pd.isna(r.best_epoch) else int(r.best_epoch)}, "
-            f"test LL {_fmt(r.test_ll)}")
+            f"test LL {_ll_se(r.test_ll, r.test_ll_se)}")
+
+
+def _fill_standard_errors(rep: _Report, client, trials: pd.DataFrame, tmp: Path) -> None:
+    """Runs older than `test_ll_se` get it from their per_image_ll.csv (in place); without that
+    file it stays unknown (NaN). Notes say how many of each."""
+    missing = trials.index[trials["has_ll"] & ~trials["test_ll_se"].map(finite)]
+    computed, unknown = [], []
+    for i in missing:
+        row = trials.loc[i]
+        path = _download(rep, client, row, "per_image_ll.csv", tmp)
+        values = pd.read_csv(path)["log_likelihood"].to_numpy(dtype=float) if path is not None else np.array([])
+        se = standard_error(values[np.isfinite(values)].tolist())
+        if finite(se):
+            trials.loc[i, ["test_ll_se", "test_ll_se_from"]] = [se, SE_FROM_CSV]
+            computed.append(row.trial)
+        else:
+            unknown.append(row.trial)
+    if computed:
+        rep.note(f"{len(computed)} trial(s) logged no {METRIC_TEST_LL_SE} (older runs): computed from their "
+                 f"per_image_ll.csv ({', '.join(map(str, computed))})")
+    if unknown:
+        rep.note(f"{len(unknown)} trial(s) logged no {METRIC_TEST_LL_SE} and have no per_image_ll.csv: their standard "
+                 f"error is unknown, and a row resting on them alone gets no verdict ({', '.join(map(str, unknown))})")
 
 
 def _histogram_section(rep: _Report, client, trials: pd.DataFrame, tmp: Path) -> list[str]:
@@ -1070,9 +1166,12 @@ def _trials_section(rep: _Report, trials: pd.DataFrame) -> list[str]:
     selection = rep.result.selection
     rep.write(trials_table(trials, selection), "trials.csv")
     lines = ["## Trials", "",
-             "Every trial: why it stopped, after how many epochs, its best (tested) epoch — the epoch of the "
-             f"lowest validation loss, whose weights were restored and tested — the `{selection.metric}` there "
-             "(what the choices above use; `latest` where a trial has no tested epoch yet), its test LL, and "
+             "Every trial: why it stopped, after how many epochs, its best (tested) epoch — the epoch its "
+             "rule chose (REF's: the lowest validation loss), whose weights were restored and tested — the "
+             f"`{selection.metric}` there (what the choices above use; `latest` where a trial has no tested epoch "
+             "yet), its test LL ± its standard error, the other choice of epoch it tested from the same training "
+             "(" + "; ".join(f"`{k}`: {v}" for k, v in CHOICE_WORDS.items()) + "; `the same` where both "
+             "rules chose one epoch), and "
              "its own time: `training` from its start to its last epoch (start-up and logging included; a "
              "trial interrupted and resumed counts the pause), `test LL evaluation` apart. A trial stopped "
              "by the scheduler is evaluated later: the wait is in neither. Also in [trials.csv](trials.csv) "

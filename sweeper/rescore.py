@@ -3,7 +3,8 @@
 The trial's run holds everything needed: its LoggedModel (best-validation weights and the trial's
 configuration, `torch.load(weights_only=True)`) and its dataset input. On any machine with the
 data, the weights are loaded into the model the configuration builds, and the test LL is
-estimated with S importance samples and logged to the run as `test_ll_S<S>` (never `test_ll`).
+estimated with S importance samples and logged to the run as `test_ll_S<S>` (never `test_ll`), with
+its standard error (the per-image LL's std / sqrt(N)) as `test_ll_S<S>_se`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from sweeper import tracking
 from sweeper.errors import SweeperError
-from trainables.vae.catalog import METRIC_TEST_IMAGES, METRIC_TEST_LL, METRIC_TEST_SAMPLES, rescored_metric
+from trainables.vae.catalog import (METRIC_TEST_IMAGES, METRIC_TEST_LL, METRIC_TEST_LL_SE, METRIC_TEST_SAMPLES,
+                                    rescored_metric, se_metric, standard_error)
 
 
 @contextlib.contextmanager
@@ -41,6 +43,7 @@ class Rescored:
     run_id: str
     metric: str          # test_ll_S<S>
     test_ll: float       # nats, mean over the test images
+    se: float            # its standard error: the per-image LL's std (ddof=1) / sqrt(images)
     samples: int
     images: int
     seconds: float
@@ -100,16 +103,18 @@ def rescore_run(run_id: str, samples: int = 20_000, tracking_uri: str | None = N
     value = float(ll.mean())
     if not math.isfinite(value):
         raise SweeperError(f"the re-scored test LL of run {run_id} is {value}; nothing was logged")
+    se = standard_error(ll.double().cpu().tolist())
     metric = rescored_metric(samples)
     handle = tracking.RunHandle(uri, run_id)
     images = int(data.test.shape[0])
-    metrics = {metric: value, f"{metric}_seconds": seconds}
+    metrics = {metric: value, se_metric(metric): se, f"{metric}_seconds": seconds}
     raised = raises_test_ll(run.data.metrics, samples, images, config.test_samples)
     if raised:
         # A stopped trial tested with a declared estimate, or not at all: this is its test LL now.
-        metrics.update({METRIC_TEST_LL: round(value, 2), METRIC_TEST_SAMPLES: samples, METRIC_TEST_IMAGES: images})
+        metrics.update({METRIC_TEST_LL: round(value, 2), METRIC_TEST_LL_SE: round(se, 2), METRIC_TEST_SAMPLES: samples,
+                        METRIC_TEST_IMAGES: images})
     handle.log_metrics(metrics, step=int(run.data.metrics.get("epoch", 0)))
-    return Rescored(run_id, metric, value, samples, images, seconds, run.data.metrics.get(METRIC_TEST_LL), raised)
+    return Rescored(run_id, metric, value, se, samples, images, seconds, run.data.metrics.get(METRIC_TEST_LL), raised)
 
 
 def raises_test_ll(metrics, samples: int, images: int, trial_samples: int) -> bool:

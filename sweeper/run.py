@@ -40,7 +40,8 @@ from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallbac
                                asha_expected_epochs, duration, trial_name)
 from sweeper.spec import SweepSpec, load_spec
 from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_IMAGES, METRIC_TEST_LL,
-                                    METRIC_TEST_SAMPLES, METRIC_VAL_ELBO, STOP_SCHEDULER, short, stop_reason)
+                                    METRIC_TEST_LL_SE, METRIC_TEST_SAMPLES, METRIC_VAL_ELBO, STOP_SCHEDULER, short,
+                                    stop_reason)
 
 STATE_FILE = "sweep.json"
 # What the trials need from the driver's environment: MLflow credentials and the data location.
@@ -919,8 +920,8 @@ def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tr
         row.update({q.name: params.get(q.name) if q.applies(params, defaults) else None for q in spec.parameters})
         if metric != METRIC_VAL_ELBO and tested is not None:
             row[METRIC_BEST_VAL_ELBO] = metric_at_tested_epoch(client, run, METRIC_VAL_ELBO)[0]
-        for key in (METRIC_TEST_LL, "test_elbo", "active_units", "test_bits_per_dim", METRIC_TEST_SAMPLES,
-                    METRIC_TEST_IMAGES):
+        for key in (METRIC_TEST_LL, METRIC_TEST_LL_SE, "test_elbo", "active_units", "test_bits_per_dim",
+                    METRIC_TEST_SAMPLES, METRIC_TEST_IMAGES):
             if key in m:
                 row[key] = m[key]
         rows.append(row)
@@ -933,10 +934,11 @@ def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tr
              .sort_values(["_tested", "_key"], ascending=[False, False], na_position="last")
              .drop(columns=["_tested", "_key"]).reset_index(drop=True))
     shown = [c for c in ("trial", "stop_reason", "epochs", METRIC_BEST_EPOCH, *[q.name for q in spec.parameters],
-                         metric, METRIC_TEST_LL, "test_bits_per_dim", "active_units") if c in table]
+                         metric, METRIC_TEST_LL, METRIC_TEST_LL_SE, "test_bits_per_dim", "active_units") if c in table]
     readable = _readable(table[shown], marks=table[at_column], metric=metric)
     legend = (f"Best first by {metric} ({spec.metric.mode}) at the epoch whose weights each trial tested "
-              f"({METRIC_BEST_EPOCH}); {METRIC_TEST_LL} is shown beside and never used to choose.")
+              f"({METRIC_BEST_EPOCH}); {METRIC_TEST_LL} is shown beside and never used to choose; "
+              f"{METRIC_TEST_LL_SE} is its standard error (per-image std / sqrt(test images)).")
     estimates = estimated_test_lls(table)
     if estimates.any():
         readable.loc[estimates, METRIC_TEST_LL] = readable.loc[estimates, METRIC_TEST_LL] + " (estimate)"
@@ -1017,7 +1019,7 @@ def _readable(table, marks=None, metric: str | None = None):
         for i, v in enumerate(out[column]):
             if v is None or (isinstance(v, float) and v != v):
                 values.append("")
-            elif column in (METRIC_VAL_ELBO, METRIC_TEST_LL, "test_elbo", metric):
+            elif column in (METRIC_VAL_ELBO, METRIC_TEST_LL, METRIC_TEST_LL_SE, "test_elbo", metric):
                 latest = marks is not None and column == metric and marks.iloc[i] == "latest"
                 values.append(f"{float(v):.2f}" + (" (latest)" if latest else ""))
             elif column == "test_bits_per_dim":

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sweeper.errors import SweeperError
-from trainables.vae.catalog import METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_LL, METRIC_VAL_ELBO
+from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_LL, METRIC_TEST_LL_SE,
+                                    METRIC_VAL_ELBO)
 from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one tracking module)
     ROLE_SWEEP,
     EXPERIMENT_KIND,
@@ -98,9 +99,9 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 def sweep_view(metric: str, mode: str, parameters: Sequence[str], parent_run_id: str | None = None) -> dict:
     """The runs table as a sweep's reader wants it (MLflow's shared-view state): the choosing
     metric at each trial's tested epoch first and sorted on (validation, never test), the test LL
-    beside it, then the tested epoch, the stop reason and the searched parameters."""
+    and its standard error beside it, then the tested epoch, the stop reason and the searched parameters."""
     choose = METRIC_BEST_VAL_ELBO if metric == METRIC_VAL_ELBO else metric   # the tested epoch's value
-    metrics = dict.fromkeys([choose, METRIC_BEST_VAL_ELBO, METRIC_TEST_LL, METRIC_BEST_EPOCH])
+    metrics = dict.fromkeys([choose, METRIC_BEST_VAL_ELBO, METRIC_TEST_LL, METRIC_TEST_LL_SE, METRIC_BEST_EPOCH])
     return {"selectedColumns": [*(f"metrics.`{m}`" for m in metrics), f"tags.`{TAG_STOP}`",
                                 *(f"params.`{p}`" for p in parameters)],
             "orderByKey": f"metrics.`{choose}`", "orderByAsc": mode == "min",

@@ -290,9 +290,14 @@ def _assert_states_equal(a: dict, b: dict, where: str) -> None:
     assert set(a["model"]) == set(b["model"]), where
     for k, v in b["model"].items():
         assert torch.allclose(a["model"][k], v, rtol=1e-6, atol=1e-7), (where, k)
-    assert (a["best_state"] is None) == (b["best_state"] is None), where
-    for k, v in (b["best_state"] or {}).items():
-        assert torch.allclose(a["best_state"][k], v, rtol=1e-6, atol=1e-7), (where, "best", k)
+    for key in ("other_epoch", "other_tracked"):
+        assert a[key] == b[key], (where, key)
+    for key in ("best_val_elbo", "other_val_loss"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6), (where, key)
+    for state in ("best_state", "other_state"):
+        assert (a[state] is None) == (b[state] is None), (where, state)
+        for k, v in (b[state] or {}).items():
+            assert torch.allclose(a[state][k], v, rtol=1e-6, atol=1e-7), (where, state, k)
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sorted(sa) == sorted(sb), where
     for i in sb:
@@ -306,11 +311,12 @@ def _assert_states_equal(a: dict, b: dict, where: str) -> None:
 @pytest.mark.parametrize("model,prior", [("vae", "vamp"), ("vae", "mog"), ("vae", "standard"), ("hvae", "vamp")])
 def test_a_trainer_checkpoint_goes_into_a_batch_slot_and_comes_back_unchanged(model, prior):
     splits = synthetic(120)
-    cfg = config(model=model, prior=prior, K=4, seed=5, lr=2e-3, warmup=1, early_stopping=3)
+    cfg = config(model=model, prior=prior, K=4, seed=5, lr=2e-3, warmup=2, early_stopping=3)
     plain = Trainer(cfg, splits, "cpu")
     for _ in range(3):
         plain.step()
     state = plain.state_dict()
+    assert state["other_state"] is not None                       # epoch 2 or 3: at full KL weight
     # Slot 1 of two; slot 0 is another configuration (a different K pads the prior).
     batched = BatchedTrainer([config(model=model, prior=prior, K=6, seed=1), cfg], splits, "cpu",
                              states=[None, state])
@@ -366,3 +372,46 @@ def test_a_frozen_slot_never_changes_even_with_a_non_finite_gradient():
     opt.step()
     assert torch.equal(w[1].detach(), torch.ones(3)) and torch.isfinite(opt.exp_avg[0]).all()
     assert (w[0].detach() < 1).all()                                                 # slot 0 moved
+
+
+
+# -- both choices of epoch and selection on the validation LL, slot by slot ----------------------
+def test_every_slot_keeps_both_choices_and_selects_on_its_validation_ll_exactly_as_alone(monkeypatch):
+    """Scripted validation ELBOs (REF's best inside the warm-up, another at full KL weight) and
+    real validation LLs: each slot's per-epoch metrics, both best epochs and both kept weights
+    are its single run's (float64)."""
+    splits = synthetic(100)
+    cfgs = [config(seed=1, K=3, warmup=3, early_stopping=3, max_epochs=12),
+            config(seed=2, K=5, warmup=0, early_stopping=4, max_epochs=12, select_on="val_ll", val_ll_every=2,
+                   val_ll_samples=8),
+            config(seed=3, K=4, warmup=3, early_stopping=3, max_epochs=12, best_after_warmup=True)]
+    scripts = [[90.0, 60.0, 70.0, 65.0, 62.0, 66.0, 67.0, 68.0, 69.0, 70.0, 71.0, 72.0],
+               [90.0, 60.0, 70.0, 65.0, 62.0, 66.0, 67.0, 68.0, 69.0, 70.0, 71.0, 72.0],
+               [90.0, 60.0, 61.0, 64.0, 63.0, 66.0, 67.0, 68.0, 69.0, 70.0, 71.0, 72.0]]
+    alone = [Alone(c, splits) for c in cfgs]
+    for run, script in zip(alone, scripts):
+        losses = iter(script)
+        monkeypatch.setattr(run.t, "evaluate_elbo",
+                            lambda x, noise=None, losses=losses: (lambda v: {"loss": v, "elbo": -v, "rec": 0.0,
+                                                                             "kl": 0.0})(next(losses)))
+    batched = BatchedTrainer(cfgs, splits, "cpu", dtype=torch.float64)
+    epoch = iter(range(12))
+    monkeypatch.setattr(batched, "evaluate_elbo", lambda x, noise, batch_size=1000: (
+        lambda e: torch.tensor([[-s[e], 0.0, 0.0] for s in scripts], dtype=torch.float64))(next(epoch)))
+    while not batched.done:
+        got = batched.step()
+        for m, run in enumerate(alone):
+            if run.t.done:
+                assert got[m] is None
+                continue
+            want = run.step()
+            assert_same(got[m], want, m)
+            assert ("val_ll" in got[m]) == ("val_ll" in want), (m, want["epoch"])
+            if "val_ll" in want:
+                assert got[m]["val_ll"] == pytest.approx(want["val_ll"], **EXACT)
+            if want["stop_reason"] is not None:     # its final state (a frozen slot's Adam steps run on)
+                _assert_states_equal(batched.model_state(m), run.t.state_dict(), f"slot {m}")
+    progress = [(p.best_epoch, p.other_epoch, p.epoch) for p in batched.progress]
+    # REF: epoch 2 (warm-up), at full KL weight 5; val_ll: its own best; best_after_warmup: 3, REF's 2.
+    assert progress[0] == (2, 5, 6) and progress[2][:2] == (3, 2)
+    assert progress[1][1] == 2 and progress[1][0] % 2 == 0           # a val_ll epoch

@@ -22,7 +22,7 @@ from sweeper.cli import main
 from sweeper.errors import SweeperError
 from sweeper.figures import learning_curves_figure, ll_vs_k_figure, optuna_figure
 from sweeper.published import PUBLISHED, best_reference, published_ll
-from sweeper.report import FLAG_NATS, make_report, study_importances
+from sweeper.report import make_report, study_importances
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -91,6 +91,68 @@ def test_the_best_reference_is_the_highest_sourced_number():
     assert best_reference("caltech101", "vae", "mog") is None
 
 
+def test_a_comparison_is_consistent_within_two_combined_standard_errors():
+    from sweeper.published import CONSISTENT_SE, PublishedLL, compare
+
+    ref = PublishedLL("static_mnist", "vae", "vamp", -85.57, "paper")
+    se = math.sqrt(0.3 ** 2 + 0.3 ** 2)                              # 0.42: 2 SE = 0.85 nats
+    assert CONSISTENT_SE == 2.0
+    assert compare(-86.40, 0.3, ref, 0.3).verdict == "consistent"     # 0.83 below
+    low = compare(-86.45, 0.3, ref, 0.3)                              # 0.88 below
+    assert (low.verdict, low.flag) == ("below", True) and low.se == pytest.approx(se)
+    assert low.text() == f"⚠ 0.88 nats below -85.57 (paper): {0.88 / se:.1f} combined SE ({se:.2f})"
+    high = compare(-84.60, 0.3, ref, 0.3)
+    assert (high.verdict, high.flag) == ("above", False) and high.text().startswith("0.97 nats above -85.57")
+    unknown = compare(-90.0, float("nan"), ref, 0.3)
+    assert (unknown.verdict, unknown.flag) == ("SE unknown", False)
+    assert unknown.text() == "4.43 nats below -85.57 (paper); SE unknown: no verdict"
+    # Frey Faces: a mean over 200 images with a per-image spread of ~200 nats has an SE of ~14:
+    # 2.21 nats below REF's run says nothing, and REF's 200 test images are not ours.
+    frey = best_reference("frey_faces", "vae", "vamp")
+    reading = compare(-1763.05, 14.0, frey, 14.0)
+    assert reading.verdict == "consistent" and "unseeded generator" in reading.text()
+    assert best_reference("static_mnist", "vae", "vamp").split == ""
+
+
+def test_older_runs_get_their_standard_error_from_their_per_image_csv(tmp_path):
+    """A run logged before test_ll_se: its SE is computed from per_image_ll.csv (numpy's std,
+    ddof=1, / sqrt(N)); a run without that file has an unknown SE. A single run's row shows
+    ± its SE; a row far below its reference is flagged; the trials table shows the other choice."""
+    import numpy as np
+
+    uri, client, exp_id = new_store(tmp_path, "old")
+    parent = add_parent(client, exp_id, "old-1", start_time=1)
+    per_image = -87.0 + np.linspace(-30.0, 30.0, 101) ** 3 / 9000.0      # SE ~0.11
+    old = add_trial(client, exp_id, parent, prior="vamp", seed=0, dataset="static_mnist", val=[-95.0, -90.0],
+                    final={"test_ll": float(per_image.mean()), "best_epoch": 2.0})
+    client.log_text(old, "index,log_likelihood\n" + "".join(f"{i},{v:.6f}\n" for i, v in enumerate(per_image)),
+                    "per_image_ll.csv")
+    bare = add_trial(client, exp_id, parent, prior="standard", seed=0, dataset="static_mnist", val=[-99.0],
+                     final={"test_ll": -89.0})
+    new = add_trial(client, exp_id, parent, prior="mog", seed=0, dataset="static_mnist", val=[-96.0, -91.0, -92.0],
+                    final={"test_ll": -86.0, "test_ll_se": 0.31, "best_epoch": 2.0, "best_epoch_after_warmup": 3.0,
+                           "test_ll_after_warmup": -86.4, "test_ll_after_warmup_se": 0.32})
+    result = make_report("old", uri, tmp_path / "out", log_to_parent=False)
+
+    trials = result.trials.set_index("run_id")
+    se = float(np.std(per_image, ddof=1) / np.sqrt(per_image.size))
+    assert trials.at[old, "test_ll_se"] == pytest.approx(se, rel=1e-6)
+    assert trials.at[old, "test_ll_se_from"] == "per_image_ll.csv" and trials.at[new, "test_ll_se_from"] == "logged"
+    assert math.isnan(trials.at[bare, "test_ll_se"])
+    table = result.table.set_index("prior")
+    vamp = table.loc["vamp"]
+    assert vamp.test_ll_se == pytest.approx(se, rel=1e-6) and vamp.n_seeds == 1
+    assert vamp.verdict == "below" and vamp.flag                  # ~1.4 nats below -85.57, 2 SE ~0.8
+    assert table.loc["standard"].verdict == "SE unknown" and not table.loc["standard"].flag
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"| static_mnist | vae | vamp | {per_image.mean():.2f} ± {se:.2f} (SE) |" in md
+    assert "| static_mnist | vae | standard | -89.00 (SE unknown) |" in md
+    assert "computed from their per_image_ll.csv" in "\n".join(result.notes)
+    assert "| -86.00 ± 0.31 | after_warmup: epoch 3, -86.40 ± 0.32 |" in md
+    listed = pd.read_csv(tmp_path / "out" / "trials.csv").set_index("run_id")
+    assert listed.at[new, "other_choice"] == "after_warmup" and listed.at[new, "other_test_ll_se"] == 0.32
+
+
 def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     uri, client, exp_id = new_store(tmp_path, "frey")
     old = add_parent(client, exp_id, "frey-old", start_time=1_000)
@@ -98,10 +160,10 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     ll = {}   # run id -> test LL of the trials that finished
     for seed, (v, t) in enumerate([(-2310.0, -2300.0), (-2320.0, -2310.0)]):
         ll[add_trial(client, exp_id, old, prior="standard", seed=seed, val=[-3000.0, -2500.0, v],
-                     final={"test_ll": t, "test_bits_per_dim": -t / (560 * math.log(2))})] = t
+                     final={"test_ll": t, "test_ll_se": 15.0, "test_bits_per_dim": -t / (560 * math.log(2))})] = t
     # "asha": what older sweeps called any scheduler stop
     asha = add_trial(client, exp_id, new, prior="standard", seed=2, val=[-3100.0], stop="asha",
-                     final={"test_ll": -2400.0})
+                     final={"test_ll": -2400.0, "test_ll_se": 15.0})
     # K=10 has the better test LL but the worse validation ELBO: the table must show K=100.
     for K, vals, tests in ((10, (-2290.0, -2300.0), (-2250.0, -2252.0)), (100, (-2280.0, -2282.0), (-2260.0, -2262.0))):
         for seed in (0, 1):
@@ -126,8 +188,11 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     assert (std.n_seeds, std.n_trials, std.n_configs) == (3, 3, 1)     # K is ignored for `standard`
     assert std.published_ll == -1799.27 and std.published_source.startswith("REF re-run")
     assert std.diff_ll == pytest.approx(statistics.mean(tests) + 1799.27)
-    # More than FLAG_NATS below the best reference: flagged, with the reference beside it.
-    assert std.flag and std.best_reference_ll == -1799.27
+    # More than 2 combined standard errors below the best reference: flagged, with the reference beside it.
+    # Ours: the per-run SE (15) with the seeds' spread; the reference's: our per-run SE.
+    combined = math.sqrt(15.0 ** 2 + statistics.stdev(tests) ** 2 / 3 + 15.0 ** 2)
+    assert std.test_ll_se == 15.0 and std.combined_se == pytest.approx(combined)
+    assert std.flag and std.verdict == "below" and std.best_reference_ll == -1799.27
     assert std.below_best_reference == pytest.approx(-1799.27 - statistics.mean(tests))
     # bits/dim: the logged metric where there is one, else from the test LL
     assert std.bits_per_dim_mean == pytest.approx(statistics.mean(-t / (560 * math.log(2)) for t in tests))
@@ -145,9 +210,19 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     assert "1 run(s) of trials lost by an interrupted sweep" in notes and lost not in set(result.trials["run_id"])
     assert "no per_image_ll.csv" in notes                 # these runs have no artifacts
     md = (tmp_path / "out" / "report.md").read_text()
-    assert running in md and "still running" in md and "| frey_faces | vae | vamp | -2261.00 ± 1.41 |" in md
+    assert running in md and "still running" in md
+    # Several seeds: mean ± std with n and the typical per-run SE (unknown for these runs: no
+    # test_ll_se, no per_image_ll.csv), and then no verdict.
+    assert "| frey_faces | vae | vamp | -2261.00 ± 1.41 (std, n=2; SE/run unknown) |" in md
+    assert vamp.verdict == "SE unknown" and not vamp.flag and "SE unknown: no verdict" in vamp.check
+    assert "have no per_image_ll.csv: their standard error is unknown" in notes
     below = -1799.27 - statistics.mean(tests)
-    assert f"⚠ {below:.2f} nats below -1799.27 (REF re-run (RobertYCXu/vae_vampprior))" in md
+    assert (f"⚠ {below:.2f} nats below -1799.27 (REF re-run (RobertYCXu/vae_vampprior)): "
+            f"{below / combined:.1f} combined SE ({combined:.2f})") in md
+    # REF's Frey Faces split is another random 200 test images: said in the row and under the table.
+    assert "other test images: REF shuffles Frey Faces with an unseeded generator" in std.check
+    assert "Other test images: on frey_faces, REF shuffles Frey Faces with an unseeded generator" in md
+    assert "2 combined standard errors" in md and "sqrt(SE_ours² + SE_ref²)" in md
     # The running and the NaN trial are left out of the K figure but their curves are drawn.
     assert len(result.k_points) == 4 and running not in set(result.k_points["run_id"])
     assert {running, nan} <= set(result.curves["run_id"])
@@ -177,7 +252,7 @@ def test_the_K_figure_compares_like_with_like_and_curves_are_coloured_by_K(tmp_p
         for seed, ll in enumerate(lls):
             ended[add_trial(client, exp_id, parent, prior="vamp", K=K, seed=seed, dataset="static_mnist",
                             val=[-120.0, -95.0, -90.0 - seed], stop="early_stopping",
-                            final={"test_ll": ll})] = (K, ll)
+                            final={"test_ll": ll, "test_ll_se": 0.3})] = (K, ll)
     # A low-lr trial the scheduler cut after 1 epoch at K=30: a low LL that must not make a dip in the line.
     stopped = add_trial(client, exp_id, parent, prior="vamp", K=30, seed=0, dataset="static_mnist", lr=1e-4,
                         val=[-150.0], stop="scheduler", final={"test_ll": -140.0})
@@ -225,10 +300,10 @@ def test_the_K_figure_compares_like_with_like_and_curves_are_coloured_by_K(tmp_p
     assert low > -1e5 and high > -95                             # the -1e6 of the diverged trial is cut
     md = (tmp_path / "out" / "report.md").read_text()
     assert "points, mostly the first epochs, lie below it" in md
-    # Within FLAG_NATS of the paper's -85.57: not flagged.
+    # 0.23 below the paper's -85.57, within 2 combined SEs (2 x 0.44): consistent, not flagged.
     row = result.table.iloc[0]
-    assert not row.flag and row.best_reference_ll == -85.57 and row.below_best_reference < FLAG_NATS
-    assert "within 1 nat of the best reference (-85.57)" in md
+    assert not row.flag and row.best_reference_ll == -85.57 and row.verdict == "consistent"
+    assert "consistent with -85.57 (paper): -0.23 nats, 0.5 combined SE (0.44)" in md
 
 
 def test_the_optuna_study_gives_importances_and_parallel_coordinates(tmp_path):

@@ -112,7 +112,9 @@ def test_every_choice_is_made_on_validation_at_the_tested_epoch(tmp_path):
     assert set(result.shown["run_id"]) == {ids["A0"], ids["S1"]}
     md = (tmp_path / "out" / "report.md").read_text()
     assert "vae / vamp: trial A0" in md and "vae / standard: trial S1" in md
-    assert re.search(r"!\[static_mnist / vae / vamp, K=10: trial A0 \(.*test LL -96\.00\)\]", md)
+    # The test LL ± its SE, from the run's per_image_ll.csv (a run without test_ll_se): std / sqrt(21).
+    se = np.std(-96.0 + np.linspace(-5, 5, 21), ddof=1) / np.sqrt(21)
+    assert re.search(rf"!\[static_mnist / vae / vamp, K=10: trial A0 \(.*test LL -96\.00 ± {se:.2f}\)\]", md)
     assert "val_elbo -100.00 at epoch 2" in md
     assert "never used to choose" in md and "the highest `val_elbo` at the tested epoch" in md
 
@@ -190,8 +192,8 @@ def test_budgets_time_importances_and_the_html_report(tmp_path):
     listed = pd.read_csv(out / "trials.csv").set_index("run_id")
     assert listed.at[cut, "wall_seconds"] == 4.0 and listed.at[cut, "train_seconds"] == 4.0
     assert listed.at[cut, "test_ll_seconds"] == 2.5
-    assert ("| cut | static_mnist | vae | standard |  | 5e-4 | 0 | scheduler | 1 | 1 | -200.00 | -190.00 | 4 s | 2 s |"
-            in md)
+    assert ("| cut | static_mnist | vae | standard |  | 5e-4 | 0 | scheduler | 1 | 1 | -200.00 | -190.00 (SE unknown) "
+            "| – | 4 s | 2 s |" in md)
     assert "2nd percentile" in md and "2th" not in md
 
     # report.md: figures beside it (any markdown viewer); report.html: the same with figures inline.

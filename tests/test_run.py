@@ -144,6 +144,9 @@ def test_quickstart_sweep_end_to_end(tmp_path, data_env):
     rescored = client.get_run(best).data.metrics
     assert rescored["test_ll"] == pytest.approx(outcome.summary.iloc[0]["test_ll"])   # untouched
     assert abs(rescored["test_ll_S300"] - rescored["test_ll"]) < 3.0 and "test_ll_S300" in result.output
+    # with its standard error, the per-image spread over sqrt(test images): the trial's own is close
+    assert rescored["test_ll_S300_se"] == pytest.approx(rescored["test_ll_se"], rel=0.2)
+    assert f"± {rescored['test_ll_S300_se']:.3f} (SE)" in result.output
     assert "Downloading artifacts" not in result.output          # MLflow's progress bars, for one file
     # The sweep's own run (the link `run` prints as "the sweep") is not a trial: which one to pick.
     result = CliRunner().invoke(main, ["evaluate", outcome.parent_run_id, "--tracking-uri", uri])

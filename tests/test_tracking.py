@@ -286,7 +286,8 @@ def test_the_saved_view_sorts_on_the_choosing_metric_at_the_tested_epoch_never_o
 
     view = sweeper_tracking.sweep_view("val_elbo", "max", ["prior", "K"], "parent1")
     assert view["orderByKey"] == "metrics.`best_val_elbo`" and view["orderByAsc"] is False
-    assert view["selectedColumns"][:3] == ["metrics.`best_val_elbo`", "metrics.`test_ll`", "metrics.`best_epoch`"]
+    assert view["selectedColumns"][:4] == ["metrics.`best_val_elbo`", "metrics.`test_ll`", "metrics.`test_ll_se`",
+                                           "metrics.`best_epoch`"]
     assert view["selectedColumns"][-2:] == ["params.`prior`", "params.`K`"]
     other = sweeper_tracking.sweep_view("train_loss", "min", [])
     assert other["orderByKey"] == "metrics.`train_loss`" and other["orderByAsc"] is True

@@ -235,3 +235,256 @@ def test_final_evaluation_is_a_function_of_the_run_not_of_the_global_generator(m
     other.model.load_state_dict(trainer.model.state_dict())
     other.progress = trainer.progress
     assert final_evaluation(other, samples=20)["test_ll"] != a["test_ll"]
+
+
+# -- the standard error of a test LL ------------------------------------------------------------
+def test_the_standard_error_is_the_per_image_std_over_sqrt_n(mnist):
+    import numpy as np
+
+    from trainables.vae.catalog import standard_error
+    from trainables.vae.train import final_evaluation
+
+    values = [-90.0, -85.5, -120.25, -70.0, -101.0]
+    assert standard_error(values) == pytest.approx(np.std(values, ddof=1) / math.sqrt(len(values)), rel=1e-12)
+    assert math.isnan(standard_error([-90.0]))                   # one image: no spread to measure
+    final = final_evaluation(train(small(max_epochs=1, warmup=0), mnist), samples=20)
+    per_image = final["per_image_ll"].double().numpy()
+    assert final["test_ll_se"] == pytest.approx(per_image.std(ddof=1) / math.sqrt(per_image.size), rel=1e-9)
+
+
+# -- both choices of epoch from one run ----------------------------------------------------------
+def feed(losses, val_lls=None, **kw) -> Progress:
+    """Our Progress fed validation losses (and validation LLs, taken at the epochs that compute one)."""
+    from trainables.vae.train import val_ll_due
+
+    config = TrainConfig.from_dict({"max_epochs": len(losses), **kw})
+    progress = Progress()
+    for i, loss in enumerate(losses):
+        progress.epoch += 1
+        metrics = {"beta": kl_weight(progress.epoch, config.warmup), "train_loss": 1.0, "val_loss": loss}
+        if val_lls is not None and val_ll_due(config, progress.epoch):
+            metrics["val_ll"] = val_lls[i]
+        progress.update(metrics, config)
+        if progress.stop_reason is not None:
+            break
+    return progress
+
+
+def test_a_run_keeps_refs_best_epoch_and_the_best_at_full_kl_weight():
+    losses = [10, 5, 6, 7, 6.5, 6.8, 6.9, 7, 7.1]
+    # REF's rule: epoch 2 (beta 0.5) is best; the counter starts at epoch 4 and passes 3 at epoch 7.
+    # The best epoch at full KL weight among epochs 4..7 is epoch 5.
+    p = feed(losses, warmup=4, early_stopping=3)
+    assert (p.best_epoch, p.epoch, p.other_epoch) == (2, 7, 5)
+    assert p.best_val_elbo == -5 and p.other_val_loss == 6.5
+    # best_after_warmup: its own best is epoch 5 (it runs to epoch 9); the other choice is REF's, epoch 2.
+    p = feed(losses, warmup=4, early_stopping=3, best_after_warmup=True)
+    assert (p.best_epoch, p.epoch, p.other_epoch) == (5, 9, 2)
+
+
+def scripted_validation(trainer, losses, monkeypatch):
+    """The trainer's validation ELBO follows `losses` (epoch 1, 2, ...); the test ELBO is real."""
+    script = iter(losses)
+    real = trainer.evaluate_elbo
+
+    def fake(x, noise=None):
+        if x is not trainer.x_val:
+            return real(x, noise)
+        loss = next(script)
+        return {"loss": loss, "elbo": -loss, "rec": 0.0, "kl": 0.0}
+
+    monkeypatch.setattr(trainer, "evaluate_elbo", fake)
+
+
+def snapshot(trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_both_choices_are_tested_from_one_run_each_under_its_own_names(mnist, monkeypatch):
+    from trainables.vae import train as train_module
+    from trainables.vae.train import final_evaluation
+
+    trainer = Trainer(small(warmup=4, early_stopping=3, max_epochs=50), mnist)
+    scripted_validation(trainer, [100.0, 30.0, 60.0, 50.0, 45.0, 47.0, 48.0, 49.0], monkeypatch)
+    weights = {}
+    while not trainer.done:
+        trainer.step()
+        weights[trainer.epoch] = snapshot(trainer)
+    assert (trainer.best_epoch, trainer.epoch, trainer.progress.other_epoch) == (2, 7, 5)
+    trainer.finish()
+    tests = []
+    real = train_module.evaluate_test_ll
+    monkeypatch.setattr(train_module, "evaluate_test_ll", lambda t, s: tests.append(1) or real(t, s))
+    final = final_evaluation(trainer, samples=20)
+    assert len(tests) == 2
+    assert (final["best_epoch"], final["best_epoch_after_warmup"]) == (2, 5)
+    assert (final["best_val_elbo"], final["best_val_elbo_after_warmup"]) == (-30.0, -45.0)
+    # Each choice's figures are those of its epoch's weights tested alone, with the run's own draws.
+    for epoch, suffix in ((2, ""), (5, "_after_warmup")):
+        alone = Trainer(trainer.config, mnist)
+        alone.model.load_state_dict(weights[epoch])
+        ll, _, _ = real(alone, 20)
+        assert final[f"test_ll{suffix}"] == float(ll.mean())
+        assert final[f"test_ll{suffix}_se"] == pytest.approx(float(ll.double().std()) / math.sqrt(ll.numel()))
+    assert final["test_ll"] != final["test_ll_after_warmup"]
+    # The tested weights are back: what the trial logs as its model is its own choice's.
+    assert all(torch.equal(v, weights[2][k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_when_both_rules_pick_one_epoch_it_is_tested_once(mnist, monkeypatch):
+    from trainables.vae import train as train_module
+    from trainables.vae.train import final_evaluation
+
+    trainer = Trainer(small(warmup=2, early_stopping=2, max_epochs=50), mnist)
+    scripted_validation(trainer, [100.0, 60.0, 50.0, 55.0, 56.0, 57.0], monkeypatch)
+    while not trainer.done:
+        trainer.step()
+    assert (trainer.best_epoch, trainer.progress.other_epoch) == (3, 3)
+    assert trainer.other_state is trainer.best_state               # one copy of the weights
+    trainer.finish()
+    tests = []
+    real = train_module.evaluate_test_ll
+    monkeypatch.setattr(train_module, "evaluate_test_ll", lambda t, s: tests.append(1) or real(t, s))
+    final = final_evaluation(trainer, samples=20)
+    assert len(tests) == 1
+    assert final["best_epoch_after_warmup"] == 3
+    assert (final["test_ll_after_warmup"], final["test_ll_after_warmup_se"]) == (final["test_ll"], final["test_ll_se"])
+
+
+def test_a_run_resumed_from_a_checkpoint_tests_both_choices_exactly_as_the_straight_run(mnist, monkeypatch):
+    from trainables.vae.train import final_evaluation
+
+    losses = [100.0, 30.0, 60.0, 50.0, 45.0, 47.0, 48.0, 49.0]
+    cfg = small(warmup=4, early_stopping=3, max_epochs=50)
+    straight = Trainer(cfg, mnist)
+    scripted_validation(straight, losses, monkeypatch)
+    while not straight.done:
+        straight.step()
+    straight.finish()
+    want = final_evaluation(straight, samples=20)
+
+    first = Trainer(cfg, mnist)
+    scripted_validation(first, losses[:5], monkeypatch)
+    for _ in range(5):                           # both bests (2 and 5) lie before the checkpoint
+        first.step()
+    state = first.state_dict()
+    torch.manual_seed(12345)                     # a fresh process
+    second = Trainer(cfg, mnist)
+    second.load_state_dict(state)
+    scripted_validation(second, losses[5:], monkeypatch)
+    while not second.done:
+        second.step()
+    second.finish()
+    got = final_evaluation(second, samples=20)
+    keys = ["best_epoch", "test_ll", "test_ll_se", "best_epoch_after_warmup", "test_ll_after_warmup",
+            "test_ll_after_warmup_se", "best_val_elbo_after_warmup"]
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+    assert want["best_epoch_after_warmup"] == 5
+
+    # A checkpoint from before the other choice was kept: it is not tested (its best is unknown).
+    old = {k: v for k, v in state.items() if k not in ("other_state", "other_epoch", "other_val_loss",
+                                                      "other_tracked", "best_val_elbo")}
+    third = Trainer(cfg, mnist)
+    third.load_state_dict(old)
+    assert not third.progress.other_tracked and third.progress.best_val_elbo == -30.0
+    scripted_validation(third, losses[5:], monkeypatch)
+    while not third.done:
+        third.step()
+    third.finish()
+    assert "test_ll_after_warmup" not in final_evaluation(third, samples=5)
+
+
+# -- selection on the validation log-likelihood ---------------------------------------------------
+def val_ll_oracle(val_lls, warmup, patience, every):
+    """The documented rule, transcribed: the best validation LL among the epochs that compute one;
+    the run stops at the first such epoch where more than `patience` epochs have passed since the
+    best (counted from the warm-up's end, as REF counts). (best epoch, last epoch)."""
+    n, best, best_epoch = len(val_lls), -math.inf, None
+    for t in range(1, n + 1):
+        if not (t % every == 0 or t == n):
+            continue
+        if val_lls[t - 1] > best:
+            best, best_epoch = val_lls[t - 1], t
+        elif patience and t - max(best_epoch or 0, warmup - 1) > patience:
+            return best_epoch, t
+    return best_epoch, n
+
+
+def test_selection_on_the_validation_ll_follows_its_rule_on_random_values():
+    rng = random.Random(1)
+    for _ in range(400):
+        warmup, patience = rng.randint(0, 8), rng.randint(1, 6)
+        every = rng.randint(1, patience)
+        n = rng.randint(1, 30)
+        losses = [rng.random() + 10 for _ in range(n)]
+        val_lls = [-rng.choice([1.0, 2.0]) * rng.random() - 10 for _ in range(n)]
+        p = feed(losses, val_lls, warmup=warmup, early_stopping=patience, select_on="val_ll", val_ll_every=every)
+        assert (p.best_epoch, p.epoch) == val_ll_oracle(val_lls, warmup, patience, every), (every, val_lls)
+        # The other choice: REF's rule on the validation ELBO over the epochs trained.
+        trained = losses[:p.epoch]
+        assert p.other_epoch == trained.index(min(trained)) + 1
+        if every == 1:     # every epoch: REF's own rule, on the validation LL
+            assert (p.best_epoch, p.epoch) == ref_early_stopping([-v for v in val_lls], warmup, patience)
+
+
+def test_selection_on_the_validation_ll_picks_its_best_epoch_and_stops_on_it(mnist, monkeypatch):
+    from trainables.vae import train as train_module
+    from trainables.vae.train import final_evaluation
+
+    cfg = small(warmup=0, early_stopping=4, max_epochs=50, select_on="val_ll", val_ll_every=2, val_ll_samples=10)
+    trainer = Trainer(cfg, mnist)
+    # The validation ELBO is best at epoch 2, the validation LL at epoch 4.
+    scripted_validation(trainer, [50.0, 40.0, 45.0, 46.0, 47.0, 48.0, 49.0, 50.0, 51.0, 52.0], monkeypatch)
+    val_lls = iter([-60.0, -55.0, -57.0, -58.0, -59.0])
+    real = train_module.validation_ll
+    monkeypatch.setattr(train_module, "validation_ll",
+                        lambda model, x, config: next(val_lls) if not trainer.done else real(model, x, config))
+    logged, weights = {}, {}
+    while not trainer.done:
+        m = trainer.step()
+        logged[m["epoch"]] = m.get("val_ll")
+        weights[trainer.epoch] = snapshot(trainer)
+    # Computed every 2 epochs; patience counts epochs: 4 < 6 = 10 - 4 at the next validation LL.
+    assert {e: v for e, v in logged.items() if v is not None} == {2: -60.0, 4: -55.0, 6: -57.0, 8: -58.0, 10: -59.0}
+    assert (trainer.best_epoch, trainer.epoch, trainer.stop_reason) == (4, 10, STOP_EARLY)
+    assert "validation LL" in trainer.stop_detail
+    assert trainer.progress.best_val_elbo == -46.0                 # the validation ELBO at epoch 4
+    trainer.finish()
+    assert all(torch.equal(v, weights[4][k]) for k, v in trainer.model.state_dict().items())
+    final = final_evaluation(trainer, samples=10)
+    assert (final["best_epoch"], final["best_epoch_ref_rule"]) == (4, 2)
+    assert final["best_val_elbo"] == -46.0 and final["best_val_elbo_ref_rule"] == -40.0
+    assert math.isfinite(final["best_val_ll"]) and math.isfinite(final["best_val_ll_ref_rule"])
+
+
+def test_the_validation_ll_is_a_function_of_the_run_and_is_logged_at_the_last_epoch_too(mnist):
+    from trainables.vae.evaluate import log_likelihood
+    from trainables.vae.train import VAL_LL_SEED_OFFSET, final_evaluation, validation_ll
+
+    cfg = small(warmup=0, max_epochs=3, select_on="val_ll", val_ll_every=2, val_ll_samples=10)
+    history = []
+    trainer = train(cfg, mnist, on_epoch=history.append)
+    assert [("val_ll" in m) for m in history] == [False, True, True]          # every 2 epochs and the last
+    values = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        values.append(validation_ll(trainer.model, trainer.x_val, cfg))
+    generator = torch.Generator().manual_seed(cfg.seed + VAL_LL_SEED_OFFSET)
+    want = float(log_likelihood(trainer.model, trainer.x_val, 10, generator=generator).mean())
+    assert values == [want, want]
+    # At the end, the tested weights' validation LL is the one the run chose them on.
+    best = history[trainer.best_epoch - 1]["val_ll"]
+    assert final_evaluation(trainer, samples=10)["best_val_ll"] == best
+
+
+def test_the_selection_settings_are_checked_with_their_fix():
+    from trainables.vae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trial.select_on: unknown choice 'val_lls'; choose one of \['elbo', 'val_ll'\]"):
+        TrainConfig.from_dict({"select_on": "val_lls"})
+    with pytest.raises(ConfigError, match=r"val_ll_every: 60 epochs is more than early_stopping \(50\).*"
+                                          r"set val_ll_every <= 50"):
+        TrainConfig.from_dict({"select_on": "val_ll", "val_ll_every": 60})
+    with pytest.raises(ConfigError, match=r"val_ll_samples: must be >= 1, got 0"):
+        TrainConfig.from_dict({"val_ll_samples": 0})
+    assert TrainConfig().select_on == "elbo"                       # REF's rule is the default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -136,11 +137,12 @@ def test_a_finished_trials_page_opens_on_its_pseudo_inputs_and_its_test_ll(store
                for k in (tracking.IMAGE_PSEUDO_INPUTS, tracking.IMAGE_BEST_PSEUDO_INPUTS))
     note = run.data.tags[tracking.TAG_NOTE]
     first, strip = note.split("\n")[:2]
-    assert first.startswith(f"**test LL {run.data.metrics['test_ll']:.2f} nats**") and f"epoch {best} of 3" in first
+    m = run.data.metrics
+    assert first.startswith(f"**test LL {m['test_ll']:.2f} ± {m['test_ll_se']:.2f} nats**") and f"epoch {best} of 3" in first
     assert f"get-artifact?path=strip.png&run_uuid={run.info.run_id}" in strip
     assert "Images:" in note.split("\n\n", 1)[1]                                   # the creation note follows
     assert "strip.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    for key in ("test_ll", "test_elbo"):
+    for key in ("test_ll", "test_ll_se", "test_elbo"):
         assert run.data.metrics[key] == round(run.data.metrics[key], 2)
     assert result["test_ll"] != round(result["test_ll"], 2)                       # Tune keeps every digit
     # What trials are chosen on is stored exactly: a near-tie is decided by value.
@@ -210,3 +212,43 @@ def test_a_trial_process_silences_only_the_exit_that_lands_in_a_finalizer(capfd)
         assert "RuntimeError: a real problem" in capfd.readouterr().err
     finally:
         sys.unraisablehook = before
+
+
+def test_a_finished_trial_logs_both_choices_of_epoch_with_their_standard_errors(store, monkeypatch, tmp_path):
+    """Scripted validation ELBOs: REF's rule restores epoch 2 (inside the 3-epoch warm-up), the
+    best at full KL weight is epoch 4. One run tests both and logs each with its epoch and SE;
+    its description shows both; the SE is the per-image LL's std / sqrt(N)."""
+    import numpy as np
+    import pandas as pd
+
+    from trainables.vae.train import Trainer
+
+    uri, client, experiment_id, parent = store
+    script = iter([100.0, 30.0, 60.0, 50.0, 55.0])
+    real = Trainer.evaluate_elbo
+
+    def scripted(self, x, noise=None):
+        if x is not self.x_val:
+            return real(self, x, noise)
+        loss = next(script)
+        return {"loss": loss, "elbo": -loss, "rec": 0.0, "kl": 0.0}
+
+    monkeypatch.setattr(Trainer, "evaluate_elbo", scripted)
+    trainable = VAETrainable(_config(uri, experiment_id, parent) | {"max_epochs": 5, "warmup": 3, "image_every": 0})
+    while not (result := trainable.train()).get("done"):
+        pass
+    trainable.stop()
+    m = client.get_run(result[RESULT_RUN_ID]).data.metrics
+    assert (m["best_epoch"], m["best_epoch_after_warmup"]) == (2, 4)
+    assert (m["best_val_elbo"], m["best_val_elbo_after_warmup"]) == (-30.0, -50.0)
+    for key in ("test_ll", "test_ll_se", "test_ll_after_warmup", "test_ll_after_warmup_se"):
+        assert m[key] == round(result[key], 2), key                    # stored as test_ll is
+    assert result["test_ll"] != result["test_ll_after_warmup"]
+    assert "best_val_ll" in m and "best_val_ll_after_warmup" in m
+    csv = Path(client.download_artifacts(result[RESULT_RUN_ID], "per_image_ll.csv", str(tmp_path)))
+    per_image = pd.read_csv(csv)["log_likelihood"].to_numpy()
+    assert result["test_ll_se"] == pytest.approx(np.std(per_image, ddof=1) / np.sqrt(per_image.size), rel=1e-5)
+    first = client.get_run(result[RESULT_RUN_ID]).data.tags[tracking.TAG_NOTE].split("\n")[0]
+    assert f"{m['test_ll']:.2f} ± {m['test_ll_se']:.2f} nats" in first and "epoch 2 of 5" in first
+    assert (f"at full KL weight (beta = 1, as best_after_warmup: true): epoch 4, test LL "
+            f"{m['test_ll_after_warmup']:.2f} ± {m['test_ll_after_warmup_se']:.2f}") in first

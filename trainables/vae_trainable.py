@@ -31,9 +31,10 @@ from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.data import dataset_digest
 from trainables.vae.evaluate import display_grid
 from trainables.tracking import SWEEP_KEY
-from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH, METRIC_TEST_BPD,
-                                    METRIC_TEST_IMAGES, METRIC_TEST_LL, METRIC_TEST_SAMPLES, RESULT_RUN_ID,
-                                    STOP_ERROR, STOP_NAN, STOP_SCHEDULER)
+from trainables.vae.catalog import (CHOICE_WORDS, METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH,
+                                    METRIC_TEST_BPD, METRIC_TEST_IMAGES, METRIC_TEST_LL, METRIC_TEST_LL_SE,
+                                    METRIC_TEST_SAMPLES, RESULT_RUN_ID, SELECT_VAL_LL, STOP_ERROR, STOP_NAN,
+                                    STOP_SCHEDULER, other_choice, other_choice_metrics)
 from trainables.vae.train import Trainer, final_evaluation
 
 # Tune's note that a trial's setup took over 10 s ("consider setting reuse_actors=True") reached
@@ -93,7 +94,12 @@ IMAGES_NOTE = (f"Images: `{tracking.IMAGE_PSEUDO_INPUTS}` in Model metrics shows
 # 1e-4; per_image_ll.csv and the trial's Tune result keep every digit.
 # Figures shown to people, rounded to what they can tell. The validation ELBO at the tested epoch
 # (best_val_elbo) is what trials are chosen on: stored exactly, so near-ties are decided by value.
-ROUNDED = {METRIC_TEST_LL: 2, "test_elbo": 2, "test_rec": 2, "test_kl": 2, METRIC_TEST_BPD: 4, "test_ll_seconds": 2}
+ROUNDED = {METRIC_TEST_LL: 2, METRIC_TEST_LL_SE: 2, "test_elbo": 2, "test_rec": 2, "test_kl": 2, METRIC_TEST_BPD: 4,
+           "test_ll_seconds": 2}
+# The other choice of epoch's test figures, rounded as the own choice's.
+for _choice in CHOICE_WORDS:
+    _names = other_choice_metrics(_choice)
+    ROUNDED.update({_names[k]: ROUNDED[k] for k in (METRIC_TEST_LL, METRIC_TEST_LL_SE, METRIC_TEST_BPD)})
 
 
 def stored_finals(final: dict[str, Any]) -> dict[str, float]:
@@ -109,11 +115,22 @@ def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any
     """The run's description once it is tested: the test LL first, with the pseudo-inputs (or
     samples) of the tested weights as a strip linked to the full image; the UI folds what follows."""
     experiment = run.experiment_id or run.client.get_run(run.run_id).info.experiment_id
-    bpd = f" = {final[METRIC_TEST_BPD]:.4f} bits/dim" if METRIC_TEST_BPD in final else ""
+    ll = ll_text(final, METRIC_TEST_LL, METRIC_TEST_LL_SE)
     images = final[METRIC_TEST_IMAGES]
-    subset = f", an estimate on the first {images} test images" if images < trainer.x_test.shape[0] else ""
-    line = (f"**test LL {final[METRIC_TEST_LL]:.2f} nats**{bpd} (S={final[METRIC_TEST_SAMPLES]}{subset}) · tested: "
-            f"epoch {final[METRIC_BEST_EPOCH]} of {trainer.epoch}, best val ELBO {final[METRIC_BEST_VAL_ELBO]:.2f}")
+    subset = "an estimate on the first " if images < trainer.x_test.shape[0] else ""
+    line = (f"**test LL {ll} nats**{bpd_text(final, METRIC_TEST_BPD)} "
+            f"(S={final[METRIC_TEST_SAMPLES]}, ± SE over {subset}{images} test images) · tested: epoch "
+            f"{final[METRIC_BEST_EPOCH]} of {trainer.epoch}"
+            f"{' (best validation LL)' if trainer.config.select_on == SELECT_VAL_LL else ''}, "
+            f"best val ELBO {final[METRIC_BEST_VAL_ELBO]:.2f}")
+    choice = other_choice(trainer.config.select_on, trainer.config.best_after_warmup)
+    names = other_choice_metrics(choice)
+    if names[METRIC_TEST_LL] in final:      # the other choice of epoch, tested from the same run
+        epoch = final[names[METRIC_BEST_EPOCH]]
+        tested = (" (the same)" if epoch == final[METRIC_BEST_EPOCH] else
+                  f", test LL {ll_text(final, names[METRIC_TEST_LL], names[METRIC_TEST_LL_SE])}"
+                  + bpd_text(final, names[METRIC_TEST_BPD]))
+        line += f" · {CHOICE_WORDS[choice]}: epoch {epoch}{tested}"
     if strip:
         name = "pseudo_inputs" if hasattr(trainer.model.prior, "pseudo_inputs") else "samples"
         # A path the UI's server answers (no data: URIs in descriptions), one line under the text.
@@ -123,6 +140,17 @@ def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any
 
 
 STRIP_FILE = "strip.png"
+
+
+def ll_text(final: dict[str, Any], metric: str, se: str) -> str:
+    """'-85.71 ± 0.25': a test LL with its standard error (as stored: 0.01 nats)."""
+    value = f"{final[metric]:.2f}"
+    return value + (f" ± {final[se]:.2f}" if math.isfinite(final.get(se, math.nan)) else "")
+
+
+def bpd_text(final: dict[str, Any], metric: str) -> str:
+    """' = 4.5420 bits/dim' for gray data, else ''."""
+    return f" = {final[metric]:.4f} bits/dim" if metric in final else ""
 
 
 def _open_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, config: dict[str, Any]) -> tracking.RunHandle | None:
@@ -251,7 +279,7 @@ def tested_epoch(trainer: Trainer) -> dict[str, Any]:
     """The epoch whose weights are kept and its validation ELBO, for a trial not tested."""
     best = trainer.progress
     return {METRIC_BEST_EPOCH: best.best_epoch or trainer.epoch,
-            METRIC_BEST_VAL_ELBO: -best.best_val_loss if best.best_epoch is not None else float("nan")}
+            METRIC_BEST_VAL_ELBO: best.best_val_elbo if best.best_epoch is not None else float("nan")}
 
 
 NOTE_BREAK = "\n\n"     # between the tested summary and the description the run was created with

@@ -55,8 +55,10 @@ from trainables.vae.train import (
     restore_generators,
     run_generators,
     unit_norm_gradients_,
+    val_ll_due,
+    validation_ll,
 )
-from trainables.vae.catalog import STOP_NAN
+from trainables.vae.catalog import METRIC_VAL_LL, STOP_NAN
 
 # Fields every batched configuration must share: one architecture, one dataset, one device.
 SHARED_FIELDS = ("dataset", "model", "prior", "latent_dim", "hidden_dim", "batch_size",
@@ -226,6 +228,7 @@ class BatchedTrainer:
         self._graph: _GraphedBatchedStep | None = None
         self.progress = [Progress() for _ in range(M)]
         self.best: dict[str, Tensor] | None = None        # stacked best weights, at the first best epoch
+        self.other: dict[str, Tensor] | None = None       # stacked weights of each slot's other choice (Progress)
         for m, state in enumerate(states or ()):
             if state is not None:
                 self.load_model_state(m, state)
@@ -330,35 +333,47 @@ class BatchedTrainer:
         t0 = time.perf_counter()
         train = self._train_epoch(betas).tolist()
         val = self.evaluate_elbo(self.x_val, self._validation_noise()).tolist()
+        # select_on: val_ll: each due slot's validation LL from its single model, as Trainer computes it.
+        val_ll = {m: validation_ll(self.extract(m), self.x_val, c) for m, (p, c) in enumerate(zip(self.progress,
+                                                                                                 self.configs))
+                  if training[m] and val_ll_due(c, p.epoch)}
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         out: list[dict[str, Any] | None] = []
-        improved = []
+        improved, other = [], []
         for m, (progress, c) in enumerate(zip(self.progress, self.configs)):
             if not training[m]:
                 out.append(None)
                 continue
             metrics = epoch_metrics(progress.epoch, betas[m], train[m], val[m], seconds)
-            if progress.update(metrics, c):
+            if m in val_ll:
+                metrics[METRIC_VAL_LL] = val_ll[m]
+            best, other_best = progress.update(metrics, c)
+            if best:
                 improved.append(m)
+            if other_best:
+                other.append(m)
             metrics["stop_reason"] = progress.stop_reason
             out.append(metrics)
-        self._save_best(improved)
+        self.best = self._keep(self.best, improved)
+        self.other = self._keep(self.other, other)
         for m, metrics in enumerate(out):
             if metrics is not None and metrics["stop_reason"] is not None:
                 self._freeze(m, diverged=metrics["stop_reason"] == STOP_NAN)
         return out
 
     @torch.no_grad()
-    def _save_best(self, slots: list[int]) -> None:
+    def _keep(self, kept: dict[str, Tensor] | None, slots: list[int]) -> dict[str, Tensor] | None:
+        """`kept` (stacked weights, made at the first need) with these slots' current weights."""
         if not slots:
-            return
-        if self.best is None:
-            self.best = {n: t.detach().clone() for n, t in self.stacked.items()}
+            return kept
+        if kept is None:
+            kept = {n: t.detach().clone() for n, t in self.stacked.items()}
         idx = torch.tensor(slots, device=self.device)
         for name, t in self.stacked.items():
-            self.best[name][idx] = t.detach()[idx]
+            kept[name][idx] = t.detach()[idx]
+        return kept
 
     @torch.no_grad()
     def _freeze(self, m: int, diverged: bool) -> None:
@@ -472,15 +487,18 @@ class BatchedTrainer:
                                     "exp_avg_sq": exp_avg_sq[n].clone()}
                                 for i, n in enumerate(self.trainable_names)} if float(step) > 0 else {}),
                      "param_groups": [group]}
-        best_state = None
+        best_state = other_state = None
         if self.progress[m].best_epoch is not None and self.best is not None:
             best_state = {k: v.clone() for k, v in self._slot_tensors(m, self.best).items() if k in self.persistent}
+        if self.progress[m].other_epoch is not None and self.other is not None:
+            other_state = {k: v.clone() for k, v in self._slot_tensors(m, self.other).items() if k in self.persistent}
         order_gen, noise_gen = self.generators[m]
         return {
             "model": model,
             "optimizer": optimizer,
             **self.progress[m].state(),
             "best_state": best_state,
+            "other_state": other_state,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                     "generator": order_gen.get_state(), "noise": noise_gen.get_state()},
@@ -511,6 +529,10 @@ class BatchedTrainer:
             if self.best is None:
                 self.best = {n: t.detach().clone() for n, t in self.stacked.items()}
             self._write_slot(m, state["best_state"], self.best)
+        if state.get("other_state") is not None and self.progress[m].other_tracked:
+            if self.other is None:
+                self.other = {n: t.detach().clone() for n, t in self.stacked.items()}
+            self._write_slot(m, state["other_state"], self.other)
         restore_generators(state["rng"], *self.generators[m], c.seed, self.progress[m].epoch)
         if self.progress[m].stop_reason is not None:
             self._freeze(m, diverged=False)

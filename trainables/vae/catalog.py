@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 # -- why a trial stopped: the MLflow tag `stop_reason` and the trial's last Tune result ----------
 STOP_COMPLETED = "completed"        # trained max_epochs
@@ -51,11 +51,68 @@ METRIC_TEST_SAMPLES = "test_samples"        # the importance samples S behind te
 METRIC_TEST_IMAGES = "test_images"          # ... and the test images it is the mean over (a declared estimate: fewer)
 # A trial's Tune results also carry its MLflow run id (the searcher links its study trial to it).
 RESULT_RUN_ID = "mlflow_run_id"
+# The importance-sampled validation log-likelihood (nats, S = val_ll_samples): per epoch where
+# `select_on: val_ll` computes it, and at the end for the tested weights (best_val_ll).
+METRIC_VAL_LL = "val_ll"
+METRIC_BEST_VAL_LL = "best_val_ll"
+
+
+def se_metric(ll_metric: str) -> str:
+    """The standard error beside a mean log-likelihood metric: test_ll -> test_ll_se."""
+    return f"{ll_metric}_se"
+
+
+METRIC_TEST_LL_SE = se_metric(METRIC_TEST_LL)   # the per-image LL's std (ddof=1) / sqrt(N test images)
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """The standard error of the mean of `values`: their std (ddof=1) / sqrt(n); NaN for n < 2."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = math.fsum(values) / n
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def rescored_metric(samples: int) -> str:
     """The metric of a test LL re-scored later with S samples (`sweeper evaluate`)."""
     return f"{METRIC_TEST_LL}_S{samples}"
+
+
+# -- which epoch's weights are tested --------------------------------------------------------
+# What the tested epoch and early stopping are chosen on (TrainConfig.select_on).
+SELECT_ELBO = "elbo"        # REF: the validation ELBO (beta = 1) after every epoch
+SELECT_VAL_LL = "val_ll"    # the importance-sampled validation LL, every val_ll_every epochs
+SELECT_ON = (SELECT_ELBO, SELECT_VAL_LL)
+# Every run also tests one other choice of epoch from the same training, on the validation ELBO:
+# REF's rule (the best at any epoch, warm-up included) or, when the run's own rule is REF's,
+# the best epoch at full KL weight (beta = 1: what `best_after_warmup: true` restores).
+CHOICE_REF_RULE = "ref_rule"
+CHOICE_AFTER_WARMUP = "after_warmup"
+CHOICE_WORDS: Mapping[str, str] = MappingProxyType({
+    CHOICE_REF_RULE: "REF's rule (the best validation ELBO at any epoch, warm-up included)",
+    CHOICE_AFTER_WARMUP: "the best validation ELBO at full KL weight (beta = 1, as best_after_warmup: true)",
+})
+
+
+def other_choice(select_on: str, best_after_warmup: bool) -> str:
+    """The other choice of epoch a run with this rule also tests (CHOICE_*)."""
+    return CHOICE_AFTER_WARMUP if select_on == SELECT_ELBO and not best_after_warmup else CHOICE_REF_RULE
+
+
+def choice_metric(metric: str, choice: str) -> str:
+    """A final metric of the other choice of epoch: test_ll -> test_ll_after_warmup,
+    best_epoch -> best_epoch_ref_rule; its SE is se_metric of it (test_ll_after_warmup_se)."""
+    return f"{metric}_{choice}"
+
+
+def other_choice_metrics(choice: str) -> dict[str, str]:
+    """The final metrics a run logs for its other choice of epoch, by the own choice's name:
+    {test_ll: test_ll_after_warmup, test_ll_se: test_ll_after_warmup_se, best_epoch: ..., ...}."""
+    names = {m: choice_metric(m, choice) for m in (METRIC_TEST_LL, METRIC_TEST_BPD, METRIC_BEST_EPOCH,
+                                                   METRIC_BEST_VAL_ELBO, METRIC_BEST_VAL_LL)}
+    names[METRIC_TEST_LL_SE] = se_metric(names[METRIC_TEST_LL])
+    return names
 
 
 # -- the study's catalog --------------------------------------------------------------------

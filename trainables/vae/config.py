@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from trainables.vae.catalog import SELECT_ELBO, SELECT_ON, SELECT_VAL_LL
 from trainables.vae.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adam_normgrad")
@@ -33,6 +34,10 @@ class TrainConfig:
     early_stopping: int = 50           # REF's patience: stop after more than this many epochs in a row
                                        # without a new best, counted from the end of the warm-up; 0: off
     best_after_warmup: bool = False    # not REF: only epochs at full KL weight (beta = 1) may be best
+    select_on: str = "elbo"            # what chooses the tested epoch and stops early: "elbo" (REF) or
+                                       # "val_ll" (importance-sampled validation LL; not REF)
+    val_ll_samples: int = 100          # S of the validation LL (select_on: val_ll; and at the tested epochs)
+    val_ll_every: int = 5              # select_on: val_ll: computed every N epochs and at max_epochs
     optimizer: str = "adam"            # "adam" or REF's "adam_normgrad" (unit-norm gradients)
     fixed_pseudo_inputs: bool = False  # vamp_data only: keep the K training images fixed
     prob_clamp: float = 0.0            # binary data: p(x_d=1) kept in [eps, 1-eps] (REF: 1e-5); 0: exact
@@ -92,7 +97,16 @@ class TrainConfig:
             out.append(f"device: {self.device!r} is not a device; use {DEVICE_FORMS}")
         if self.optimizer not in OPTIMIZERS:
             out.append(f"optimizer: unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-        for name in ("K", "latent_dim", "hidden_dim", "batch_size", "max_epochs", "test_samples"):
+        if self.select_on not in SELECT_ON:
+            out.append(f"select_on: unknown choice {self.select_on!r}; choose one of {list(SELECT_ON)} "
+                       f"({SELECT_ELBO!r} is REF's rule)")
+        elif (self.select_on == SELECT_VAL_LL and self.early_stopping
+              and self.val_ll_every > self.early_stopping):
+            out.append(f"val_ll_every: {self.val_ll_every} epochs is more than early_stopping "
+                       f"({self.early_stopping}): the run would stop at the first validation LL after its best; "
+                       f"set val_ll_every <= {self.early_stopping} or raise early_stopping")
+        for name in ("K", "latent_dim", "hidden_dim", "batch_size", "max_epochs", "test_samples",
+                     "val_ll_samples", "val_ll_every"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "early_stopping", "image_every", "seed"):

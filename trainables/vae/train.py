@@ -20,8 +20,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_IMAGES,
-                                    METRIC_TEST_SAMPLES, STOP_COMPLETED, STOP_EARLY, STOP_NAN)
+from trainables.vae.catalog import (CHOICE_REF_RULE, CHOICE_WORDS, METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO,
+                                    METRIC_BEST_VAL_LL, METRIC_TEST_BPD, METRIC_TEST_IMAGES, METRIC_TEST_LL,
+                                    METRIC_TEST_LL_SE, METRIC_TEST_SAMPLES, METRIC_VAL_LL, SELECT_VAL_LL,
+                                    STOP_COMPLETED, STOP_EARLY, STOP_NAN, other_choice, other_choice_metrics,
+                                    standard_error)
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, load_dataset
 from trainables.vae.errors import ConfigError, TrainingDiverged
@@ -30,6 +33,7 @@ from trainables.vae.model import REF_PARTS, LatentVariableModel, build_model
 SUBSET_SEED = 1234   # train/val/test_subset draw the same images in every trial
 NOISE_SEED_OFFSET = 0x5EED   # the noise generator's seed is the trial's seed + this (the order's is the seed)
 EVAL_SEED_OFFSET = 0xE7A1    # the final evaluation's generator: the trial's seed + this
+VAL_LL_SEED_OFFSET = 0x7A11  # the validation LL's generator: the trial's seed + this
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,7 +148,8 @@ def draw_noise(n: int, noise_dim: int, like: Tensor, generator: torch.Generator)
 
 @dataclass
 class Progress:
-    """A run's epoch count and how it stops: the NaN guard, REF's early stopping, max epochs.
+    """A run's epoch count and how it stops: the NaN guard, REF's early stopping, max epochs; and
+    the best epoch of its own rule and of one other choice (`other_choice`).
 
     REF's rule (utils/perform_experiment.py), after every epoch: an epoch whose validation loss
     (the full negative ELBO, beta = 1 also during the warm-up) is the lowest so far is the new
@@ -153,6 +158,19 @@ class Progress:
     `early_stopping` (the 51st epoch in a row without a new best, for 50). `best_after_warmup`
     (not REF) lets only epochs at full KL weight be best. The single trainer and every slot of a
     batched trainer keep one each; `update` is the whole rule.
+
+    `select_on: val_ll` (not REF) puts the importance-sampled validation LL in the validation
+    loss's place; it exists only at the epochs that compute it (every `val_ll_every` and the
+    last). Patience is still counted in epochs, as REF counts it: every epoch without a new best
+    adds one (held at 0 during the warm-up), but the run only stops at an epoch that has a
+    validation LL, where more than `early_stopping` epochs have passed since its best (so at
+    most val_ll_every - 1 epochs after the epoch REF's counting would name). With
+    val_ll_every = 1 this is REF's rule on the validation LL.
+
+    The other choice is always on the validation ELBO, over the epochs this run trained: REF's
+    rule, or, for a run whose own rule is REF's, the best epoch at full KL weight.
+    `best_val_loss` is the own rule's criterion as a loss (the negative validation ELBO, or LL);
+    `best_val_elbo` the validation ELBO at `best_epoch` either way.
     """
 
     epoch: int = 0
@@ -161,41 +179,88 @@ class Progress:
     bad_epochs: int = 0
     stop_reason: str | None = None
     stop_detail: str = ""
+    best_val_elbo: float = math.nan
+    other_val_loss: float = math.inf       # the other choice: the negative validation ELBO at other_epoch
+    other_epoch: int | None = None
+    other_tracked: bool = True             # False: resumed from a checkpoint that did not keep it
 
-    def update(self, metrics: dict[str, Any], config: TrainConfig) -> bool:
-        """After an epoch's metrics (epoch, beta, train_loss, val_loss): set `stop_reason` when the
-        run ends; True when this epoch is its new best (its weights should be kept)."""
-        improved = False
-        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(metrics[k])]
+    def update(self, metrics: dict[str, Any], config: TrainConfig) -> tuple[bool, bool]:
+        """After an epoch's metrics (epoch, beta, train_loss, val_loss; val_ll where computed): set
+        `stop_reason` when the run ends. (new best of the own rule, new best of the other choice):
+        whose weights should be kept."""
+        improved = other_improved = False
+        val_ll = metrics.get(METRIC_VAL_LL)
+        evaluated = config.select_on != SELECT_VAL_LL or val_ll is not None   # has its rule's criterion
+        checked = ("train_loss", "val_loss") + ((METRIC_VAL_LL,) if val_ll is not None else ())
+        bad = [k for k in checked if not math.isfinite(metrics[k])]
+        full_kl = metrics["beta"] >= 1.0
         if bad:
             self.stop_reason = STOP_NAN
             self.stop_detail = (f"{' and '.join(bad)} became {metrics[bad[0]]} at epoch {self.epoch} "
                                 f"(lr={config.lr}); lower the learning rate")
         else:
-            candidate = not config.best_after_warmup or metrics["beta"] >= 1.0
-            if candidate and metrics["val_loss"] < self.best_val_loss:
-                self.best_val_loss, self.best_epoch, self.bad_epochs = metrics["val_loss"], self.epoch, 0
+            if self.other_tracked and metrics["val_loss"] < self.other_val_loss and (
+                    full_kl or other_choice(config.select_on, config.best_after_warmup) == CHOICE_REF_RULE):
+                self.other_val_loss, self.other_epoch, other_improved = metrics["val_loss"], self.epoch, True
+            loss = -val_ll if config.select_on == SELECT_VAL_LL and evaluated else metrics["val_loss"]
+            candidate = evaluated and (not config.best_after_warmup or full_kl)
+            if candidate and loss < self.best_val_loss:
+                self.best_val_loss, self.best_epoch, self.bad_epochs = loss, self.epoch, 0
+                self.best_val_elbo = -metrics["val_loss"]
                 improved = True
             elif self.epoch < config.warmup:
                 self.bad_epochs = 0               # REF: the counter is held at 0 during the warm-up
             else:
                 self.bad_epochs += 1
-                if config.early_stopping and self.bad_epochs > config.early_stopping:
+                if config.early_stopping and self.bad_epochs > config.early_stopping and evaluated:
+                    on_ll = config.select_on == SELECT_VAL_LL
+                    what = f"validation LL (S={config.val_ll_samples})" if on_ll else "validation loss"
+                    best = f"{-self.best_val_loss if on_ll else self.best_val_loss:.3f}"
                     self.stop_reason = STOP_EARLY
-                    self.stop_detail = (f"no better validation loss for {self.bad_epochs} epochs; "
-                                        f"best {self.best_val_loss:.3f} at epoch {self.best_epoch}")
+                    self.stop_detail = (f"no better {what} for {self.bad_epochs} epochs; "
+                                        f"best {best} at epoch {self.best_epoch}")
         if self.stop_reason is None and self.epoch >= config.max_epochs:
             self.stop_reason = STOP_COMPLETED
-        return improved
+        return improved, other_improved
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "best_val_loss": self.best_val_loss, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "stop_reason": self.stop_reason, "stop_detail": self.stop_detail}
+                "bad_epochs": self.bad_epochs, "stop_reason": self.stop_reason, "stop_detail": self.stop_detail,
+                "best_val_elbo": self.best_val_elbo, "other_val_loss": self.other_val_loss,
+                "other_epoch": self.other_epoch, "other_tracked": self.other_tracked}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "Progress":
-        return cls(int(state["epoch"]), float(state["best_val_loss"]), state["best_epoch"],
-                   int(state["bad_epochs"]), state["stop_reason"], state.get("stop_detail", ""))
+        # A checkpoint older than the other choice did not keep it: it is not tested then (its
+        # best over the epochs before the checkpoint is unknown). Older checkpoints chose on the
+        # validation ELBO alone, so their best_val_elbo is -best_val_loss.
+        tracked = "other_epoch" in state and bool(state.get("other_tracked", True))
+        best_val_loss = float(state["best_val_loss"])
+        return cls(int(state["epoch"]), best_val_loss, state["best_epoch"],
+                   int(state["bad_epochs"]), state["stop_reason"], state.get("stop_detail", ""),
+                   float(state.get("best_val_elbo", -best_val_loss)),
+                   float(state.get("other_val_loss", math.inf)) if tracked else math.inf,
+                   state.get("other_epoch") if tracked else None, tracked)
+
+
+def val_ll_due(config: TrainConfig, epoch: int) -> bool:
+    """Does epoch `epoch` compute the validation LL (select_on: val_ll: every val_ll_every epochs and the last)?"""
+    return config.select_on == SELECT_VAL_LL and (epoch % config.val_ll_every == 0 or epoch >= config.max_epochs)
+
+
+def validation_ll(model: LatentVariableModel, x_val: Tensor, config: TrainConfig) -> float:
+    """The importance-sampled log-likelihood of the validation images (nats, mean), S = val_ll_samples.
+
+    A fresh generator seeded from the run's seed every time: every epoch is scored with the same
+    draws (common random numbers: epochs differ by their weights, not by their samples), the value
+    is a function of the weights and the configuration (a resumed or pooled run gets the same), and
+    there is no generator state to checkpoint.
+    """
+    from trainables.vae.evaluate import log_likelihood
+
+    generator = torch.Generator(device=x_val.device)
+    generator.manual_seed(config.seed + VAL_LL_SEED_OFFSET)
+    return float(log_likelihood(model, x_val, config.val_ll_samples, generator=generator).mean())
 
 
 def epoch_metrics(epoch: int, beta: float, train: Sequence[float], val: Sequence[float], seconds: float) -> dict[str, Any]:
@@ -232,7 +297,8 @@ class Trainer:
                         else self.x_train)
         self._graph: _GraphedStep | None = None   # built at the first epoch on CUDA
         self.progress = Progress()
-        self.best_state: dict[str, Tensor] | None = None
+        self.best_state: dict[str, Tensor] | None = None    # the weights at progress.best_epoch
+        self.other_state: dict[str, Tensor] | None = None   # ... at progress.other_epoch (may be best_state)
 
     # The run's counters (Progress) under Trainer's old names.
     epoch = property(lambda self: self.progress.epoch)
@@ -313,12 +379,19 @@ class Trainer:
         train = self._train_epoch(beta)
         val_noise = draw_noise(self.x_val.shape[0], self.model.noise_dim, self.x_val, self.noise_generator)
         val = self.evaluate_elbo(self.x_val, val_noise)
+        val_ll = validation_ll(self.model, self.x_val, self.config) if val_ll_due(self.config, self.epoch) else None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         metrics = epoch_metrics(self.epoch, beta, train, (val["elbo"], val["rec"], val["kl"]),
                                 time.perf_counter() - t0)
-        if self.progress.update(metrics, self.config):
+        if val_ll is not None:
+            metrics[METRIC_VAL_LL] = val_ll
+        best, other = self.progress.update(metrics, self.config)
+        if best:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if other:   # one copy when both rules take this epoch
+            self.other_state = self.best_state if best else {k: v.detach().clone()
+                                                             for k, v in self.model.state_dict().items()}
         metrics["stop_reason"] = self.stop_reason
         return metrics
 
@@ -338,6 +411,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             **self.progress.state(),
             "best_state": self.best_state,
+            "other_state": self.other_state,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -363,6 +437,9 @@ class Trainer:
         self.progress = Progress.from_state(state)
         self.best_state = ({k: v.to(self.device) for k, v in state["best_state"].items()}
                            if state["best_state"] is not None else None)
+        other = state.get("other_state") if self.progress.other_tracked else None
+        self.other_state = (None if other is None else self.best_state if other is state["best_state"]
+                            else {k: v.to(self.device) for k, v in other.items()})
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -486,31 +563,60 @@ def evaluation_generator(seed: int, device: torch.device) -> torch.Generator:
     return generator
 
 
-def final_evaluation(trainer: Trainer, samples: int | None = None, images: int | None = None) -> dict[str, Any]:
-    """Test log-likelihood (nats; bits/dim for gray data), test ELBO, active units, per-image LL,
-    with `samples` importance samples (default: the config's test_samples) on the first `images`
-    test images (default: all); both are returned with the figures they made."""
-    from trainables.vae.evaluate import active_units, log_likelihood
-    from trainables.vae.likelihoods import bits_per_dim
+def evaluate_test_ll(trainer: Trainer, samples: int, x_test: Tensor) -> tuple[Tensor, float, torch.Generator]:
+    """The per-image test LL [N] of the trainer's current weights on `x_test`, its seconds, and the generator
+    it drew from (the test ELBO's noise comes next from it). The generator is the run's own,
+    seeded from its seed: the LL is a function of the weights and the trial's configuration,
+    whichever process (a pooled trial's, a Ray task's) evaluates it, and whichever choice of epoch."""
+    from trainables.vae.evaluate import log_likelihood
 
-    S = samples or trainer.config.test_samples
-    x_test = trainer.x_test if images is None else trainer.x_test[:images]
-    # Its own generator, seeded from the run's seed: the test LL is a function of the trial's
-    # configuration, whichever process (a pooled trial's, a Ray task's) evaluates it.
     generator = evaluation_generator(trainer.config.seed, trainer.device)
     t0 = time.perf_counter()
     # On a GPU the fused (compiled) passes are ~1.5x faster: 1.6 s for 10,000 images x 5000 on an H200.
-    ll = log_likelihood(trainer.model, x_test, S, compile=trainer.device.type == "cuda",
+    ll = log_likelihood(trainer.model, x_test, samples, compile=trainer.device.type == "cuda",
                         generator=generator)                                           # [N]
-    seconds = time.perf_counter() - t0
+    return ll, time.perf_counter() - t0, generator
+
+
+def ll_metrics(ll: Tensor, input_dim: int, gray: bool) -> dict[str, float]:
+    """A per-image test LL [N] as its metrics: the mean, its standard error (the per-image LL's
+    std, ddof=1, / sqrt(N)), and bits/dim for gray data."""
+    from trainables.vae.likelihoods import bits_per_dim
+
+    out = {METRIC_TEST_LL: float(ll.mean()), METRIC_TEST_LL_SE: standard_error(ll.double().cpu().tolist())}
+    if gray:
+        out[METRIC_TEST_BPD] = float(bits_per_dim(ll.mean(), input_dim))
+    return out
+
+
+def final_evaluation(trainer: Trainer, samples: int | None = None, images: int | None = None) -> dict[str, Any]:
+    """Test log-likelihood (nats, with its standard error; bits/dim for gray data), test ELBO,
+    active units, per-image LL, and the validation LL of the tested weights; the same for the
+    run's other choice of epoch (`Progress`), under `other_choice_metrics` names, when the run kept it.
+    With `samples` importance samples (default: the config's test_samples) on the first `images`
+    test images (default: all); both are returned with the figures they made.
+
+    Tests the trainer's current weights (`Trainer.finish` restored its own rule's best) as its
+    own choice; the other choice's weights are loaded for their test and the current ones put
+    back. Where both choices are one epoch, the other's figures are copies, not a second test.
+    """
+    from trainables.vae.evaluate import active_units
+
+    S = samples or trainer.config.test_samples
+    x_test = trainer.x_test if images is None else trainer.x_test[:images]
+    gray = trainer.info.likelihood == "logistic256"
+    dim = trainer.model.input_dim
+    ll, seconds, generator = evaluate_test_ll(trainer, S, x_test)
     test = trainer.evaluate_elbo(x_test, draw_noise(x_test.shape[0], trainer.model.noise_dim, x_test, generator))
     units = active_units(trainer.model, x_test)
     best = trainer.progress
+    tested = best.best_epoch or trainer.epoch
     out: dict[str, Any] = {
-        METRIC_BEST_EPOCH: best.best_epoch or trainer.epoch,
+        METRIC_BEST_EPOCH: tested,
         # The validation ELBO of the tested (restored) weights: what a sweep chooses on.
-        METRIC_BEST_VAL_ELBO: -best.best_val_loss if best.best_epoch is not None else float("nan"),
-        "test_ll": float(ll.mean()),
+        METRIC_BEST_VAL_ELBO: best.best_val_elbo if best.best_epoch is not None else float("nan"),
+        METRIC_BEST_VAL_LL: validation_ll(trainer.model, trainer.x_val, trainer.config),
+        **ll_metrics(ll, dim, gray),
         "test_elbo": test["elbo"],
         "test_rec": test["rec"],
         "test_kl": test["kl"],
@@ -521,8 +627,24 @@ def final_evaluation(trainer: Trainer, samples: int | None = None, images: int |
         METRIC_TEST_IMAGES: int(x_test.shape[0]),
         "per_image_ll": ll.cpu(),
     }
-    if trainer.info.likelihood == "logistic256":
-        out["test_bits_per_dim"] = float(bits_per_dim(ll.mean(), trainer.model.input_dim))
+    if best.other_tracked and best.other_epoch is not None and (best.other_epoch == tested
+                                                                 or trainer.other_state is not None):
+        choice = other_choice(trainer.config.select_on, trainer.config.best_after_warmup)
+        keys = [METRIC_TEST_LL, METRIC_TEST_LL_SE, METRIC_BEST_VAL_LL] + ([METRIC_TEST_BPD] if gray else [])
+        if best.other_epoch == tested:
+            other = {k: out[k] for k in keys}
+        else:
+            current = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            trainer.model.load_state_dict(trainer.other_state)
+            try:
+                other_ll, _, _ = evaluate_test_ll(trainer, S, x_test)
+                other = {**ll_metrics(other_ll, dim, gray),
+                         METRIC_BEST_VAL_LL: validation_ll(trainer.model, trainer.x_val, trainer.config)}
+            finally:
+                trainer.model.load_state_dict(current)
+        other[METRIC_BEST_EPOCH], other[METRIC_BEST_VAL_ELBO] = best.other_epoch, -best.other_val_loss
+        names = other_choice_metrics(choice)
+        out.update({names[k]: v for k, v in other.items()})
     return out
 
 
@@ -533,16 +655,22 @@ def run_training(config: TrainConfig, echo: Callable[[str], None] = print) -> di
          f"on {trainer.device}")
     while not trainer.done:
         m = trainer.step()
+        val_ll = f"  val LL {m[METRIC_VAL_LL]:9.3f}" if METRIC_VAL_LL in m else ""
         echo(f"epoch {m['epoch']:4d}  beta {m['beta']:.2f}  train loss {m['train_loss']:9.3f}  "
-             f"val loss {m['val_loss']:9.3f}  ({m['epoch_seconds']:.1f} s)")
+             f"val loss {m['val_loss']:9.3f}{val_ll}  ({m['epoch_seconds']:.1f} s)")
     echo(f"stopped: {trainer.stop_reason}" + (f" ({trainer.stop_detail})" if trainer.stop_detail else ""))
     if trainer.stop_reason == STOP_NAN:
         raise TrainingDiverged(trainer.stop_detail)
     trainer.finish()
     final = final_evaluation(trainer)
-    line = (f"test log-likelihood {final['test_ll']:.2f} nats (S={final['test_samples']}, "
-            f"{trainer.x_test.shape[0]} images)")
-    if "test_bits_per_dim" in final:
-        line += f" = {final['test_bits_per_dim']:.4f} bits/dim"
+    line = (f"test log-likelihood {final[METRIC_TEST_LL]:.2f} ± {final[METRIC_TEST_LL_SE]:.2f} (SE) nats "
+            f"(S={final['test_samples']}, {trainer.x_test.shape[0]} images) at epoch {final[METRIC_BEST_EPOCH]}")
+    if METRIC_TEST_BPD in final:
+        line += f" = {final[METRIC_TEST_BPD]:.4f} bits/dim"
     echo(line + f"; test ELBO {final['test_elbo']:.2f}; active units {final['active_units']}")
+    choice = other_choice(config.select_on, config.best_after_warmup)
+    names = other_choice_metrics(choice)
+    if names[METRIC_TEST_LL] in final:
+        echo(f"other choice, {CHOICE_WORDS[choice]}: epoch {final[names[METRIC_BEST_EPOCH]]}, test log-likelihood "
+             f"{final[names[METRIC_TEST_LL]]:.2f} ± {final[names[METRIC_TEST_LL_SE]]:.2f} (SE) nats")
     return final
