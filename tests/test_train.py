@@ -314,7 +314,7 @@ def test_both_choices_are_tested_from_one_run_each_under_its_own_names(mnist, mo
     trainer.finish()
     tests = []
     real = train_module.evaluate_test_ll
-    monkeypatch.setattr(train_module, "evaluate_test_ll", lambda t, s: tests.append(1) or real(t, s))
+    monkeypatch.setattr(train_module, "evaluate_test_ll", lambda t, s, x: tests.append(1) or real(t, s, x))
     final = final_evaluation(trainer, samples=20)
     assert len(tests) == 2
     assert (final["best_epoch"], final["best_epoch_after_warmup"]) == (2, 5)
@@ -344,7 +344,7 @@ def test_when_both_rules_pick_one_epoch_it_is_tested_once(mnist, monkeypatch):
     trainer.finish()
     tests = []
     real = train_module.evaluate_test_ll
-    monkeypatch.setattr(train_module, "evaluate_test_ll", lambda t, s: tests.append(1) or real(t, s))
+    monkeypatch.setattr(train_module, "evaluate_test_ll", lambda t, s, x: tests.append(1) or real(t, s, x))
     final = final_evaluation(trainer, samples=20)
     assert len(tests) == 1
     assert final["best_epoch_after_warmup"] == 3
