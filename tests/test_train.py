@@ -323,7 +323,7 @@ def test_both_choices_are_tested_from_one_run_each_under_its_own_names(mnist, mo
     for epoch, suffix in ((2, ""), (5, "_after_warmup")):
         alone = Trainer(trainer.config, mnist)
         alone.model.load_state_dict(weights[epoch])
-        ll, _, _ = real(alone, 20)
+        ll, _, _ = real(alone, 20, alone.x_test)
         assert final[f"test_ll{suffix}"] == float(ll.mean())
         assert final[f"test_ll{suffix}_se"] == pytest.approx(float(ll.double().std()) / math.sqrt(ll.numel()))
     assert final["test_ll"] != final["test_ll_after_warmup"]
