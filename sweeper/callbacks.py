@@ -163,10 +163,11 @@ class AuditTrialsCallback(tune.Callback):
 def _run_for_failed_setup(args, trial, sweep_name: str) -> str:
     """A run for a trial that failed before opening its own (an error in its setup)."""
     tracking_uri, experiment_id, parent_run_id = args
-    params = {k: v for k, v in trial.config.items() if not isinstance(v, dict)}
+    config = {k: v for k, v in trial.config.items() if not isinstance(v, dict)}
+    keys = (trial.config.get(tracking.SWEEP_KEY) or {}).get("name_keys", ())
     run = tracking.open_trial_run(tracking_uri, experiment_id, parent_run_id, trial_id=trial.trial_id,
                                   trial_name=tracking.trial_run_name(trial.config, trial.trial_id),
-                                  params=params, sweep_name=sweep_name)
+                                  params=tracking.trial_params(config, keys), config=config, sweep_name=sweep_name)
     return run.run_id
 
 

@@ -214,7 +214,7 @@ def trials_frame(runs: Iterable) -> pd.DataFrame:
     epoch and the trial's own time."""
     rows = []
     for run in runs:
-        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        p, m, t = tracking.run_config(run), run.data.metrics, run.data.tags
         if (t.get(tracking.TAG_ROLE) == tracking.ROLE_SWEEP or tracking.TAG_ORPHANED in t
                 or "dataset" not in p or "prior" not in p):
             continue

@@ -911,7 +911,7 @@ def summarize(spec: SweepSpec, tracking_uri: str, experiment_id: str, parent: tr
         m, t = run.data.metrics, run.data.tags
         if tracking.TAG_ORPHANED in t:
             continue      # not a trial of the sweep (see mark_lost_trials)
-        params = typed_params(run.data.params)
+        params = typed_params(tracking.run_config(run))
         value, tested = metric_at_tested_epoch(client, run, metric)
         row = {"trial": run.info.run_name, "run_id": run.info.run_id, "status": run.info.status,
                "stop_reason": stop_reason(t.get(tracking.TAG_STOP)), "epochs": int(m.get("epoch", 0)),

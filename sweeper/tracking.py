@@ -19,6 +19,8 @@ from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, MET
 from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one tracking module)
     ROLE_SWEEP,
     EXPERIMENT_KIND,
+    SWEEP_KEY,
+    TAG_CONFIG,
     TAG_ERRORS,
     TAG_EXPERIMENT_KIND,
     TAG_MODEL_ID,
@@ -41,11 +43,22 @@ from trainables.tracking import (  # noqa: F401 (re-exported: the sweeper's one 
     flatten,
     open_trial_run,
     run_name,
+    trial_params,
     trial_run_name,
     ui_url,
 )
 
 DEFAULT_UI_PORT = 5000
+
+
+def run_config(run) -> dict[str, str]:
+    """A trial run's whole configuration as MLflow params would give it (strings: '0.0005',
+    'None', 'True'): from its TAG_CONFIG, exact; runs made before it existed logged every value as
+    a param."""
+    text = run.data.tags.get(TAG_CONFIG)
+    if not text:
+        return dict(run.data.params)
+    return {key: str(value) for key, value in json.loads(text).items()}
 
 
 def default_tracking_uri(workdir: str | Path | None = None) -> str:

@@ -252,3 +252,26 @@ def test_a_finished_trial_logs_both_choices_of_epoch_with_their_standard_errors(
     assert f"{m['test_ll']:.2f} ± {m['test_ll_se']:.2f} nats" in first and "epoch 2 of 5" in first
     assert (f"at full KL weight (beta = 1, as best_after_warmup: true): epoch 4, test LL "
             f"{m['test_ll_after_warmup']:.2f} ± {m['test_ll_after_warmup_se']:.2f}") in first
+
+
+def test_a_trial_run_shows_only_what_sets_it_apart_and_keeps_its_whole_config_exact(store):
+    """Every image card on a trial's page listed ~25 params above its picture (a sliver of image
+    was left at 1440x900), and a standard-prior trial showed K=500, a default it does not use."""
+    import json
+
+    uri, client, experiment_id, parent = store
+    config = _config(uri, experiment_id, parent) | {"prior": "standard", "lr": 0.0023382678, "max_epochs": 1}
+    config[SWEEP_KEY]["name_keys"] = ["prior", "K", "lr"]
+    trainable = VAETrainable(config)
+    result = trainable.train()
+    trainable.stop()
+    run = client.get_run(result[RESULT_RUN_ID])
+    assert run.data.params == {"dataset": "static_mnist", "model": "vae", "prior": "standard", "lr": "2.34e-3"}
+    whole = json.loads(run.data.tags[tracking.TAG_CONFIG])
+    assert whole["lr"] == 0.0023382678 and whole["K"] == 4 and whole["test_samples"] == 10   # exact, all of it
+    from sweeper.tracking import run_config
+
+    assert run_config(run)["lr"] == "0.0023382678" and run_config(run)["prior"] == "standard"
+    vamp = tracking.trial_params({"dataset": "caltech101", "prior": "vamp", "K": 48, "lr": 1e-3, "seed": 2},
+                                 ["prior", "K", "lr"])
+    assert vamp == {"dataset": "caltech101", "prior": "vamp", "K": "48", "lr": "1e-3"}

@@ -58,6 +58,7 @@ TAG_SCHEDULER = "sweeper.scheduler"            # trial run stopped by a schedule
 TAG_ERRORS = "sweeper.errors"                  # parent run: which trials ended with an error
 TAG_MODEL_ID = "sweeper.model_id"              # trial run: the LoggedModel with its best-validation weights
 TAG_NOTE = "mlflow.note.content"               # a run's description in the UI
+TAG_CONFIG = "sweeper.config"                  # trial run: its whole configuration, JSON, exact values
 # Step-indexed images. The UI's "Model metrics" tab makes a section of each key prefix before a
 # "/" and puts those sections first: the pseudo-inputs open a trial's page. An image logged at one
 # step only opens at that step (a key with several opens at step 0).
@@ -764,11 +765,29 @@ def _delete_tag(handle: RunHandle, key: str) -> None:
     _with_retry(delete)
 
 
+def trial_params(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, str]:
+    """What a trial's run shows as MLflow params (the runs table's columns, and the header of every
+    image and chart card on its page, above the picture): what sets it apart from the sweep's
+    other trials, its dataset, model and prior and the sweep's searched `keys` it uses, as people
+    read them ('2.34e-3'). K only for a prior made of K components. The whole configuration, with
+    exact values, is the run's TAG_CONFIG."""
+    from trainables.vae.catalog import K_PRIORS, short
+
+    out: dict[str, str] = {}
+    for key in ("dataset", "model", "prior", *keys):
+        value = config.get(key)
+        if value is None or key in out or (key == "K" and config.get("prior") not in K_PRIORS):
+            continue
+        out[key] = value if isinstance(value, str) else short(value)
+    return out
+
+
 def open_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
                    trial_name: str, params: Mapping[str, Any], sweep_name: str,
-                   description: str = "") -> RunHandle:
+                   description: str = "", config: Mapping[str, Any] | None = None) -> RunHandle:
     """The trial's child run: found by trial id and reopened, or created with its params (the
-    Tune trial id is a tag; `trial_name` says what the trial is)."""
+    Tune trial id is a tag; `trial_name` says what the trial is) and its whole `config` as the
+    TAG_CONFIG tag (JSON)."""
     existing = find_child(tracking_uri, experiment_id, parent_run_id, trial_id)
     if existing is not None:
         handle = RunHandle(tracking_uri, existing.info.run_id, experiment_id=experiment_id,
@@ -781,6 +800,8 @@ def open_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, tr
     tags = {TAG_PARENT: parent_run_id, TAG_TRIAL: trial_id, TAG_SWEEP: sweep_name, TAG_ROLE: ROLE_TRIAL}
     if description:
         tags[TAG_NOTE] = description
+    if config is not None:
+        tags[TAG_CONFIG] = json.dumps(dict(config), sort_keys=True, default=str)
     run = _create_child(tracking_uri, experiment_id, parent_run_id, trial_id, trial_name, tags)
     handle = RunHandle(tracking_uri, run.info.run_id, created=True, experiment_id=experiment_id)
     handle.log_params(params)

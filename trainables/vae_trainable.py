@@ -29,7 +29,7 @@ from trainables.pool import EVICT_WAIT_S, NotAMember, get_pool
 from trainables.vae.config import TrainConfig
 from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.data import dataset_digest
-from trainables.vae.evaluate import display_grid
+from trainables.vae.evaluate import display_grid, display_strip
 from trainables.tracking import SWEEP_KEY
 from trainables.vae.catalog import (CHOICE_WORDS, METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH,
                                     METRIC_TEST_BPD, METRIC_TEST_IMAGES, METRIC_TEST_LL, METRIC_TEST_LL_SE,
@@ -134,8 +134,11 @@ def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any
     if strip:
         name = "pseudo_inputs" if hasattr(trainer.model.prior, "pseudo_inputs") else "samples"
         # A path the UI's server answers (no data: URIs in descriptions), one line under the text.
+        what = "pseudo-inputs" if name == "pseudo_inputs" else "samples"
         line += (f"\n[![{name}](get-artifact?path={STRIP_FILE}&run_uuid={run.run_id})]"
-                 f"(#/experiments/{experiment}/runs/{run.run_id}/artifacts/{name}.png)")
+                 f"(#/experiments/{experiment}/runs/{run.run_id}/artifacts/{name}.png)"
+                 f"\n{STRIP_IMAGES} of the tested weights' {what}, each stretched to its own gray range "
+                 f"(click for all, as they are)")
     return line
 
 
@@ -160,7 +163,8 @@ def _open_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, config: di
     name = tracking.trial_run_name(config, trial_id)
     run = tracking.open_trial_run(
         sweep["tracking_uri"], sweep["experiment_id"], sweep["parent_run_id"], trial_id=trial_id, trial_name=name,
-        params=cfg.to_dict(), sweep_name=sweep.get("sweep_name", ""),
+        params=tracking.trial_params(cfg.to_dict(), sweep.get("name_keys", ())), config=cfg.to_dict(),
+        sweep_name=sweep.get("sweep_name", ""),
         description=f"{name}: trial {trial_id} of sweep {sweep.get('sweep_name', '')}. {IMAGES_NOTE}")
     # Which node ran the trial (the last one, if a retry moved it): for cluster debugging.
     run.set_tags({"sweeper.node_id": ray.get_runtime_context().get_node_id()})
@@ -251,7 +255,7 @@ def finalize(trainer: Trainer, run: tracking.RunHandle | None, reason: str, *, t
                         {"state_dict": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
                          "config": cfg.to_dict(), "best_epoch": trainer.best_epoch or step},
                         name=f"{cfg.dataset}-{cfg.model}-{cfg.prior}", step=step,
-                        params={"dataset": cfg.dataset, "model": cfg.model, "prior": cfg.prior, "K": cfg.K,
+                        params={**tracking.trial_params(cfg.to_dict(), ("K",)),
                                 "best_epoch": trainer.best_epoch or step})
         if per_image is not None:
             run.log_text(tracking.per_image_csv(per_image.tolist()), "per_image_ll.csv")
@@ -308,10 +312,10 @@ def _log_final_images(run: tracking.RunHandle, trainer: Trainer, best_epoch: int
         run.log_image_file(grid, "pseudo_inputs.png")
         run.log_image(grid, tracking.IMAGE_BEST_PSEUDO_INPUTS, best_epoch)
     strip = (u if u is not None else samples)[:STRIP_IMAGES]
-    run.log_image_file(display_grid(strip, shape, ncol=STRIP_IMAGES // 2, min_width=0), STRIP_FILE)
+    run.log_image_file(display_strip(strip, shape), STRIP_FILE)
 
 
-STRIP_IMAGES = 40      # two rows of 20: one line high in the run's description
+STRIP_IMAGES = 12      # one row, 3x enlarged: about the width of a run's description at 1440 px
 
 
 def _log_last_pseudo_inputs(run: tracking.RunHandle, trainer: Trainer) -> None:

@@ -142,6 +142,19 @@ def display_grid(images: Tensor | np.ndarray, image_shape: tuple[int, ...], ncol
     return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
 
 
+def display_strip(images: Tensor | np.ndarray, image_shape: tuple[int, ...], scale: int = 3) -> np.ndarray:
+    """One row of images for a glance (a run's description), each stretched to its own full
+    black..white range and set apart by white lines, enlarged `scale` times. Unlike `display_grid`
+    the gray levels of two images are not comparable: learned pseudo-inputs are often dark and
+    low in contrast, and a strip a few pixels high showed nothing of them."""
+    arr = images.detach().float().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images, dtype=float)
+    n = arr.shape[0]
+    low, high = arr.min(axis=1, keepdims=True), arr.max(axis=1, keepdims=True)
+    stretched = (arr - low) / np.where(high > low, high - low, 1.0)
+    grid = 255 - image_grid(1.0 - stretched, image_shape, ncol=n)    # the padding white, not black
+    return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+
+
 def image_grid(images: Tensor | np.ndarray, image_shape: tuple[int, ...], ncol: int | None = None,
                pad: int = 1) -> np.ndarray:
     """[N, D] images in [0, 1] -> one uint8 grayscale grid [rows*(H+pad)+pad, ncol*(W+pad)+pad]."""
