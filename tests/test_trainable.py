@@ -250,7 +250,7 @@ def test_a_finished_trial_logs_both_choices_of_epoch_with_their_standard_errors(
     assert result["test_ll_se"] == pytest.approx(np.std(per_image, ddof=1) / np.sqrt(per_image.size), rel=1e-5)
     first = client.get_run(result[RESULT_RUN_ID]).data.tags[tracking.TAG_NOTE].split("\n")[0]
     assert f"{m['test_ll']:.2f} ± {m['test_ll_se']:.2f} nats" in first and "epoch 2 of 5" in first
-    assert (f"at full KL weight (beta = 1, as best_after_warmup: true): epoch 4, test LL "
+    assert (f"best at full KL weight: epoch 4, test LL "
             f"{m['test_ll_after_warmup']:.2f} ± {m['test_ll_after_warmup_se']:.2f}") in first
 
 

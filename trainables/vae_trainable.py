@@ -31,7 +31,7 @@ from trainables.vae.data import Splits, get_spec, load_dataset
 from trainables.vae.data import dataset_digest
 from trainables.vae.evaluate import display_grid, display_strip
 from trainables.tracking import SWEEP_KEY
-from trainables.vae.catalog import (CHOICE_WORDS, METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH,
+from trainables.vae.catalog import (CHOICE_LABELS, METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_EPOCH,
                                     METRIC_TEST_BPD, METRIC_TEST_IMAGES, METRIC_TEST_LL, METRIC_TEST_LL_SE,
                                     METRIC_TEST_SAMPLES, RESULT_RUN_ID, SELECT_VAL_LL, STOP_ERROR, STOP_NAN,
                                     STOP_SCHEDULER, other_choice, other_choice_metrics)
@@ -97,7 +97,7 @@ IMAGES_NOTE = (f"Images: `{tracking.IMAGE_PSEUDO_INPUTS}` in Model metrics shows
 ROUNDED = {METRIC_TEST_LL: 2, METRIC_TEST_LL_SE: 2, "test_elbo": 2, "test_rec": 2, "test_kl": 2, METRIC_TEST_BPD: 4,
            "test_ll_seconds": 2}
 # The other choice of epoch's test figures, rounded as the own choice's.
-for _choice in CHOICE_WORDS:
+for _choice in CHOICE_LABELS:
     _names = other_choice_metrics(_choice)
     ROUNDED.update({_names[k]: ROUNDED[k] for k in (METRIC_TEST_LL, METRIC_TEST_LL_SE, METRIC_TEST_BPD)})
 
@@ -130,7 +130,7 @@ def summary_note(run: tracking.RunHandle, trainer: Trainer, final: dict[str, Any
         tested = (" (the same)" if epoch == final[METRIC_BEST_EPOCH] else
                   f", test LL {ll_text(final, names[METRIC_TEST_LL], names[METRIC_TEST_LL_SE])}"
                   + bpd_text(final, names[METRIC_TEST_BPD]))
-        line += f" · {CHOICE_WORDS[choice]}: epoch {epoch}{tested}"
+        line += f" · {CHOICE_LABELS[choice]}: epoch {epoch}{tested}"
     if strip:
         name = "pseudo_inputs" if hasattr(trainer.model.prior, "pseudo_inputs") else "samples"
         # A path the UI's server answers (no data: URIs in descriptions), one line under the text.
@@ -315,7 +315,7 @@ def _log_final_images(run: tracking.RunHandle, trainer: Trainer, best_epoch: int
     run.log_image_file(display_strip(strip, shape), STRIP_FILE)
 
 
-STRIP_IMAGES = 12      # one row, 3x enlarged: about the width of a run's description at 1440 px
+STRIP_IMAGES = 12      # one row, 2x enlarged (~700 px): within a run's description at 1440 px
 
 
 def _log_last_pseudo_inputs(run: tracking.RunHandle, trainer: Trainer) -> None:

@@ -93,6 +93,11 @@ CHOICE_WORDS: Mapping[str, str] = MappingProxyType({
     CHOICE_REF_RULE: "REF's rule (the best validation ELBO at any epoch, warm-up included)",
     CHOICE_AFTER_WARMUP: "the best validation ELBO at full KL weight (beta = 1, as best_after_warmup: true)",
 })
+# The same in a few words: a run's description keeps its first line short.
+CHOICE_LABELS: Mapping[str, str] = MappingProxyType({
+    CHOICE_REF_RULE: "REF's rule",
+    CHOICE_AFTER_WARMUP: "best at full KL weight",
+})
 
 
 def other_choice(select_on: str, best_after_warmup: bool) -> str:

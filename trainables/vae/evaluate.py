@@ -142,7 +142,7 @@ def display_grid(images: Tensor | np.ndarray, image_shape: tuple[int, ...], ncol
     return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
 
 
-def display_strip(images: Tensor | np.ndarray, image_shape: tuple[int, ...], scale: int = 3) -> np.ndarray:
+def display_strip(images: Tensor | np.ndarray, image_shape: tuple[int, ...], scale: int = 2) -> np.ndarray:
     """One row of images for a glance (a run's description), each stretched to its own full
     black..white range and set apart by white lines, enlarged `scale` times. Unlike `display_grid`
     the gray levels of two images are not comparable: learned pseudo-inputs are often dark and
