@@ -40,57 +40,75 @@ class Evaluations:
 
     tracking_uri: str
     spec: SweepSpec
+    limit: int = 1                 # evaluations at once (the trials that run at once)
     in_flight: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)   # trial id -> (ref, run, checkpoint)
+    queued: list[tuple[Any, dict[str, Any], Any, str]] = field(default_factory=list)   # launched when one ends
     failed: list[str] = field(default_factory=list)
 
     _BY_SWEEP: ClassVar[dict[str, "Evaluations"]] = {}    # one per sweep in this driver process
 
     @classmethod
-    def of(cls, sweep_id: str, tracking_uri: str, spec: SweepSpec) -> "Evaluations":
+    def of(cls, sweep_id: str, tracking_uri: str, spec: SweepSpec, limit: int = 1) -> "Evaluations":
         if sweep_id not in cls._BY_SWEEP:
-            cls._BY_SWEEP[sweep_id] = cls(tracking_uri, spec)
+            cls._BY_SWEEP[sweep_id] = cls(tracking_uri, spec, max(1, limit))
         return cls._BY_SWEEP[sweep_id]
 
     @classmethod
     def pending(cls, sweep_id: str) -> int | None:
-        """How many of the sweep's evaluations are in flight; None if none was ever launched here."""
+        """How many of the sweep's evaluations are in flight or queued; None if none was ever launched here."""
         evaluations = cls._BY_SWEEP.get(sweep_id)
-        return len(evaluations.in_flight) if evaluations is not None else None
+        return len(evaluations.in_flight) + len(evaluations.queued) if evaluations is not None else None
 
     @classmethod
     def forget(cls, sweep_id: str) -> None:
         cls._BY_SWEEP.pop(sweep_id, None)
 
     def launch(self, run, config: dict[str, Any], checkpoint, trial_id: str) -> None:
-        """Start the evaluation of one stopped trial (a Ray task with its trial's resources)."""
+        """Start the evaluation of one stopped trial, or queue it while `limit` run.
+
+        Where it runs: a CPU sweep's evaluation reserves no CPU and starts at once beside the
+        trials (Tune hands a stopped trial's CPU to the next trial at once: its actor is reused,
+        so an evaluation that waited for a CPU waited for the sweep's end); `limit` keeps it to as
+        many as trials run at once. A GPU sweep's evaluation reserves its trial's share of a GPU
+        (its memory and compute are the GPU's), so it starts when a share is free."""
         from trainables.vae_trainable import evaluate_stopped_trial
 
-        if trial_id in self.in_flight:
+        if trial_id in self.in_flight or any(q[3] == trial_id for q in self.queued):
+            return
+        if len(self.in_flight) >= self.limit:
+            self.queued.append((run, config, checkpoint, trial_id))
             return
         if TAG_EVALUATION_FAILED in run.data.tags:     # tried before and failed: it is a stopped trial again
             handle = tracking.RunHandle(self.tracking_uri, run.info.run_id)
             handle.set_tags({tracking.TAG_STOP: STOP_SCHEDULER})
             handle.client.delete_tag(run.info.run_id, TAG_EVALUATION_FAILED)
-        policy = self.spec.stopped_trials
-        task = ray.remote(num_cpus=self.spec.resources.cpu, num_gpus=self.spec.resources.gpu)(evaluate_stopped_trial)
+        policy, resources = self.spec.stopped_trials, self.spec.resources
+        task = ray.remote(num_cpus=resources.cpu if resources.gpu else 0, num_gpus=resources.gpu)(evaluate_stopped_trial)
         ref = task.remote(config, checkpoint, trial_id, test=policy.tests, samples=policy.samples,
                           images=policy.images)
         self.in_flight[trial_id] = (ref, run, checkpoint)
 
     def collect(self, wait: bool) -> None:
-        """Record the evaluations that ended (all of them, waiting, with `wait`)."""
-        if not self.in_flight:
-            return
-        refs = {ref: trial_id for trial_id, (ref, _, _) in self.in_flight.items()}
-        done, _ = ray.wait(list(refs), num_returns=len(refs) if wait else len(refs), timeout=None if wait else 0)
-        for ref in done:
-            _, run, checkpoint = self.in_flight.pop(refs[ref])
-            try:
-                ray.get(ref)
-            except Exception as exc:     # the task raised (RayTaskError) or its worker died
-                self.failed.append(_evaluation_failed(self.tracking_uri, run, exc))
-            else:
-                drop_checkpoints(checkpoint)
+        """Record the evaluations that ended; with `wait`, until every one (queued too) has."""
+        self._collect(block=False)
+        while wait and self.in_flight:
+            self._collect(block=True)
+
+    def _collect(self, block: bool) -> None:
+        """Record the ended evaluations (at least one, blocking) and launch queued ones in their place."""
+        if self.in_flight:
+            refs = {ref: trial_id for trial_id, (ref, _, _) in self.in_flight.items()}
+            done, _ = ray.wait(list(refs), num_returns=1 if block else len(refs), timeout=None if block else 0)
+            for ref in done:
+                _, run, checkpoint = self.in_flight.pop(refs[ref])
+                try:
+                    ray.get(ref)
+                except Exception as exc:     # the task raised (RayTaskError) or its worker died
+                    self.failed.append(_evaluation_failed(self.tracking_uri, run, exc))
+                else:
+                    drop_checkpoints(checkpoint)
+        while self.queued and len(self.in_flight) < self.limit:
+            self.launch(*self.queued.pop(0))
 
 
 class TrialEnds(tune.Callback):
@@ -104,8 +122,10 @@ class TrialEnds(tune.Callback):
     `stop_reason: scheduler`. Plain data only (Tune pickles callbacks); what is in flight lives
     in `Evaluations`."""
 
-    def __init__(self, sweep_id: str, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: SweepSpec):
+    def __init__(self, sweep_id: str, tracking_uri: str, experiment_id: str, parent_run_id: str, spec: SweepSpec,
+                 at_once: int = 1):
         self.sweep_id, self.args, self.spec = sweep_id, (tracking_uri, experiment_id, parent_run_id), spec
+        self.at_once = at_once
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.checkpoint is None:
@@ -116,7 +136,7 @@ class TrialEnds(tune.Callback):
         run = tracking.find_child(*self.args, trial_id=trial.trial_id)
         if run is None or stop_reason(run.data.tags.get(tracking.TAG_STOP)) != STOP_SCHEDULER:
             return
-        Evaluations.of(self.sweep_id, self.args[0], self.spec).launch(run, trial.config, trial.checkpoint,
+        Evaluations.of(self.sweep_id, self.args[0], self.spec, self.at_once).launch(run, trial.config, trial.checkpoint,
                                                                       trial.trial_id)
 
     def on_step_end(self, iteration, trials, **info):
@@ -126,15 +146,16 @@ class TrialEnds(tune.Callback):
 
 
 def evaluate_stopped_trials(results, sweep_id: str, tracking_uri: str, experiment_id: str, parent_run_id: str,
-                            spec: SweepSpec, echo: Callable[[str], None]) -> list[str]:
+                            spec: SweepSpec, echo: Callable[[str], None], at_once: int = 1) -> list[str]:
     """After Tune's run: wait for the evaluations launched while it ran, then evaluate, from their
     last checkpoints, the stopped trials still without a test LL (an interrupt or an error cut
     theirs short, or they stopped in an earlier run of the driver). Returns one line per
     evaluation that failed; that trial's run is closed as FAILED (stop reason `error`, what
     failed in `stop_detail`, the traceback as its artifact)."""
-    evaluations = Evaluations.of(sweep_id, tracking_uri, spec)
-    if evaluations.in_flight:
-        echo(f"waiting for the test evaluation of {len(evaluations.in_flight)} trial(s) stopped by the scheduler ...")
+    evaluations = Evaluations.of(sweep_id, tracking_uri, spec, at_once)
+    if evaluations.in_flight or evaluations.queued:
+        echo(f"waiting for the test evaluation of {len(evaluations.in_flight) + len(evaluations.queued)} trial(s) "
+             "stopped by the scheduler ...")
     evaluations.collect(wait=True)
     by_id = {}
     for result in results:

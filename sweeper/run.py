@@ -562,7 +562,8 @@ class SweepDriver:
                            TrialRunsCallback(plan.tracking_uri, self.experiment_id, self.parent.run_id,
                                              spec.scheduler.type, plan.sweep_id),
                            # After TrialRunsCallback, which tags a stopped trial's run: tested as it stops.
-                           TrialEnds(plan.sweep_id, plan.tracking_uri, self.experiment_id, self.parent.run_id, spec),
+                           TrialEnds(plan.sweep_id, plan.tracking_uri, self.experiment_id, self.parent.run_id, spec,
+                                     self.at_once),
                            *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else []), *audit],
                 progress_reporter=_reporter(spec), verbose=1),
         )
@@ -591,7 +592,8 @@ class SweepDriver:
         self.outcome.errors = [f"{trial_name_of(r)}: {error_line(r)} (traceback: {Path(r.path) / 'error.txt'})"
                                for r in results if r.error is not None]
         self.failed_evaluations = evaluate_stopped_trials(results, plan.sweep_id, plan.tracking_uri,
-                                                          self.experiment_id, self.parent.run_id, spec, self.echo)
+                                                          self.experiment_id, self.parent.run_id, spec, self.echo,
+                                                          self.at_once)
         self.outcome.errors += self.failed_evaluations
         self.outcome.unaccounted = unaccounted_trials(results, spec, plan, self.experiment_id, self.parent.run_id)
 

@@ -78,3 +78,40 @@ def test_a_failed_evaluation_is_closed_and_listed_then_done_by_the_next_pass(tmp
     # Idempotent: a third pass has nothing to do.
     assert evaluate_stopped_trials([result], "s", uri, experiment_id, parent, spec, lines.append) == []
     assert len(lines) == 1
+
+
+def test_evaluations_beyond_the_limit_wait_in_a_queue_and_all_are_done(tmp_path, local_ray):
+    """A CPU sweep's evaluations reserve no CPU (a stopped trial's CPU goes to the next trial at
+    once), so as many run at once as the sweep's trials, the others queued; all are done."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.check_store(uri)
+    experiment_id = tracking.ensure_experiment(uri, "queue")
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(experiment_id, tags={"sweeper.role": "sweep"}).info.run_id
+    config = {"dataset": "static_mnist", "prior": "standard", "max_epochs": 3, "train_subset": 200, "val_subset": 100,
+              "test_subset": 40, "test_samples": 5, "image_every": 0, "device": "cpu",
+              SWEEP_KEY: {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
+                          "sweep_name": "q", "name_keys": ["prior"], "scheduler": "asha"}}
+    trial = VAETrainable(config)
+    trial.train()
+    checkpoints = []
+    for i in range(3):
+        folder = tmp_path / f"trial_{i}" / "checkpoint_000000"
+        folder.mkdir(parents=True)
+        trial.save_checkpoint(str(folder))
+        checkpoints.append(tune.Checkpoint.from_directory(str(folder)))
+    trial.stop()
+    tracking.RunHandle(uri, tracking.find_child(uri, experiment_id, parent, "default").info.run_id).set_tags(
+        {tracking.TAG_STOP: "scheduler"})
+    spec = parse_spec(yaml.safe_load((ROOT / "search_spaces" / "quickstart.yaml").read_text()))
+    evaluations = Evaluations.of("q", uri, spec, limit=1)
+    run = tracking.find_child(uri, experiment_id, parent, "default")
+    for i, checkpoint in enumerate(checkpoints):      # three stopped trials (one run stands for them)
+        evaluations.launch(run, config, checkpoint, f"t{i}")
+    assert (len(evaluations.in_flight), len(evaluations.queued)) == (1, 2)
+    assert Evaluations.pending("q") == 3
+    evaluations.collect(wait=True)
+    assert not evaluations.in_flight and not evaluations.queued and not evaluations.failed
+    # each one's checkpoints are gone once it is tested
+    assert not any((tmp_path / f"trial_{i}" / "checkpoint_000000").exists() for i in range(3))
+    Evaluations.forget("q")
