@@ -329,6 +329,7 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
         tracking.check_store(plan.tracking_uri)
         if not address:  # one download in the driver instead of one per trial process
             check_local_data(spec, download=True)
+        tracking.create_store(plan.tracking_uri)    # last: a sweep refused above leaves no database
     except KeyboardInterrupt:      # Ctrl-C before the driver's own handler is in place
         what = "the sweep resumed: it is as it was" if resume else "the sweep started: nothing was launched"
         raise SweepInterrupted(f"interrupted before {what}") from None

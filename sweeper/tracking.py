@@ -188,14 +188,16 @@ def require_database(tracking_uri: str, command: str) -> None:
 STORE_CHECK_TIMEOUT_S = 5.0
 
 
-def create_sqlite_store(tracking_uri: str) -> None:
-    """Create a new sqlite store whole or not at all. MLflow builds its schema in some 60
+def create_store(tracking_uri: str) -> None:
+    """Create a new sqlite store (other stores exist already), whole or not at all. MLflow builds its schema in some 60
     migrations, each committed on its own: a driver killed among them left a database that every
     later command refused ("duplicate column name"). So the schema is built in a file of its own
     beside the store's and linked into place only when complete (a link, not a rename: a store
     another process created meanwhile is never replaced)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    if not tracking_uri.startswith("sqlite:///"):
+        return
     path = Path(tracking_uri[len("sqlite:///"):])
     if path.exists():
         return
@@ -223,8 +225,7 @@ def check_store(tracking_uri: str, timeout_s: float = STORE_CHECK_TIMEOUT_S) -> 
         folder = Path(tracking_uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise SweeperError(f"--tracking-uri {tracking_uri}: the folder {folder} does not exist")
-        create_sqlite_store(tracking_uri)
-        return
+        return     # created by `create_store` once nothing else can fail before the sweep starts
     if not tracking_uri.startswith(("http://", "https://")):
         return     # databricks and plugin stores: their own client decides
     from mlflow.utils.credentials import get_default_host_creds

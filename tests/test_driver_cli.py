@@ -246,10 +246,10 @@ def test_a_new_sqlite_store_is_created_whole_or_not_at_all(tmp_path, monkeypatch
 
     monkeypatch.setattr(SqlAlchemyStore, "__init__", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        tracking.check_store(uri)
+        tracking.create_store(uri)
     assert sorted(os.listdir(tmp_path)) == []
     monkeypatch.setattr(SqlAlchemyStore, "__init__", real)
-    tracking.check_store(uri)
+    tracking.create_store(uri)
     assert sorted(os.listdir(tmp_path)) == ["mlflow.db"]
     experiment = tracking.ensure_experiment(uri, "after")
     assert tracking.client(uri).get_experiment(experiment).name == "after"

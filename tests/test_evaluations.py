@@ -31,7 +31,7 @@ def local_ray(shared_datasets, monkeypatch):
 
 def test_a_failed_evaluation_is_closed_and_listed_then_done_by_the_next_pass(tmp_path, local_ray):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.check_store(uri)
+    tracking.create_store(uri)
     experiment_id = tracking.ensure_experiment(uri, "evaluations")
     client = mlflow.MlflowClient(uri)
     parent = client.create_run(experiment_id, tags={"sweeper.role": "sweep"}).info.run_id
@@ -84,7 +84,7 @@ def test_evaluations_beyond_the_limit_wait_in_a_queue_and_all_are_done(tmp_path,
     """A CPU sweep's evaluations reserve no CPU (a stopped trial's CPU goes to the next trial at
     once), so as many run at once as the sweep's trials, the others queued; all are done."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.check_store(uri)
+    tracking.create_store(uri)
     experiment_id = tracking.ensure_experiment(uri, "queue")
     client = mlflow.MlflowClient(uri)
     parent = client.create_run(experiment_id, tags={"sweeper.role": "sweep"}).info.run_id
