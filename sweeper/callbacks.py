@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune import CLIReporter
 
 from sweeper import tracking
-from sweeper.evaluations import Evaluations
+from sweeper.evaluations import ESTIMATE_MARK, Evaluations
 from trainables.vae.catalog import (METRIC_EPOCH_SECONDS, METRIC_TEST_LL, RESULT_RUN_ID, STOP_ERROR, STOP_SCHEDULER,
                                     short)
 
@@ -361,10 +361,18 @@ class SweepReporter(CLIReporter):
 
     ORDER = {"RUNNING": 0, "PENDING": 1, "PAUSED": 1, "TERMINATED": 2, "ERROR": 3}
 
-    def __init__(self, parameters: list[str], metric: str, mode: str, every_s: float = 30.0, max_rows: int = 20):
+    def __init__(self, parameters: list[str], metric: str, mode: str, every_s: float = 30.0, max_rows: int = 20,
+                 sweep_id: str | None = None):
         # metric/mode are Tune's (TuneConfig): the base class refuses them twice.
         super().__init__(parameter_columns=list(parameters), max_report_frequency=every_s, max_progress_rows=max_rows)
         self.parameters, self.metric_name, self.metric_mode, self.max_rows = list(parameters), metric, mode, max_rows
+        self.sweep_id = sweep_id     # whose stopped trials' tests (sweeper.evaluations) the table shows
+
+    def stopped_tests(self) -> dict[str, str]:
+        """The test LLs of stopped trials tested so far (they are tested beside the sweep, not by
+        their trial, so Tune's results do not hold them); none for a reporter saved without a sweep."""
+        sweep_id = getattr(self, "sweep_id", None)
+        return Evaluations.tested_so_far(sweep_id) if sweep_id else {}
 
     # When the table is printed again: at most every `every_s` while something changes that a user
     # waits for (a trial starts or ends), else every `quiet_s` (long trials: the epochs move on).
@@ -375,7 +383,7 @@ class SweepReporter(CLIReporter):
             return True
         now = time.time()
         since = now - getattr(self, "_printed_at", 0.0)
-        states = tuple(sorted((t.trial_id, self.status(t)) for t in trials))
+        states = (tuple(sorted((t.trial_id, self.status(t)) for t in trials)), len(self.stopped_tests()))
         changed = states != getattr(self, "_printed_states", None)
         if since >= (self._max_report_freqency if changed else self.QUIET_S):
             self._printed_at, self._printed_states = now, states
@@ -403,6 +411,7 @@ class SweepReporter(CLIReporter):
             return self.ORDER.get(trial.status, 1), rank
 
         rows = []
+        stopped_tests = self.stopped_tests()
         shown = sorted(trials, key=order)
         for trial in shown if done else shown[:self.max_rows]:
             result = trial.last_result or {}
@@ -410,7 +419,8 @@ class SweepReporter(CLIReporter):
             rows.append([trial_name(trial), self.status(trial),
                          *[short(config.get(p)) for p in self.parameters],
                          result.get("training_iteration", ""), _fixed(result.get(METRIC_EPOCH_SECONDS)),
-                         _fixed(result.get(self.metric_name)), _fixed(result.get(METRIC_TEST_LL))])
+                         _fixed(result.get(self.metric_name)),
+                         _fixed(result.get(METRIC_TEST_LL)) or stopped_tests.get(trial.trial_id, "")])
         counts: dict[str, int] = {}
         for trial in trials:
             counts[self.status(trial)] = counts.get(self.status(trial), 0) + 1
@@ -426,6 +436,9 @@ class SweepReporter(CLIReporter):
         lines.append(tabulate(rows, headers=headers, tablefmt="psql", disable_numparse=True, colalign=align))
         if len(rows) < len(trials):
             lines.append(f"... and {len(trials) - len(rows)} more")
+        if any(text.startswith(ESTIMATE_MARK) for text in stopped_tests.values()):
+            lines.append(f"{ESTIMATE_MARK}: a stopped trial's test LL estimate (the spec's stopped_trials: fewer "
+                         "samples or images)")
         return "\n".join(lines)
 
 

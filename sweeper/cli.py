@@ -122,14 +122,21 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VAL
                            help="Override a spec value, e.g. --set trial.max_epochs=3 (repeatable).")
 
 
+_num_samples_option = click.option("--num-samples", type=int, default=None, help="Override num_samples.")
+_max_concurrent_option = click.option("--max-concurrent", type=int, default=None, help="Override max_concurrent.")
+
+
 @main.command()
 @_spec_argument
 @_set_option
-def validate(spec: Path, overrides: tuple[str, ...]) -> None:
-    """Check a sweep spec and list every problem; nothing is started."""
+@_num_samples_option
+@_max_concurrent_option
+def validate(spec: Path, overrides: tuple[str, ...], num_samples: int | None, max_concurrent: int | None) -> None:
+    """Check a sweep spec and list every problem; nothing is started. Takes `run`'s spec options,
+    so a `sweeper run` command line validates as it is."""
     from sweeper.run import validate as validate_spec
 
-    checked = validate_spec(spec, overrides, echo=click.echo)
+    checked = validate_spec(spec, overrides, num_samples=num_samples, max_concurrent=max_concurrent, echo=click.echo)
     click.echo(f"{spec}: ok ({checked.total_trials} trial(s), search {checked.search.algorithm}, "
                f"scheduler {checked.scheduler.type})")
 
@@ -137,8 +144,8 @@ def validate(spec: Path, overrides: tuple[str, ...]) -> None:
 @main.command()
 @_spec_argument
 @_set_option
-@click.option("--num-samples", type=int, default=None, help="Override num_samples.")
-@click.option("--max-concurrent", type=int, default=None, help="Override max_concurrent.")
+@_num_samples_option
+@_max_concurrent_option
 @click.option("--address", default=None, help="An existing Ray cluster (`auto` or HOST:PORT); default: a local one.")
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db); http://HOST:PORT for a server.")

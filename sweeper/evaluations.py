@@ -34,6 +34,10 @@ TAG_EVALUATION_FAILED = "sweeper.evaluation_failed"   # a stopped trial whose te
 EVALUATION_ERROR_FILE = "evaluation_error.txt"          # ... its traceback, an artifact of its run
 
 
+# How the console's table marks a stopped trial's test LL that is the spec's cheaper estimate.
+ESTIMATE_MARK = "~"
+
+
 @dataclass
 class Evaluations:
     """The sweep's evaluations in flight and the lines of those that failed. Held per sweep by the driver process (`of`), not by the pickled callbacks."""
@@ -44,6 +48,7 @@ class Evaluations:
     in_flight: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)   # trial id -> (ref, run, checkpoint)
     queued: list[tuple[Any, dict[str, Any], Any, str]] = field(default_factory=list)   # launched when one ends
     failed: list[str] = field(default_factory=list)
+    tested: dict[str, str] = field(default_factory=dict)   # trial id -> its test LL as the console shows it
 
     _BY_SWEEP: ClassVar[dict[str, "Evaluations"]] = {}    # one per sweep in this driver process
 
@@ -58,6 +63,13 @@ class Evaluations:
         """How many of the sweep's evaluations are in flight or queued; None if none was ever launched here."""
         evaluations = cls._BY_SWEEP.get(sweep_id)
         return len(evaluations.in_flight) + len(evaluations.queued) if evaluations is not None else None
+
+    @classmethod
+    def tested_so_far(cls, sweep_id: str) -> dict[str, str]:
+        """The stopped trials tested in this driver process so far, trial id -> test LL as text
+        ("~" marks a declared estimate): a copy, for the console's table."""
+        evaluations = cls._BY_SWEEP.get(sweep_id)
+        return dict(evaluations.tested) if evaluations is not None else {}
 
     @classmethod
     def forget(cls, sweep_id: str) -> None:
@@ -102,11 +114,14 @@ class Evaluations:
             for ref in done:
                 _, run, checkpoint = self.in_flight.pop(refs[ref])
                 try:
-                    ray.get(ref)
+                    result = ray.get(ref)
                 except Exception as exc:     # the task raised (RayTaskError) or its worker died
                     self.failed.append(_evaluation_failed(self.tracking_uri, run, exc))
                 else:
                     drop_checkpoints(checkpoint)
+                    if isinstance(result.get(METRIC_TEST_LL), (int, float)):
+                        mark = ESTIMATE_MARK if self.spec.stopped_trials.test_ll == "estimate" else ""
+                        self.tested[refs[ref]] = f"{mark}{result[METRIC_TEST_LL]:.2f}"
         while self.queued and len(self.in_flight) < self.limit:
             self.launch(*self.queued.pop(0))
 

@@ -495,7 +495,7 @@ class SweepDriver:
         # Tune saves the experiment's state (which trials exist) every >= 10 s by default; a trial that
         # started since then is unknown to a resumed sweep (mark_lost_trials). Every 2 s narrows that.
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-        _reporter(spec)   # (a resumed sweep gets the same one, saved with its experiment)
+        _reporter(spec, plan.sweep_id)   # (a resumed sweep gets the same one, saved with its experiment)
         if self.resume:
             saved = tune_state_saved(plan)
             if saved is None:
@@ -566,7 +566,7 @@ class SweepDriver:
                            TrialEnds(plan.sweep_id, plan.tracking_uri, self.experiment_id, self.parent.run_id, spec,
                                      self.at_once),
                            *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else []), *audit],
-                progress_reporter=_reporter(spec), verbose=1),
+                progress_reporter=_reporter(spec, plan.sweep_id), verbose=1),
         )
 
     # -- 3. Tune runs the trials ------------------------------------------------------------------
@@ -833,12 +833,12 @@ def mark_lost_trials(results, plan: SweepPlan, spec: SweepSpec, experiment_id: s
         fail_running_study_trials(plan.state_dir, spec.name)
 
 
-def _reporter(spec: SweepSpec) -> SweepReporter:
+def _reporter(spec: SweepSpec, sweep_id: str) -> SweepReporter:
     # The legacy output engine, whose reporters Tune calls; the new one ignores reporters.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # Checkpointing every epoch is deliberate (exact resume); Ray warns about it every few seconds.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    return SweepReporter([p.name for p in spec.parameters], spec.metric.name, spec.metric.mode)
+    return SweepReporter([p.name for p in spec.parameters], spec.metric.name, spec.metric.mode, sweep_id=sweep_id)
 
 
 # --------------------------------------------------------------------------------------------

@@ -196,6 +196,33 @@ def test_the_console_table_shows_what_a_user_reads():
     assert "| scheduler " in rows[3]
 
 
+def test_the_console_table_shows_stopped_trials_test_ll_as_their_tests_end(monkeypatch):
+    """A stopped trial is tested beside the sweep, not by its trial: Tune's result lacks its test
+    LL; the table shows it once its test ended (marked when it is the spec's cheaper estimate)
+    and is printed again then."""
+    from sweeper.evaluations import Evaluations
+
+    clock = [1000.0]
+    monkeypatch.setattr("sweeper.callbacks.time.time", lambda: clock[0])
+    reporter = SweepReporter(["prior", "K", "lr"], "val_elbo", "max", every_s=30.0, sweep_id="table")
+    reporter.setup(start_time=time.time(), total_samples=2)
+    trials = [trial("a", "RUNNING", 3, val_elbo=-170.0), trial("b", "TERMINATED", 2, val_elbo=-190.0)]
+    evaluations = Evaluations.of("table", "sqlite:///unused.db", spec=None)
+    try:
+        assert reporter.should_report(trials)
+        clock[0] += 60
+        assert not reporter.should_report(trials)      # nothing changed: not before 5 minutes
+        assert "~" not in reporter.render(trials, done=False)
+        evaluations.tested["b"] = "~-137.44"
+        assert reporter.should_report(trials)          # its test ended: printed again
+        text = reporter.render(trials, done=False)
+        row = next(line for line in text.splitlines() if line.startswith("| trial_b"))
+        assert row.rstrip(" |").endswith("~-137.44"), row
+        assert "~: a stopped trial's test LL estimate" in text
+    finally:
+        Evaluations.forget("table")
+
+
 @pytest.mark.slow
 def test_sweeper_ui_says_it_is_starting_and_prints_its_link_once_the_server_answers(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

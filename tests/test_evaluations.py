@@ -112,6 +112,9 @@ def test_evaluations_beyond_the_limit_wait_in_a_queue_and_all_are_done(tmp_path,
     assert Evaluations.pending("q") == 3
     evaluations.collect(wait=True)
     assert not evaluations.in_flight and not evaluations.queued and not evaluations.failed
+    # the console's table gets each one's test LL (the quickstart tests stopped trials in full: no "~")
+    tested = Evaluations.tested_so_far("q")
+    assert sorted(tested) == ["t0", "t1", "t2"] and all(float(v) < 0 for v in tested.values()), tested
     # each one's checkpoints are gone once it is tested
     assert not any((tmp_path / f"trial_{i}" / "checkpoint_000000").exists() for i in range(3))
     Evaluations.forget("q")

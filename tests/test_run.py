@@ -325,3 +325,10 @@ def test_a_trial_that_can_never_get_its_gpu_is_rejected_before_any_trial_starts(
 def test_validate_command(tmp_path):
     result = CliRunner().invoke(main, ["validate", str(QUICKSTART)])
     assert result.exit_code == 0 and "ok" in result.output
+
+
+def test_validate_takes_runs_spec_options_so_a_run_command_line_validates_as_it_is():
+    result = CliRunner().invoke(main, ["validate", str(QUICKSTART), "--num-samples", "3", "--max-concurrent", "1"])
+    assert result.exit_code == 0 and "(3 trial(s)" in result.output, result.output
+    result = CliRunner().invoke(main, ["validate", str(QUICKSTART), "--num-samples", "0"])
+    assert result.exit_code == 2 and "num_samples: 0" in result.output and "--num-samples 0" in result.output, result.output
