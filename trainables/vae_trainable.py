@@ -166,8 +166,6 @@ def _open_run(sweep: dict[str, Any], trial_id: str, cfg: TrainConfig, config: di
         params=tracking.trial_params(cfg.to_dict(), sweep.get("name_keys", ())), config=cfg.to_dict(),
         sweep_name=sweep.get("sweep_name", ""),
         description=f"{name}: trial {trial_id} of sweep {sweep.get('sweep_name', '')}. {IMAGES_NOTE}")
-    # Which node ran the trial (the last one, if a retry moved it): for cluster debugging.
-    run.set_tags({"sweeper.node_id": ray.get_runtime_context().get_node_id()})
     if not run.has_dataset:   # new, or a first attempt died before it logged its dataset
         log_dataset_input(run, cfg)
     return run
@@ -450,6 +448,11 @@ class VAETrainable(tune.Trainable):
         finished run, and take the trial's slot in its pool)."""
         restored, self.restored = self.restored, None
         self.run = _open_run(self.sweep, self.trial_id, self.cfg, self.config_dict)
+        if self.run is not None:
+            # The node that trained the trial (the last one, if a retry moved it), for cluster
+            # debugging; set here, not in _open_run: a stopped trial's test reopens the run
+            # wherever Ray places it and must not rewrite where the trial trained.
+            self.run.set_tags({"sweeper.node_id": ray.get_runtime_context().get_node_id()})
         # Epochs already in the run's history: a retried trial replays those after its checkpoint
         # (or all of them, when it had none yet), and they are not logged twice.
         if self.run is not None and not self.run.created:
