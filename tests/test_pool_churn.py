@@ -33,11 +33,11 @@ def trial_configs(rng: random.Random) -> dict:
     return out
 
 
-async def drive(actor: PoolActor, trial_id: str, cfg, rng: random.Random, splits, log: dict) -> str:
-    """One trial, as Tune runs it, with random pauses, deaths, retries and scheduler stops."""
+async def drive(actor: PoolActor, trial_id: str, cfg, rng: random.Random, wrong: dict, log: dict) -> str:
+    """One trial, as Tune runs it, with random pauses, deaths, retries and scheduler stops; `wrong`
+    is a checkpoint that does not load into its slot."""
     seen = log[trial_id] = {}                # epoch -> metrics, over all incarnations
     checkpoint = None                        # the state saved after the last reported epoch
-    wrong = Trainer(config(prior=cfg.prior, hidden_dim=8, seed=cfg.seed), splits, "cpu").state_dict()
     for _ in range(40):                      # incarnations (Tune's retries)
         poisoned = checkpoint is not None and rng.random() < 0.2
         token = await actor.join(trial_id, cfg, wrong if poisoned else checkpoint)
@@ -85,11 +85,16 @@ def test_every_trial_sees_each_epoch_once_and_trains_as_it_would_alone(seed):
     for trial_id, cfg in configs.items():
         trainer = Trainer(cfg, splits, "cpu")
         solo[trial_id] = [trainer.step() for _ in range(cfg.max_epochs)]
+    # Built here, before the pool's device thread exists: building a Trainer seeds torch's global
+    # generator, and a build on the event loop while the device thread builds a trainer changes
+    # the initial weights the device draws (only the device thread may draw from it).
+    wrong = {t: Trainer(config(prior=c.prior, hidden_dim=8, seed=c.seed), splits, "cpu").state_dict()
+             for t, c in configs.items()}
     log: dict = {}
 
     async def scenario():
         actor = PoolActor("cpu", WAIT_S, splits)
-        ends = await asyncio.gather(*(drive(actor, t, c, random.Random(f"{seed}-{t}"), splits, log)
+        ends = await asyncio.gather(*(drive(actor, t, c, random.Random(f"{seed}-{t}"), wrong[t], log)
                                       for t, c in configs.items()))
         await actor.stats()                                   # the device has done all queued work
         return dict(zip(configs, ends)), actor

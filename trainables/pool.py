@@ -22,6 +22,9 @@ Who owns what (one owner each; nothing mutable is read by two threads):
   trials: metrics, or a `Failure` that concerns that trial alone (a state that does not load, a
   trainer whose step raised). It never sees the membership; a plan's `keep` says which other
   slot states to keep.
+- torch's global random generator (the device thread): building a trainer seeds it and draws the
+  initial weights from it, so nothing else in the pool's process may draw from it meanwhile
+  (a Trainer built on another thread changes the weights a build draws).
 
 Out of memory: a trainer that runs out of device memory, in its build or in its step, is
 replaced by smaller ones, built from the states its slots had before (a step changes its
