@@ -68,7 +68,7 @@ def _series_label(model: str, prior: str, models: set[str]) -> str:
 
 
 K_POINT_COLUMNS = ["run_id", "trial", "dataset", "model", "prior", "K", "lr", "seed", "epochs", "ended",
-                   "stop_reason", "config", "score", "test_ll"]
+                   "stop_reason", "config", "score", "select", "test_ll"]
 
 
 def k_points_frame(trials: pd.DataFrame) -> pd.DataFrame:
@@ -78,7 +78,7 @@ def k_points_frame(trials: pd.DataFrame) -> pd.DataFrame:
     scheduler) were cut at `epochs` and are only comparable with trials of the same budget.
     `config`: every param but the seed and K, so seeds of one setting can be averaged per K.
     `score`: what chooses the best setting per K (the spec's metric at the tested epoch, higher is
-    better; sweeper.report.with_histories).
+    better; sweeper.report.with_histories); `select`: that metric as logged (the validation figure's y).
     """
     if trials.empty:
         return pd.DataFrame(columns=K_POINT_COLUMNS)
@@ -141,20 +141,25 @@ def _epoch_sizes(epochs: pd.Series | np.ndarray, top: float) -> np.ndarray:
 
 
 def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None,
-                   chosen_on: str = "val_elbo") -> Figure:
-    """Test LL against K (log axis), like with like; one panel per dataset.
+                   chosen_on: str = "val_elbo", value: str = "test_ll") -> Figure:
+    """Test LL (or, `value="select"`, the validation metric `chosen_on` at the tested epoch)
+    against K (log axis), like with like; one panel per dataset.
 
     - Trials that trained to their own end (filled markers, gid='ended') are comparable with each
       other: the seeds of one setting are averaged per K (error bar: their std, gid='seed_spread'),
       and a line (gid='best_ended') joins, per K, the setting with the best mean `score` (the
-      metric `chosen_on`, never the test LL) of each (model, prior), at its mean test LL.
+      metric `chosen_on`, never the test LL) of each (model, prior), at its mean `value`.
     - Trials the scheduler stopped (hollow markers, gid='stopped') ran a shorter budget: they are
       drawn, never joined, and their budget is visible as the marker size.
     - Marker area grows with the epochs trained; colour is the learning rate (colour bar) when it
       varies, else the prior. Shape: the prior.
     `baselines` (dataset, model, test_ll, n_seeds): the standard prior's configuration chosen on
-    validation among its ended trials, a horizontal line (gid='baseline').
+    validation among its ended trials, a horizontal line (gid='baseline'); test LL figure only.
     """
+    if value not in ("test_ll", "select"):
+        raise ValueError(f"value: {value!r}; choose 'test_ll' or 'select'")
+    testing = value == "test_ll"
+    points = points[np.isfinite(points[value].astype(float))] if len(points) else points
     datasets = order(points["dataset"], DATASET_ORDER)
     fig, axes = _panel_grid(len(datasets))
     models = set(points["model"])
@@ -174,12 +179,12 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None,
             label = _series_label(model, prior, models)
             ended, stopped = s[s["ended"]], s[~s["ended"]]
             if len(ended):
-                ax.scatter(ended["K"], ended["test_ll"], s=_epoch_sizes(ended["epochs"], top), c=colour(ended, prior),
+                ax.scatter(ended["K"], ended[value], s=_epoch_sizes(ended["epochs"], top), c=colour(ended, prior),
                            marker=marker, alpha=0.55, edgecolors="k", linewidths=0.4, gid="ended",
                            label=f"{label}: trained to its end")
                 # Seeds of one setting at one K: mean and spread.
                 agg = ended.groupby(["config", "K"], sort=False).agg(
-                    mean=("test_ll", "mean"), std=("test_ll", "std"), n=("test_ll", "size"),
+                    mean=(value, "mean"), std=(value, "std"), n=(value, "size"),
                     score=("score", "mean"), lr=("lr", "first")).reset_index()
                 spread = agg[agg["n"] > 1]
                 if len(spread):
@@ -195,10 +200,10 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None,
                             lw=1.2, alpha=0.8, gid="best_ended",
                             label=f"{label}: per K, the setting with the best {chosen_on} (seed mean)")
             if len(stopped):
-                ax.scatter(stopped["K"], stopped["test_ll"], s=_epoch_sizes(stopped["epochs"], top),
+                ax.scatter(stopped["K"], stopped[value], s=_epoch_sizes(stopped["epochs"], top),
                            marker=marker, facecolors="none", edgecolors=colour(stopped, prior), linewidths=1.0,
                            alpha=0.8, gid="stopped", label=f"{label}: stopped by the scheduler (shorter budget)")
-        if baselines is not None and not baselines.empty:
+        if testing and baselines is not None and not baselines.empty:
             for b in baselines[baselines["dataset"] == dataset].itertuples(index=False):
                 seeds = f", mean of {int(b.n_seeds)} seeds" if "n_seeds" in baselines and b.n_seeds > 1 else ""
                 ax.axhline(b.test_ll, color=PRIOR_COLORS["standard"], lw=1, gid="baseline",
@@ -212,7 +217,7 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None,
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("K (pseudo-inputs / components)")
-        ax.set_ylabel("test log-likelihood (nats)")
+        ax.set_ylabel("test log-likelihood (nats)" if testing else f"{chosen_on} at the tested epoch (nats)")
         ax.set_title(dataset)
         ax.grid(True, which="both", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
@@ -228,8 +233,8 @@ def ll_vs_k_figure(points: pd.DataFrame, baselines: pd.DataFrame | None = None,
         bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.8)
         bar.set_label("learning rate")
         _plain_ticks(bar)
-    fig.suptitle("Test log-likelihood against K (filled: trained to its end; hollow: stopped by the scheduler)",
-                 fontsize=10)
+    what = "Test log-likelihood" if testing else f"Validation {chosen_on}"
+    fig.suptitle(f"{what} against K (filled: trained to its end; hollow: stopped by the scheduler)", fontsize=10)
     return fig
 
 

@@ -13,6 +13,8 @@ then writes into one folder:
   the validation metric there, test LL +/- SE, the other choice of epoch it tested (its epoch and
   test LL +/- SE), and its own time (training; test evaluation apart);
 - `ll_vs_K.png`: test LL against the number of pseudo-inputs K, comparing like with like;
+- `val_vs_K.png`: the same trials' validation metric (the one every choice is made on) against K:
+  what the sweep saw when it chose, beside what the test says of the choice;
 - `ll_histograms.png`: per-image test LL of the trial shown per prior, one panel per dataset;
 - `best_<dataset>_<model>_<prior>.png`: that trial's pseudo-inputs, reconstructions of real
   test images, and samples, at a legible size;
@@ -979,7 +981,16 @@ def _k_section(rep: _Report, trials: pd.DataFrame) -> list[str]:
                          f"its end (epochs {_range(standard['epochs'])}: "
                          + ", ".join(f"{STOP_WORDS.get(k, k)} ×{v}" for k, v in _stop_counts(standard).items())
                          + "), so a line would not compare like with like.")
-    return ["## Test log-likelihood against K", "", " ".join(parts), "", "![LL against K](ll_vs_K.png)", ""]
+    lines = ["## Test log-likelihood against K", "", " ".join(parts), "", "![LL against K](ll_vs_K.png)", ""]
+    val_fig = ll_vs_k_figure(points, chosen_on=selection.metric, value="select")
+    if drawn(val_fig)["ended"] + drawn(val_fig)["stopped"]:
+        rep.save(val_fig, "val_vs_K.png")
+        lines += ["## Validation against K", "",
+                  f"The same trials' `{selection.metric}` at the tested epoch (what the sweep chose on), drawn "
+                  "as above: filled trials trained to their end, hollow ones were stopped by the scheduler at "
+                  "a shorter budget. Where the two figures rank settings differently, the choice made "
+                  "on validation and the test disagree.", "", "![validation against K](val_vs_K.png)", ""]
+    return lines
 
 
 def _shown_label(r: Any, selection: Selection) -> str:

@@ -231,7 +231,8 @@ def test_partial_experiment_table_selection_notes_and_newest_parent(tmp_path):
     marks = {c.get_gid(): len(c.get_offsets()) for ax in figure.axes for c in ax.collections if c.get_gid()}
     assert marks == {"scheduler": 1, "nan": 1}
     names = {p.name for p in result.files}
-    assert names == {"table.csv", "trials.csv", "ll_vs_K.png", "learning_curves.png", "report.md", "report.html"}
+    assert names == {"table.csv", "trials.csv", "ll_vs_K.png", "val_vs_K.png", "learning_curves.png", "report.md",
+                     "report.html"}
     listed = pd.read_csv(tmp_path / "out" / "trials.csv", dtype=str, keep_default_na=False).set_index("run_id")
     assert listed.at[nan, "stop_reason"] == "nan" and listed.at[asha, "epochs"] == "1"
     assert listed.at[asha, "K"] == "" and listed.at[asha, "lr"] == "0.0005"   # blank, not the unused default
@@ -287,6 +288,19 @@ def test_the_K_figure_compares_like_with_like_and_curves_are_coloured_by_K(tmp_p
     assert bars == pytest.approx(sorted([10, -86.2 - sd10, -86.2 + sd10, 100, -85.8 - sd100, -85.8 + sd100]))
     # lr varies (5e-4 and 1e-4): a colour bar for it.
     assert any(a.get_ylabel() == "learning rate" for a in figure.axes)
+
+    # The validation figure: the same points at the metric every choice is made on (the val_elbo of
+    # the tested epoch), joined per K at the seed-mean of that metric, never at the test LL.
+    val_of = result.trials.set_index("run_id")["select"]
+    validation = ll_vs_k_figure(result.k_points, value="select")
+    vax = validation.axes[0]
+    val_xy = sorted((float(x), float(y)) for c in vax.collections if c.get_gid() == "ended" for x, y in c.get_offsets())
+    assert val_xy == sorted((float(K), float(val_of[run_id])) for run_id, (K, _) in ended.items())
+    assert sorted(float(val_of[run_id]) for run_id in ended) == [-91.0, -91.0, -90.0, -90.0]
+    (vline,) = [l for l in vax.get_lines() if l.get_gid() == "best_ended"]
+    assert list(vline.get_ydata()) == pytest.approx([-90.5, -90.5])
+    assert vax.get_ylabel() == "val_elbo at the tested epoch (nats)"
+    assert (tmp_path / "out" / "val_vs_K.png").is_file()
 
     curves = learning_curves_figure(result.curves, result.trials)
     assert len([a for a in curves.axes if a.get_ylabel().startswith("K")]) == 1   # coloured by K, colour bar
@@ -430,7 +444,8 @@ def trial_runs(uri: str) -> list:
 def test_every_file_is_produced_valid_and_logged_to_the_sweep(sweep, report):
     outcome, _ = sweep
     out = report.out
-    expected = {"table.csv", "trials.csv", "ll_vs_K.png", "ll_histograms.png", "learning_curves.png", "report.md",
+    expected = {"table.csv", "trials.csv", "ll_vs_K.png", "val_vs_K.png", "ll_histograms.png", "learning_curves.png",
+                "report.md",
                 "report.html", "best_static_mnist_vae_standard.png", "best_static_mnist_vae_vamp.png"}
     assert {p.name for p in report.files} == expected
     assert {p.name for p in out.iterdir()} == expected
