@@ -194,6 +194,14 @@ def asha_expected_epochs(grace: int, eta: float, max_t: int) -> float:
     return rungs[0] + sum((b - a) * eta ** -(i + 1) for i, (a, b) in enumerate(zip(rungs, rungs[1:])))
 
 
+def asha_stopped_share(grace: int, eta: float, max_t: int) -> float:
+    """The share of trials ASHA stops before max_t if each rung promotes 1/eta of the trials."""
+    rungs = 1
+    while grace * eta ** rungs < max_t:
+        rungs += 1
+    return 1.0 - eta ** -rungs if grace < max_t else 0.0
+
+
 class TimeLeftCallback(tune.Callback):
     """Prints, once the first epochs are in and then every `every_s`, how long the sweep has left;
     the driver says at the end how the first estimate compared (`compare`).
@@ -204,11 +212,14 @@ class TimeLeftCallback(tune.Callback):
     the extra time of its last result). Until a trial has ended, the end is guessed as
     `finish_guess_epochs` epochs. The work left is: running trials up to their budget, trials
     not started yet a start-up and a whole budget, every unfinished trial its end, and the
-    trials the scheduler stopped their test evaluation (Ray tasks after the trials, which start
-    processes of their own), divided by the trials that run at once. The budget is max_epochs
-    ("at most": no trial stops early) and, under ASHA, the epochs a trial trains on average if
-    each rung keeps 1/reduction_factor of the trials ("expected"). Plain data only: Tune
-    pickles callbacks."""
+    trials the scheduler stopped (and, under ASHA's expectation, the `stopped_share` of the
+    unfinished ones it will stop) their test evaluation instead of that end, divided by the
+    trials that run at once. An evaluation is a Ray task beside the trials: its wall time as
+    measured (`Evaluations.seconds_each`), until one has ended a trial's first (cold) start-up
+    and its test at the spec's precision. The budget is max_epochs ("at
+    most": no trial stops early) and, under ASHA, the epochs a trial trains on average if each
+    rung keeps 1/reduction_factor of the trials ("expected"). Plain data only: Tune pickles
+    callbacks."""
 
     # The first estimate of each sweep in this driver process: (time.time(), expected s, at most s).
     # On the class: `Tuner.restore` unpickles its own copy of the callback.
@@ -216,8 +227,9 @@ class TimeLeftCallback(tune.Callback):
 
     def __init__(self, total_trials: int, max_epochs: int, expected_epochs: float | None, at_once: int,
                  every_s: float = 300.0, *, sweep_id: str = "", finish_guess_epochs: float = 0.0,
-                 stopped_test_fraction: float = 1.0):
+                 stopped_test_fraction: float = 1.0, stopped_share: float = 0.0):
         self.sweep_id = sweep_id
+        self.stopped_share = stopped_share       # of the trials not finished, those the scheduler will stop
         # A stopped trial's test costs this fraction of a full one (the spec's stopped_trials).
         self.stopped_test_fraction = stopped_test_fraction
         self.total, self.max_epochs, self.expected, self.at_once = total_trials, max_epochs, expected_epochs, at_once
@@ -281,7 +293,11 @@ class TimeLeftCallback(tune.Callback):
     def seconds_left(self, trials) -> tuple[float | None, float]:
         """(seconds left expected under ASHA, or None without it; seconds left at most)."""
         per_epoch, startup, finish, _ = self._costs()
-        cold = max(self.startup_s, default=0.0)   # the evaluation tasks start processes of their own
+        measured = Evaluations.seconds_each(self.sweep_id)
+        # Until one has ended: a trial's first start-up (a task, too, starts as a trial's process
+        # does: imports, data, its run; the quickstart's took 14 s each on 2 busy cores) and the test.
+        cold = max(self.startup_s, default=0.0)
+        evaluation = measured if measured is not None else cold + finish * self.stopped_test_fraction
         done = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         # Stopped by the scheduler and not tested yet: the evaluations in flight (launched as trials
         # stop); without that record, every trial that ended without a reason of its own.
@@ -292,12 +308,13 @@ class TimeLeftCallback(tune.Callback):
         epochs = {t.trial_id: int((t.last_result or {}).get("training_iteration", 0)) for t in trials}
 
         def seconds(budget: float, stops_expected: bool) -> float:
-            work = sum(max(0.0, budget - e) * per_epoch + finish + (startup if e == 0 else 0.0)
-                       for t, e in epochs.items() if t not in done)
-            work += max(0, self.total - len(epochs)) * (startup + budget * per_epoch + finish)
-            evaluations = ((cold + stopped * finish * self.stopped_test_fraction / max(1, self.at_once))
-                           if stopped or stops_expected else 0.0)
-            return work / max(1, self.at_once) + evaluations
+            unfinished = [e for t, e in epochs.items() if t not in done] + [0] * max(0, self.total - len(epochs))
+            # A trial's end: its own test, or (the share the scheduler stops) an evaluation task.
+            share = self.stopped_share if stops_expected else 0.0
+            end = (1 - share) * finish + share * evaluation
+            work = sum(max(0.0, budget - e) * per_epoch + end + (startup if e == 0 else 0.0) for e in unfinished)
+            work += stopped * evaluation
+            return work / max(1, self.at_once)
 
         expected = seconds(self.expected, True) if self.expected is not None else None
         # The expectation adds the stopped trials' test evaluations, which "at most" (nobody stopped)

@@ -17,6 +17,7 @@ driver collects what is in flight (`Evaluations.finish`) when Tune's run has ret
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Callable, ClassVar
@@ -49,6 +50,8 @@ class Evaluations:
     queued: list[tuple[Any, dict[str, Any], Any, str]] = field(default_factory=list)   # launched when one ends
     failed: list[str] = field(default_factory=list)
     tested: dict[str, str] = field(default_factory=dict)   # trial id -> its test LL as the console shows it
+    launched: dict[str, float] = field(default_factory=dict)  # trial id -> when its task was started (monotonic)
+    seconds: list[float] = field(default_factory=list)     # each ended evaluation's wall time, launch to end
 
     _BY_SWEEP: ClassVar[dict[str, "Evaluations"]] = {}    # one per sweep in this driver process
 
@@ -63,6 +66,15 @@ class Evaluations:
         """How many of the sweep's evaluations are in flight or queued; None if none was ever launched here."""
         evaluations = cls._BY_SWEEP.get(sweep_id)
         return len(evaluations.in_flight) + len(evaluations.queued) if evaluations is not None else None
+
+    @classmethod
+    def seconds_each(cls, sweep_id: str) -> float | None:
+        """The mean wall time of the sweep's ended evaluations (a task's start, its test, its
+        logging, beside the running trials); None before one has ended."""
+        evaluations = cls._BY_SWEEP.get(sweep_id)
+        if evaluations is None or not evaluations.seconds:
+            return None
+        return sum(evaluations.seconds) / len(evaluations.seconds)
 
     @classmethod
     def tested_so_far(cls, sweep_id: str) -> dict[str, str]:
@@ -99,6 +111,7 @@ class Evaluations:
         ref = task.remote(config, checkpoint, trial_id, test=policy.tests, samples=policy.samples,
                           images=policy.images)
         self.in_flight[trial_id] = (ref, run, checkpoint)
+        self.launched[trial_id] = time.monotonic()
 
     def collect(self, wait: bool) -> None:
         """Record the evaluations that ended; with `wait`, until every one (queued too) has."""
@@ -113,6 +126,7 @@ class Evaluations:
             done, _ = ray.wait(list(refs), num_returns=1 if block else len(refs), timeout=None if block else 0)
             for ref in done:
                 _, run, checkpoint = self.in_flight.pop(refs[ref])
+                self.seconds.append(time.monotonic() - self.launched.pop(refs[ref]))
                 try:
                     result = ray.get(ref)
                 except Exception as exc:     # the task raised (RayTaskError) or its worker died
@@ -192,6 +206,9 @@ def evaluate_stopped_trials(results, sweep_id: str, tracking_uri: str, experimen
         for run, result in todo:
             evaluations.launch(run, result.config, result.checkpoint, run.data.tags[tracking.TAG_TRIAL])
         evaluations.collect(wait=True)
+    if evaluations.seconds:
+        echo(f"{len(evaluations.seconds)} test evaluation(s) of stopped trials ended, "
+             f"{sum(evaluations.seconds) / len(evaluations.seconds):.1f} s each (task start to its end, beside the trials)")
     failed = evaluations.failed
     Evaluations.forget(sweep_id)
     return failed

@@ -37,7 +37,7 @@ from sweeper import tracking
 from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
 from sweeper.evaluations import TrialEnds, evaluate_stopped_trials
 from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallback, TrialRunsCallback,
-                               asha_expected_epochs, duration, trial_name)
+                               asha_expected_epochs, asha_stopped_share, duration, trial_name)
 from sweeper.spec import SweepSpec, load_spec
 from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_IMAGES, METRIC_TEST_LL,
                                     METRIC_TEST_LL_SE, METRIC_TEST_SAMPLES, METRIC_VAL_ELBO, STOP_SCHEDULER, short,
@@ -754,11 +754,13 @@ def _time_left(spec: SweepSpec, at_once: int, sweep_id: str) -> TimeLeftCallback
     s = spec.scheduler
     expected = (asha_expected_epochs(s.grace_period, s.reduction_factor, s.max_t or max_epochs)
                 if s.type == "asha" else None)
+    share = asha_stopped_share(s.grace_period, s.reduction_factor, s.max_t or max_epochs) if s.type == "asha" else 0.0
     if expected is not None and spec.audit_trials:   # audit trials run their whole budget
         expected += spec.audit_trials * ((s.max_t or max_epochs) - expected) / spec.total_trials
+        share *= 1 - spec.audit_trials / spec.total_trials
     return TimeLeftCallback(spec.total_trials, max_epochs, expected, at_once, sweep_id=sweep_id,
                             finish_guess_epochs=finish_guess_epochs(spec),
-                            stopped_test_fraction=stopped_test_fraction(spec))
+                            stopped_test_fraction=stopped_test_fraction(spec), stopped_share=share)
 
 
 def stopped_test_fraction(spec: SweepSpec) -> float:

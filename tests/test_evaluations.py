@@ -70,14 +70,15 @@ def test_a_failed_evaluation_is_closed_and_listed_then_done_by_the_next_pass(tmp
                              checkpoint=tune.Checkpoint.from_directory(str(good)))
     lines: list[str] = []
     assert evaluate_stopped_trials([result], "s", uri, experiment_id, parent, spec, lines.append) == []
-    assert lines == ["evaluating 1 trial(s) stopped by the scheduler on the test set ..."]
+    assert lines[0] == "evaluating 1 trial(s) stopped by the scheduler on the test set ..."
+    assert len(lines) == 2 and lines[1].startswith("1 test evaluation(s) of stopped trials ended, ")     # with its wall time
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and TAG_EVALUATION_FAILED not in run.data.tags
     assert run.data.tags[tracking.TAG_STOP] == "scheduler"
     assert (run.data.metrics["test_images"], run.data.metrics["test_samples"]) == (30, 5)
     # Idempotent: a third pass has nothing to do.
     assert evaluate_stopped_trials([result], "s", uri, experiment_id, parent, spec, lines.append) == []
-    assert len(lines) == 1
+    assert len(lines) == 2
 
 
 def test_evaluations_beyond_the_limit_wait_in_a_queue_and_all_are_done(tmp_path, local_ray):

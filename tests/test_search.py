@@ -414,6 +414,40 @@ def test_the_time_left_comes_from_tunes_trials_including_those_finished_before_a
     assert "at most ~48 min" in text and "2 trial(s) to go" in text and "36.0 s per epoch" in text
 
 
+def test_the_time_left_counts_the_test_evaluations_of_the_trials_asha_will_stop() -> None:
+    """Under ASHA most trials end as an evaluation task (a start-up, then the test), not as their
+    own test: the quickstart's estimate ran ~35% low when it counted one cold start for them all."""
+    from types import SimpleNamespace
+
+    from sweeper.callbacks import TimeLeftCallback, asha_stopped_share
+    from sweeper.evaluations import Evaluations
+
+    assert asha_stopped_share(1, 2, 6) == pytest.approx(1 - 1 / 8)          # rungs 1, 2, 4
+    assert asha_stopped_share(10, 3, 1000) == pytest.approx(1 - 3 ** -5)    # rungs 10, 30, 90, 270, 810
+    assert asha_stopped_share(10, 3, 10) == 0.0
+    callback = TimeLeftCallback(total_trials=4, max_epochs=20, expected_epochs=2.0, at_once=2, every_s=1e9,
+                                sweep_id="time-left", finish_guess_epochs=1.0, stopped_test_fraction=0.5,
+                                stopped_share=0.75)
+    callback.seconds, callback.startup_s = {"a": 1.0, "b": 1.0}, [9.0, 3.0]      # cold 9 s, warm 3 s
+    trials = [SimpleNamespace(trial_id=t, status="RUNNING", last_result={"training_iteration": 1}) for t in "ab"]
+    # a, b: 1 epoch left; c, d: a start-up and 2 epochs. Each end: 1/4 its own test (1 s), 3/4 an
+    # evaluation task, guessed as a cold start-up and half a test (9 + 0.5 s).
+    end = 0.25 * 1.0 + 0.75 * 9.5
+    expected, at_most = callback.seconds_left(trials)
+    assert expected == pytest.approx((2 * 1.0 + 2 * (3.0 + 2.0) + 4 * end) / 2)
+    assert at_most == pytest.approx((2 * 19.0 + 2 * (3.0 + 20.0) + 4 * 1.0) / 2)  # nobody stopped: no evaluations
+    # Once evaluations have ended, their measured wall time replaces the guess, and those in flight
+    # count too.
+    Evaluations._BY_SWEEP["time-left"] = Evaluations("sqlite://", spec=None, seconds=[8.0, 12.0],
+                                                     in_flight={"x": (None, None, None)})
+    try:
+        expected, _ = callback.seconds_left(trials)
+    finally:
+        Evaluations.forget("time-left")
+    end = 0.25 * 1.0 + 0.75 * 10.0
+    assert expected == pytest.approx((2 * 1.0 + 2 * (3.0 + 2.0) + 4 * end + 10.0) / 2)
+
+
 # --------------------------------------------------------------------------------------------
 # Audit trials: recorded at ASHA's rungs, never stopped by them (sweeper/fidelity.py measures them)
 
