@@ -140,9 +140,9 @@ def test_the_time_left_counts_trial_start_up_and_the_test_evaluations(monkeypatc
               trial("c", "TERMINATED", 1)]     # c: stopped by the scheduler, tested at the end
     expected, at_most = callback.seconds_left(trials)
     assert expected is None
-    # a: 8 epochs x 2 s + 10 s; d (not started): 20 s + 10 x 2 s + 10 s; over 2 at once;
-    # then c's evaluation: a process start (20 s) + 10 s / 2 at once.
-    assert at_most == pytest.approx((8 * 2 + 10 + 20 + 10 * 2 + 10) / 2 + 20 + 10 / 2)
+    # a: 8 epochs x 2 s + 10 s; d (not started): 20 s + 10 x 2 s + 10 s; c's evaluation, a task
+    # guessed as a trial's cold start (20 s) and its test (10 s); all over 2 at once.
+    assert at_most == pytest.approx((8 * 2 + 10 + 20 + 10 * 2 + 10 + 20 + 10) / 2)
     text = callback.estimate(trials)
     assert "~20 s to start a trial, ~10 s to test one" in text and "2.0 s per epoch" in text
 
