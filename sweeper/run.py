@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import ray
 from ray import tune
@@ -235,7 +235,17 @@ class Interrupts:
     Ctrl-C, or Ray is shutting down), a further Ctrl-C only says so: closing the runs and
     `ray.shutdown()` take seconds, and a `KeyboardInterrupt` inside them leaves Ray half shut down
     (the driver then exited with status 1 instead of 130: 1 double Ctrl-C in 14 here).
+
+    A raised `KeyboardInterrupt` can be lost: when the signal lands while a finalizer runs (a
+    weakref callback of SQLAlchemy's, say), Python prints "Exception ignored" and goes on. The
+    driver then notices it itself (`missed`): before Tune's run it raises again, and inside it
+    (`deliver_missed`, from a Tune callback once Tune listens) it asks Tune to stop as a first
+    Ctrl-C would. Without that, a Ctrl-C in Tune's start-up was lost and the sweep ran to its end.
     """
+
+    # The driver process's handler while a sweep runs: Tune's callbacks are pickled, so they find
+    # it here rather than holding it.
+    _CURRENT: ClassVar["Interrupts | None"] = None
 
     def __init__(self, echo: Callable[[str], None]):
         self.echo = echo
@@ -243,7 +253,9 @@ class Interrupts:
         self.in_fit = False
         self.closing = False
         self.message: str | None = None     # set once the sweep has something to resume
+        self.raised = 0                     # KeyboardInterrupts raised by the handler
         self._previous: Any = None
+        self._previous_hook: Any = sys.unraisablehook
 
     @property
     def interrupted(self) -> bool:
@@ -255,11 +267,41 @@ class Interrupts:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         except ValueError:      # not the main thread (an embedding program): leave signals alone
             self._previous = None
+        Interrupts._CURRENT = self
+        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc) -> None:
+        if Interrupts._CURRENT is self:
+            Interrupts._CURRENT = None
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous_hook
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+    def _unraisable(self, unraisable) -> None:
+        """A KeyboardInterrupt of ours that a finalizer could not raise is handled (`missed`): no
+        "Exception ignored" traceback for it on the console; anything else is printed as usual."""
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and self.raised:
+            return
+        self._previous_hook(unraisable)
+
+    @property
+    def missed(self) -> bool:
+        """A KeyboardInterrupt was raised and the driver is still running as if none had been: a
+        finalizer swallowed it (call this where the raise would have ended up, not in its way)."""
+        return self.raised > 0
+
+    @classmethod
+    def deliver_missed(cls) -> None:
+        """Inside Tune's run (its loop's thread, Tune's SIGUSR1 handler in place): a Ctrl-C whose
+        KeyboardInterrupt was lost stops the sweep as a first Ctrl-C does; a next one exits at once."""
+        self = cls._CURRENT
+        if self is None or not self.missed or not self.in_fit:
+            return
+        self.raised, self.closing, self.count = 0, False, 1
+        self.echo("\nInterrupted: stopping the sweep (a few seconds; Ctrl-C again to exit at once) ...")
+        os.kill(os.getpid(), signal.SIGUSR1)      # Tune's graceful stop (ray/tune/tune.py)
 
     def close(self) -> None:
         """From here on the driver only cleans up: Ctrl-C no longer interrupts it."""
@@ -278,7 +320,16 @@ class Interrupts:
             os.kill(os.getpid(), signal.SIGUSR1)   # Tune's graceful stop (ray/tune/tune.py)
             return
         self.close()
+        self.raised += 1
         raise KeyboardInterrupt
+
+
+class MissedInterrupt(tune.Callback):
+    """Each step of Tune's loop: a Ctrl-C whose KeyboardInterrupt a finalizer swallowed during
+    Tune's start-up stops the sweep now (`Interrupts.deliver_missed`). Holds nothing: Tune pickles it."""
+
+    def on_step_begin(self, iteration, trials, **info):
+        Interrupts.deliver_missed()
 
 
 class _DropRayHints(logging.Filter):
@@ -565,12 +616,15 @@ class SweepDriver:
                            # After TrialRunsCallback, which tags a stopped trial's run: tested as it stops.
                            TrialEnds(plan.sweep_id, plan.tracking_uri, self.experiment_id, self.parent.run_id, spec,
                                      self.at_once),
-                           *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else []), *audit],
+                           *([PoolLeaveCallback(plan.sweep_id)] if self.pooled else []), *audit,
+                           MissedInterrupt()],
                 progress_reporter=_reporter(spec, plan.sweep_id), verbose=1),
         )
 
     # -- 3. Tune runs the trials ------------------------------------------------------------------
     def fit(self, tuner: tune.Tuner):
+        if self.interrupts.missed:        # a Ctrl-C in the start-up whose raise was swallowed
+            raise KeyboardInterrupt
         self.interrupts.in_fit = True
         try:
             results = tuner.fit()

@@ -335,3 +335,50 @@ def test_after_tunes_graceful_stop_the_driver_closes_and_ignores_more_ctrl_c(mon
         interrupts.close()                                # what _run does once Tune's run returned
         interrupts._handle(signal.SIGINT, None)          # the second lands in the cleanup: no raise
     assert interrupts.count == 2
+
+
+class _Finalized:
+    """An object whose finalizer runs when a Ctrl-C lands (as SQLAlchemy's weakref callbacks do)."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_before_tunes_run_still_interrupts(monkeypatch) -> None:
+    """A KeyboardInterrupt raised inside a finalizer is lost ("Exception ignored"): the chaos test
+    caught a Ctrl-C in the start-up that the driver printed nothing for and ran the sweep to its end."""
+    from types import SimpleNamespace
+
+    from sweeper.run import SweepDriver
+
+    fitted = []
+    hooked = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: hooked.append(u.exc_type))
+    with Interrupts(lambda line: None) as interrupts:
+        _Finalized()                                   # freed at once: the signal lands in __del__
+        assert interrupts.missed and interrupts.closing
+        with pytest.raises(KeyboardInterrupt):         # before Tune's run: raised again, nothing runs
+            SweepDriver.fit(SimpleNamespace(interrupts=interrupts), SimpleNamespace(fit=lambda: fitted.append(1)))
+    assert fitted == [] and hooked == []               # our own, handled: no "Exception ignored" traceback
+    assert sys.unraisablehook is not None and sys.unraisablehook.__name__ == "<lambda>"   # restored
+
+
+def test_a_ctrl_c_swallowed_inside_tunes_start_up_stops_the_sweep_at_its_first_step(monkeypatch) -> None:
+    from sweeper.run import MissedInterrupt
+
+    sent = []
+    monkeypatch.setattr("os.kill", lambda pid, sig: sent.append(sig))
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)    # Tune's run not set up yet
+    lines: list[str] = []
+    with Interrupts(lines.append) as interrupts:
+        interrupts.in_fit = True
+        _Finalized()                                   # raised in a finalizer, lost
+        assert interrupts.missed and sent == []
+        monkeypatch.setattr(signal, "getsignal", lambda sig: (lambda *a: None))   # Tune listens now
+        MissedInterrupt().on_step_begin(0, [])          # Tune's loop: its graceful stop, as a first Ctrl-C
+        assert sent == [signal.SIGUSR1] and "Ctrl-C again" in lines[-1]
+        assert not interrupts.closing and interrupts.interrupted
+        MissedInterrupt().on_step_begin(1, [])          # once only
+        assert sent == [signal.SIGUSR1]
+        with pytest.raises(KeyboardInterrupt):
+            interrupts._handle(signal.SIGINT, None)     # a second Ctrl-C exits at once
