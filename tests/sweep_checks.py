@@ -40,12 +40,15 @@ def check_agreement(root: Path, *, name: str, experiment: str, trials: int) -> l
     ids = [r.data.tags["sweeper.trial_id"] for r in runs]
     assert len(ids) == trials and len(set(ids)) == trials, ids      # one run per Tune trial
     # The trials of Tune's saved experiment state. A trial that started after Tune's last save
-    # before a SIGKILL left a folder Tune no longer knows of: its run (if it opened one) is an orphan.
+    # before a SIGKILL is one Tune no longer knows of: its run (if it opened one) is an orphan,
+    # closed as KILLED. (Its folder may or may not exist: Tune creates it when it first writes
+    # there, and a SIGKILL right after the trial's first epoch left none.)
     experiment_dir = next((root / "sweeps").glob(f"{name}-*[0-9]"))
     tune_ids = {t.trial_id for t in ExperimentAnalysis(str(experiment_dir)).trials}
     assert set(ids) == tune_ids
-    unknown = {p.name.removeprefix("trial_") for p in experiment_dir.glob("trial_*")} - tune_ids
-    assert {r.data.tags["sweeper.trial_id"] for r in runs_all if "sweeper.orphaned" in r.data.tags} <= unknown
+    orphans = [r for r in runs_all if "sweeper.orphaned" in r.data.tags]
+    assert not {r.data.tags["sweeper.trial_id"] for r in orphans} & tune_ids
+    assert all(r.info.status == "KILLED" for r in orphans), [r.info.status for r in orphans]
     by_tune = {t.user_attrs.get("tune_trial_id"): t for t in study(root, name).trials}
     table = []
     for run in runs:
