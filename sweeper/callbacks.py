@@ -187,19 +187,21 @@ def error_summary(trial) -> tuple[str, str]:
 def asha_expected_epochs(grace: int, eta: float, max_t: int) -> float:
     """Epochs a trial trains on average under ASHA if each rung promotes 1/eta of the trials:
     m_0 = grace, m_i = grace * eta^i < max_t, and a trial gets past m_i with probability eta^-(i+1)."""
+    rungs = _asha_milestones(grace, eta, max_t) + [max_t]
+    return rungs[0] + sum((b - a) * eta ** -(i + 1) for i, (a, b) in enumerate(zip(rungs, rungs[1:])))
+
+
+def _asha_milestones(grace: int, eta: float, max_t: int) -> list[float]:
+    """ASHA's rungs below max_t: grace, grace * eta, ... (grace itself even when >= max_t)."""
     rungs = [grace]
     while rungs[-1] * eta < max_t:
         rungs.append(rungs[-1] * eta)
-    rungs.append(max_t)
-    return rungs[0] + sum((b - a) * eta ** -(i + 1) for i, (a, b) in enumerate(zip(rungs, rungs[1:])))
+    return rungs
 
 
 def asha_stopped_share(grace: int, eta: float, max_t: int) -> float:
     """The share of trials ASHA stops before max_t if each rung promotes 1/eta of the trials."""
-    rungs = 1
-    while grace * eta ** rungs < max_t:
-        rungs += 1
-    return 1.0 - eta ** -rungs if grace < max_t else 0.0
+    return 1.0 - eta ** -len(_asha_milestones(grace, eta, max_t)) if grace < max_t else 0.0
 
 
 class TimeLeftCallback(tune.Callback):

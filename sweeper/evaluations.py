@@ -72,9 +72,11 @@ class Evaluations:
         """The mean wall time of the sweep's ended evaluations (a task's start, its test, its
         logging, beside the running trials); None before one has ended."""
         evaluations = cls._BY_SWEEP.get(sweep_id)
-        if evaluations is None or not evaluations.seconds:
-            return None
-        return sum(evaluations.seconds) / len(evaluations.seconds)
+        return evaluations.mean_seconds if evaluations is not None else None
+
+    @property
+    def mean_seconds(self) -> float | None:
+        return sum(self.seconds) / len(self.seconds) if self.seconds else None
 
     @classmethod
     def tested_so_far(cls, sweep_id: str) -> dict[str, str]:
@@ -208,7 +210,7 @@ def evaluate_stopped_trials(results, sweep_id: str, tracking_uri: str, experimen
         evaluations.collect(wait=True)
     if evaluations.seconds:
         echo(f"{len(evaluations.seconds)} test evaluation(s) of stopped trials ended, "
-             f"{sum(evaluations.seconds) / len(evaluations.seconds):.1f} s each (task start to its end, beside the trials)")
+             f"{evaluations.mean_seconds:.1f} s each (task start to its end, beside the trials)")
     failed = evaluations.failed
     Evaluations.forget(sweep_id)
     return failed
