@@ -414,6 +414,38 @@ def test_the_time_left_comes_from_tunes_trials_including_those_finished_before_a
     assert "at most ~48 min" in text and "2 trial(s) to go" in text and "36.0 s per epoch" in text
 
 
+def test_without_asha_the_trials_that_stopped_early_set_the_expected_budget_per_dataset() -> None:
+    """The paper's settings stop trials early, each dataset at its own epoch (Caltech 101: 100-245
+    of 1000): "at most" alone said ~13.6 h to 3.5 days of a static MNIST study of ~6 h."""
+    from sweeper.callbacks import TimeLeftCallback
+
+    def trial(tid, status, epochs, dataset, reason=None):
+        result = {"training_iteration": epochs, **({"stop_reason": reason} if reason else {})}
+        return SimpleNamespace(trial_id=tid, status=status, last_result=result, config={"dataset": dataset})
+
+    callback = TimeLeftCallback(total_trials=5, max_epochs=1000, expected_epochs=None, at_once=2, every_s=1e9)
+    callback.seconds = {"c": 2.0, "d": 2.0}
+    running = [trial("c", "RUNNING", 100, "caltech101"), trial("d", "RUNNING", 50, "frey_faces")]
+    completed = trial("e", "TERMINATED", 1000, "caltech101", "completed")      # not an early stop
+    expected, at_most = callback.seconds_left(running + [completed])
+    # (and 2 trials not started yet: 1000 epochs each)
+    assert expected is None and at_most == pytest.approx((900 + 950 + 2000) * 2.0 / 2)
+    assert "at most ~1.1 h (every trial to 1000 epochs)" in callback.estimate(running + [completed])
+    trials = running + [completed, trial("a", "TERMINATED", 300, "caltech101", "early_stopping"),
+                        trial("b", "TERMINATED", 200, "caltech101", "early_stopping")]
+    expected, at_most = callback.seconds_left(trials)
+    # c: Caltech's early stops trained 250 epochs on average, 150 to go; d: no Frey trial ended
+    # yet, so every dataset's mean, 200 to go; 2 s per epoch, 2 at once.
+    assert expected == pytest.approx((150 * 2.0 + 200 * 2.0) / 2)
+    assert at_most == pytest.approx((900 * 2.0 + 950 * 2.0) / 2)
+    text = callback.estimate(trials)
+    assert text.startswith("time left: ~5 min 50 s expected (the 2 trial(s) that stopped early trained ~250 "
+                           "epochs), at most ~31 min:"), text
+    # A trial past the mean may stop at any epoch: only its end is left.
+    expected, _ = callback.seconds_left([trial("c", "RUNNING", 400, "caltech101")] + trials[1:])
+    assert expected == pytest.approx(200 * 2.0 / 2)
+
+
 def test_the_time_left_counts_the_test_evaluations_of_the_trials_asha_will_stop() -> None:
     """Under ASHA most trials end as an evaluation task (a start-up, then the test), not as their
     own test: the quickstart's estimate ran ~35% low when it counted one cold start for them all."""
