@@ -70,9 +70,11 @@ def test_a_frozen_server_delays_a_trials_logging_but_loses_and_duplicates_nothin
     and are retried; the server, thawed, also serves the requests whose clients gave up, so some
     writes arrive twice: each is stored once."""
     server, pg = cluster_server.server, cluster_server.pg
+    # The test's own calls (setting up, checking) keep MLflow's patient defaults: on a loaded
+    # machine creating the experiment took over 2 s and failed the test before the freeze.
+    run_id = as_admin.create_run(as_admin.create_experiment("frozen")).info.run_id
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")       # our backoff, not urllib3's, here
-    run_id = as_admin.create_run(as_admin.create_experiment("frozen")).info.run_id
     run = tracking.RunHandle(server.url, run_id, retry_s=120)
     image = np.zeros((56, 56), dtype=np.uint8)
     for epoch in range(1, 6):
@@ -91,6 +93,8 @@ def test_a_frozen_server_delays_a_trials_logging_but_loses_and_duplicates_nothin
     finally:
         freeze(server, signal.SIGCONT)
     run.terminate()
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     for key in ("epoch", "val_elbo"):
         assert sorted(m.step for m in as_admin.get_metric_history(run_id, key)) == list(range(1, 21))
     assert run.stored_images() == {("pseudo_inputs", 10), ("pseudo_inputs", 20)}
