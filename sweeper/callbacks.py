@@ -19,8 +19,7 @@ from ray.tune import CLIReporter
 from sweeper import tracking
 from sweeper.evaluations import ESTIMATE_MARK, Evaluations
 from trainables.vae.catalog import (METRIC_EPOCH_SECONDS, METRIC_TEST_LL, RESULT_RUN_ID, STOP_EARLY, STOP_ERROR,
-                                    STOP_SCHEDULER,
-                                    short)
+                                    STOP_SCHEDULER, short)
 
 logger = logging.getLogger(__name__)
 
