@@ -280,13 +280,12 @@ class TimeLeftCallback(tune.Callback):
         per_epoch, startup, finish, measured = self._costs()
         left = self.total - sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
         text = f"time left: at most ~{duration(at_most_s)} (every trial to {self.max_epochs} epochs)"
-        stopped_early = early_stop_epochs(trials)
         if expected_s is not None and self.expected is not None:
             text = (f"time left: ~{duration(expected_s)} expected with ASHA (~{self.expected:.0f} epochs per "
                     f"trial), at most ~{duration(at_most_s)}")
         elif expected_s is not None:
-            ended = sum(len(e) for e in stopped_early.values())
-            mean = sum(sum(e) for e in stopped_early.values()) / ended
+            every = [e for ended in early_stop_epochs(trials).values() for e in ended]
+            ended, mean = len(every), sum(every) / len(every)
             text = (f"time left: ~{duration(expected_s)} expected (the {ended} trial(s) that stopped early "
                     f"trained ~{mean:.0f} epochs), at most ~{duration(at_most_s)}")
         guess = "" if measured else ", a guess until a trial has ended"
@@ -319,7 +318,7 @@ class TimeLeftCallback(tune.Callback):
             stopped = sum(1 for t in trials
                           if t.status == "TERMINATED" and not (t.last_result or {}).get("stop_reason"))
         epochs = {t.trial_id: int((t.last_result or {}).get("training_iteration", 0)) for t in trials}
-        datasets = {t.trial_id: (getattr(t, "config", None) or {}).get("dataset") for t in trials}
+        datasets = {t.trial_id: _dataset(t) for t in trials}
 
         def seconds(budget: Callable[[str | None], float], stops_expected: bool) -> float:
             unfinished = ([(e, datasets[t]) for t, e in epochs.items() if t not in done]
@@ -365,9 +364,12 @@ def early_stop_epochs(trials) -> dict[str | None, list[int]]:
     for t in trials:
         result = t.last_result or {}
         if t.status == "TERMINATED" and result.get("stop_reason") == STOP_EARLY:
-            dataset = (getattr(t, "config", None) or {}).get("dataset")
-            out.setdefault(dataset, []).append(int(result.get("training_iteration", 0)))
+            out.setdefault(_dataset(t), []).append(int(result.get("training_iteration", 0)))
     return out
+
+
+def _dataset(trial) -> str | None:
+    return (getattr(trial, "config", None) or {}).get("dataset")
 
 
 def duration(seconds: float) -> str:
