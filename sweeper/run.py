@@ -35,7 +35,7 @@ from ray import tune
 
 from sweeper import tracking
 from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
-from sweeper.evaluations import TrialEnds, evaluate_stopped_trials
+from sweeper.evaluations import Evaluations, TrialEnds, evaluate_stopped_trials
 from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallback, TrialRunsCallback,
                                asha_expected_epochs, asha_stopped_share, duration, trial_name)
 from sweeper.spec import SweepSpec, load_spec
@@ -154,7 +154,9 @@ def _datasets_of(spec: SweepSpec) -> set[str]:
 RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
-def _init_ray(address: str | None) -> dict[str, float]:
+def _init_ray(address: str | None, workers: int = 0) -> dict[str, float]:
+    """Connect to the cluster at `address`, or start a local Ray that keeps up to `workers` idle
+    worker processes (see `local_workers`)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
     # Ray's and Tune's INFO lines ("Started a local Ray instance", "Wrote the latest version of
@@ -172,7 +174,8 @@ def _init_ray(address: str | None) -> dict[str, float]:
         level = notice.level
         notice.setLevel(logging.ERROR)
         try:
-            ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False, **quiet)
+            ray.init(object_store_memory=LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
+                     _system_config={"num_workers_soft_limit": workers} if workers else None, **quiet)
         finally:
             notice.setLevel(level)
     return dict(ray.cluster_resources())
@@ -193,6 +196,15 @@ def no_reset_code_at_exit() -> None:
     initialise = sys.modules.get("colorama.initialise")
     if initialise is not None and hasattr(initialise, "reset_all"):
         atexit.unregister(initialise.reset_all)
+
+
+def local_workers(spec: SweepSpec, local: dict[str, float]) -> int:
+    """The worker processes a local Ray keeps alive when idle: one per trial at once and one per
+    evaluation at once (as many), at least Ray's own default (the CPU count). Ray's limit counts
+    every worker, trial actors too, and kills idle task workers beyond it after a second, so with
+    its default each stopped trial's evaluation started a fresh process (Python, Ray, torch and
+    MLflow imports: ~10 s before its test began on a busy 2-core machine)."""
+    return max(int(local.get("CPU", 1)), 2 * trials_at_once(spec, local))
 
 
 def local_resources() -> dict[str, float]:
@@ -388,7 +400,7 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
 
     with Interrupts(echo) as interrupts:
         try:
-            cluster = _init_ray(address)
+            cluster = _init_ray(address, 0 if address else local_workers(spec, local))
             try:
                 # Now that the cluster is known: can a trial ever get its resources?
                 spec = load_spec(spec_path, overrides, num_samples=num_samples, max_concurrent=max_concurrent,
@@ -396,7 +408,7 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                 at_once = trials_at_once(spec, cluster)
                 _warn_concurrency(spec, cluster, at_once, echo)
                 outcome = SweepDriver(spec, spec_path, overrides, plan, resume, echo, interrupts, command,
-                                      at_once).run()
+                                      at_once, warm_evaluations=not address).run()
             finally:
                 interrupts.close()
                 ray.shutdown()
@@ -451,8 +463,10 @@ class SweepDriver:
     """
 
     def __init__(self, spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: SweepPlan, resume: bool,
-                 echo: Callable[[str], None], interrupts: Interrupts, command: str, at_once: int = 1):
+                 echo: Callable[[str], None], interrupts: Interrupts, command: str, at_once: int = 1,
+                 warm_evaluations: bool = False):
         self.spec, self.spec_path, self.overrides, self.plan = spec, spec_path, overrides, plan
+        self.warm_evaluations = warm_evaluations    # a local Ray keeps the warmed process (`local_workers`)
         self.resume, self.echo, self.interrupts, self.command, self.at_once = resume, echo, interrupts, command, at_once
         self.state_file = plan.state_dir / STATE_FILE
         self.pooled = spec.resources.pooled
@@ -469,6 +483,9 @@ class SweepDriver:
         try:
             self.experiment_id = tracking.ensure_experiment(self.plan.tracking_uri, self.spec.experiment)
             self.open_parent()
+            if self.warm_evaluations:
+                Evaluations.of(self.plan.sweep_id, self.plan.tracking_uri, self.spec, self.at_once).warm_up(
+                    self.parent.run_id)
             results = self.fit(self.make_tuner())
             self.finish(results)
             self.status = "FINISHED" if not (self.outcome.errors or self.outcome.unaccounted) else "FAILED"
