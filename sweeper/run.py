@@ -354,6 +354,22 @@ class _DropRayHints(logging.Filter):
         return not any(str(record.msg).startswith(d) for d in self.DROPPED)
 
 
+class _DropUnstartedTrials(logging.Filter):
+    """Tune's results warn "Failed to fetch metrics" for each trial without a result file: after a
+    Ctrl-C, the pending trials that never started. Nothing is missing there (the driver accounts
+    for every trial itself, and a resume starts them), so that warning is dropped when it names
+    only such trials; a trial whose results could not be read for another reason is still shown."""
+
+    LOGGER = "ray.tune.analysis.experiment_analysis"
+    HEAD, NO_FILES = "Failed to fetch metrics", "both result.json and progress.csv were not found"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.HEAD):
+            return True
+        return not all(self.NO_FILES in line for line in message.splitlines()[1:])
+
+
 def resume_command(spec_arg: str, overrides: Sequence[str], options: dict[str, Any]) -> str:
     """The command that continues this sweep: the same spec, --set values and options."""
     args = ["sweeper", "run", spec_arg]
@@ -478,8 +494,9 @@ class SweepDriver:
         self.parent_closed = False     # ended before `close` (an interrupt, an abandoned start)
 
     def run(self) -> SweepOutcome:
-        ray_hints = _DropRayHints()
+        ray_hints, unstarted = _DropRayHints(), _DropUnstartedTrials()
         logging.getLogger("ray.tune.tune").addFilter(ray_hints)
+        logging.getLogger(unstarted.LOGGER).addFilter(unstarted)
         try:
             self.experiment_id = tracking.ensure_experiment(self.plan.tracking_uri, self.spec.experiment)
             self.open_parent()
@@ -497,6 +514,7 @@ class SweepDriver:
             raise
         finally:
             logging.getLogger("ray.tune.tune").removeFilter(ray_hints)
+            logging.getLogger(unstarted.LOGGER).removeFilter(unstarted)
             self.close()
         return self.result()
 

@@ -298,3 +298,25 @@ def test_the_console_table_is_printed_again_when_a_trial_starts_or_ends_else_eve
     # when b ends at minute 10, then every 5 minutes again.
     assert printed == [0, 300, 600, 900]
     assert reporter.should_report(trials, done=True)
+
+
+def test_tunes_warning_on_trials_that_never_started_is_dropped_and_others_are_kept():
+    """After a Ctrl-C, Tune's results warn "Failed to fetch metrics" for the pending trials (no
+    result file yet): dropped. A trial whose results could not be read for another reason stays."""
+    import logging
+
+    from sweeper.run import _DropUnstartedTrials
+
+    def record(*failures: str) -> logging.LogRecord:     # as ray/tune/analysis/experiment_analysis.py words it
+        fail_str = "\n".join(f"- {f}" for f in failures)
+        return logging.LogRecord(_DropUnstartedTrials.LOGGER, logging.WARNING, __file__, 1,
+                                 f"Failed to fetch metrics for {len(failures)} trial(s):\n{fail_str}", None, None)
+
+    pending = ("trial_e9a2e_00002: FileNotFoundError('Could not fetch metrics for trial_e9a2e_00002: both "
+               "result.json and progress.csv were not found at /x/sweeps/s/trial_e9a2e_00002')")
+    broken = "trial_e9a2e_00001: ParserError('Error tokenizing data. C error: EOF inside string')"
+    keep = _DropUnstartedTrials().filter
+    assert not keep(record(pending))
+    assert not keep(record(pending, pending.replace("00002", "00003")))
+    assert keep(record(pending, broken)) and keep(record(broken))
+    assert keep(logging.LogRecord("x", logging.WARNING, __file__, 1, "Something else", None, None))
