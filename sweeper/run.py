@@ -871,10 +871,12 @@ def stopped_test_fraction(spec: SweepSpec) -> float:
 
 
 def finish_guess_epochs(spec: SweepSpec) -> float:
-    """A trial's own end (test LL with S importance samples, images, weights) in epochs, until
-    one is measured: half of test images x S forward passes over an epoch's 3 x training (forward
-    and backward) + validation passes. Measured: ~1.3 epochs on the quickstart (~1.5 guessed);
-    ~70-180 on static MNIST with S=5000 on 2 CPU cores (~156 guessed)."""
+    """A trial's own end (test LL with S importance samples, the validation LL of the tested
+    weights with val_ll_samples, images, weights) in epochs, until one is measured: half of those
+    forward passes (test images x S + validation images x val_ll_samples) over an epoch's 3 x
+    training (forward and backward) + validation passes. Static MNIST with S=5000 on 2 CPU cores:
+    ~70-180 measured (~158 guessed); the quickstart, where the validation LL is most of it: ~3.5
+    measured in one process (~5.4 guessed; tests beside training trials took 5-6 s, ~10 epochs)."""
     from trainables.vae.data import get_spec
 
     cfg = spec.base_config()
@@ -883,7 +885,8 @@ def finish_guess_epochs(spec: SweepSpec) -> float:
         train, val, test = get_spec(name).info.split_sizes
         train, val, test = (min(n, cfg[k] or n) for n, k in ((train, "train_subset"), (val, "val_subset"),
                                                               (test, "test_subset")))
-        guesses.append(0.5 * test * int(cfg["test_samples"]) / (3 * train + val))
+        passes = test * int(cfg["test_samples"]) + val * int(cfg["val_ll_samples"])
+        guesses.append(0.5 * passes / (3 * train + val))
     return max(guesses, default=0.0)
 
 

@@ -320,3 +320,16 @@ def test_tunes_warning_on_trials_that_never_started_is_dropped_and_others_are_ke
     assert not keep(record(pending, pending.replace("00002", "00003")))
     assert keep(record(pending, broken)) and keep(record(broken))
     assert keep(logging.LogRecord("x", logging.WARNING, __file__, 1, "Something else", None, None))
+
+
+def test_the_guess_of_a_trials_end_counts_its_test_and_its_validation_ll():
+    """Until a trial's end is measured it is guessed from the forward passes of its test LL and
+    of the validation LL of its tested weights; on the quickstart the latter is most of it."""
+    from sweeper.run import finish_guess_epochs
+
+    quickstart = yaml.safe_load((ROOT / "search_spaces" / "quickstart.yaml").read_text())
+    spec = parse_spec(quickstart)
+    # 200 test images x S=100 + 500 validation images x val_ll_samples=100, over 3 x 2000 + 500
+    assert finish_guess_epochs(spec) == pytest.approx(0.5 * (200 * 100 + 500 * 100) / 6500)
+    more = parse_spec({**quickstart, "trial": {**quickstart["trial"], "val_ll_samples": 400}})
+    assert finish_guess_epochs(more) == pytest.approx(0.5 * (200 * 100 + 500 * 400) / 6500)
