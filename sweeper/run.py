@@ -424,7 +424,7 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                 at_once = trials_at_once(spec, cluster)
                 _warn_concurrency(spec, cluster, at_once, echo)
                 outcome = SweepDriver(spec, spec_path, overrides, plan, resume, echo, interrupts, command,
-                                      at_once, warm_evaluations=not address).run()
+                                      at_once).run()   # warm_evaluations: off until its clash with the orphan check is understood
             finally:
                 interrupts.close()
                 ray.shutdown()
