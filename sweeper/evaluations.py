@@ -52,7 +52,6 @@ class Evaluations:
     tested: dict[str, str] = field(default_factory=dict)   # trial id -> its test LL as the console shows it
     launched: dict[str, float] = field(default_factory=dict)  # trial id -> when its task was started (monotonic)
     seconds: list[float] = field(default_factory=list)     # each ended evaluation's wall time, launch to end
-    warming: Any = None            # the warm-up task's ref (`warm_up`), held so its result is not lost mid-run
 
     _BY_SWEEP: ClassVar[dict[str, "Evaluations"]] = {}    # one per sweep in this driver process
 
@@ -89,19 +88,6 @@ class Evaluations:
     @classmethod
     def forget(cls, sweep_id: str) -> None:
         cls._BY_SWEEP.pop(sweep_id, None)
-
-    def warm_up(self, parent_run_id: str) -> None:
-        """At the sweep's start, on a local CPU sweep whose scheduler stops trials that are then
-        tested: one process started ahead and warmed (imports, the tracking store) for the first
-        evaluation, beside the trials' own start-up instead of after a trial has stopped; the
-        later ones reuse the processes of the ended ones. Not waited for: if it fails, the first
-        evaluation starts cold as it would have anyway."""
-        from trainables.vae_trainable import warm_up_evaluations
-
-        if self.spec.scheduler.type == "fifo" or not self.spec.stopped_trials.tests or self.spec.resources.gpu:
-            return
-        self.warming = ray.remote(num_cpus=0, max_retries=0)(warm_up_evaluations).remote(self.tracking_uri,
-                                                                                         parent_run_id)
 
     def launch(self, run, config: dict[str, Any], checkpoint, trial_id: str) -> None:
         """Start the evaluation of one stopped trial, or queue it while `limit` run.

@@ -35,7 +35,7 @@ from ray import tune
 
 from sweeper import tracking
 from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
-from sweeper.evaluations import Evaluations, TrialEnds, evaluate_stopped_trials
+from sweeper.evaluations import TrialEnds, evaluate_stopped_trials
 from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallback, TrialRunsCallback,
                                asha_expected_epochs, asha_stopped_share, duration, trial_name)
 from sweeper.spec import SweepSpec, load_spec
@@ -424,7 +424,7 @@ def run_sweep(spec_path: str | Path, overrides: Sequence[str] = (), *, num_sampl
                 at_once = trials_at_once(spec, cluster)
                 _warn_concurrency(spec, cluster, at_once, echo)
                 outcome = SweepDriver(spec, spec_path, overrides, plan, resume, echo, interrupts, command,
-                                      at_once).run()   # warm_evaluations: off until its clash with the orphan check is understood
+                                      at_once).run()
             finally:
                 interrupts.close()
                 ray.shutdown()
@@ -479,10 +479,8 @@ class SweepDriver:
     """
 
     def __init__(self, spec: SweepSpec, spec_path: Path, overrides: Sequence[str], plan: SweepPlan, resume: bool,
-                 echo: Callable[[str], None], interrupts: Interrupts, command: str, at_once: int = 1,
-                 warm_evaluations: bool = False):
+                 echo: Callable[[str], None], interrupts: Interrupts, command: str, at_once: int = 1):
         self.spec, self.spec_path, self.overrides, self.plan = spec, spec_path, overrides, plan
-        self.warm_evaluations = warm_evaluations    # a local Ray keeps the warmed process (`local_workers`)
         self.resume, self.echo, self.interrupts, self.command, self.at_once = resume, echo, interrupts, command, at_once
         self.state_file = plan.state_dir / STATE_FILE
         self.pooled = spec.resources.pooled
@@ -500,9 +498,6 @@ class SweepDriver:
         try:
             self.experiment_id = tracking.ensure_experiment(self.plan.tracking_uri, self.spec.experiment)
             self.open_parent()
-            if self.warm_evaluations:
-                Evaluations.of(self.plan.sweep_id, self.plan.tracking_uri, self.spec, self.at_once).warm_up(
-                    self.parent.run_id)
             results = self.fit(self.make_tuner())
             self.finish(results)
             self.status = "FINISHED" if not (self.outcome.errors or self.outcome.unaccounted) else "FAILED"

@@ -137,42 +137,24 @@ def _pid() -> int:
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["sweep-limit", "ray-default"])
-def test_the_first_evaluation_starts_in_the_process_the_sweeps_warm_up_left(tmp_path, shared_datasets, monkeypatch,
-                                                                            kept):
+def test_an_ended_evaluations_process_is_kept_for_the_next_one(monkeypatch, kept):
     """A local sweep's Ray keeps idle workers for its trials and their evaluations
-    (`local_workers`): the process the warm-up task started while every CPU held a trial is the
-    one the next 0-CPU task (an evaluation) runs in, after longer idle than Ray's 1 s. With Ray's
-    default limit (the CPU count, trial actors counted) that process is killed and the evaluation
-    starts a new one: the cold start the warm-up is there to spare."""
+    (`local_workers`): while every CPU holds a trial, the process an ended evaluation (a 0-CPU
+    task) ran in is the one the next evaluation runs in, after longer idle than Ray's 1 s. With
+    Ray's default limit (the CPU count, trial actors counted) that process is killed and the next
+    evaluation starts a new one, with Python's, torch's and MLflow's imports again."""
     from sweeper.run import _init_ray, local_resources, local_workers
 
-    monkeypatch.setenv("SWEEPER_DATA_DIR", str(shared_datasets))
     spec = parse_spec(yaml.safe_load((ROOT / "search_spaces" / "quickstart.yaml").read_text()))
     local = local_resources()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.create_store(uri)
-    parent = mlflow.MlflowClient(uri).create_run(tracking.ensure_experiment(uri, "warm")).info.run_id
     cluster = _init_ray(None, local_workers(spec, local) if kept else 0)
     try:
         trials = [_Trial.remote() for _ in range(int(cluster["CPU"]))]
         assert ray.get([t.ready.remote() for t in trials])
-        evaluations = Evaluations.of("warm", uri, spec, limit=len(trials))
-        evaluations.warm_up(parent)
-        warmed = ray.get(evaluations.warming)
+        first = ray.get(_pid.remote())
         # Ray's idle killer runs every 200 ms and takes workers idle for over 1 s: wait well past it.
         time.sleep(3)
-        evaluation = ray.get(_pid.remote())
-        assert (evaluation == warmed) is kept, (evaluation, warmed)
+        second = ray.get(_pid.remote())
+        assert (second == first) is kept, (first, second)
     finally:
-        Evaluations.forget("warm")
         ray.shutdown()
-
-
-def test_no_warm_up_where_no_trial_is_stopped_or_tested(tmp_path):
-    """Only a sweep whose scheduler stops trials, which are then tested on CPU, warms a process."""
-    quickstart = yaml.safe_load((ROOT / "search_spaces" / "quickstart.yaml").read_text())
-    for change in ({"scheduler": {"type": "fifo"}}, {"stopped_trials": {"test_ll": "none"}}):
-        spec = parse_spec({**quickstart, **change})
-        evaluations = Evaluations("sqlite:///unused.db", spec)
-        evaluations.warm_up("no-run")        # no Ray started: launching a task would start one
-        assert evaluations.warming is None and not ray.is_initialized(), change

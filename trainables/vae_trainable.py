@@ -345,19 +345,6 @@ def evaluate_stopped_trial(config: dict[str, Any], checkpoint: "tune.Checkpoint"
     return finalize(trainer, run, STOP_SCHEDULER, test=test, samples=samples, images=images)
 
 
-def warm_up_evaluations(tracking_uri: str | None, parent_run_id: str | None) -> int:
-    """A Ray task that does what a stopped trial's evaluation starts with and nothing else: this
-    module's imports (torch, Ray Tune), MLflow's client and the tracking store. Run at a sweep's
-    start, it leaves an idle process (kept: the driver raises Ray's idle-worker limit) in which
-    the sweep's first evaluation starts warm. Returns that process's id."""
-    if tracking_uri and parent_run_id:
-        try:
-            tracking.client(tracking_uri).get_run(parent_run_id)
-        except Exception:    # a store that does not answer now: the evaluation itself will say so
-            logging.getLogger(__name__).debug("warm-up: the tracking store did not answer", exc_info=True)
-    return os.getpid()
-
-
 def newest_existing_checkpoint(missing: "tune.Checkpoint") -> tuple["tune.Checkpoint", int] | None:
     """The checkpoint of the same trial with the highest epoch among those that exist, and that
     epoch; None if the trial has none left.
