@@ -166,7 +166,7 @@ def test_ctrl_c_twice_and_a_sigkill_then_resume_keeps_mlflow_optuna_and_tune_in_
     assert "Checkpoint successfully created" not in last.stdout + last.stderr
     assert "| Trial name" in last.stdout and "val_elbo" in last.stdout   # the same table as a fresh run
     assert "left RUNNING by the interrupted sweep as KILLED" in last.stdout
-    assert "1 run(s) of trials the interrupted sweep lost are tagged sweeper.orphaned" in last.stdout
+    assert "1 run(s) of trials the interrupted sweep lost are tagged sweeper.orphaned" in last.stdout, last.stdout[-3000:]
     check_agreement(tmp_path)
     client, parents, runs = records(tmp_path)
     orphans = [r for r in runs if "sweeper.orphaned" in r.data.tags]
