@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from ray import tune
@@ -27,6 +27,20 @@ logger = logging.getLogger(__name__)
 def trial_name(trial) -> str:
     """`trial_<id>`: short, unique, and a valid folder name (Ray's default repeats the config)."""
     return f"trial_{trial.trial_id}"
+
+
+def trial_id_of(result) -> str | None:
+    """The Tune trial id of a `tune.Result`, from its folder (named by `trial_name`): always the
+    trial's own. Its `metrics["trial_id"]` is not: for a trial that errored before its first
+    report, Tune fills the metrics from the actor it was given, and a reused actor answers with the
+    id of the trial it ran before (seen: a retry whose `reset` failed in the other trial's actor
+    carried that trial's id, and the sweep counted 1 of its 2 trials)."""
+    if result.path:
+        name = PurePosixPath(str(result.path)).name      # a folder or a URI (s3://...)
+        if name.startswith("trial_"):
+            return name.removeprefix("trial_")
+    trial_id = (result.metrics or {}).get("trial_id")
+    return None if trial_id is None else str(trial_id)
 
 
 class TrialRunsCallback(tune.Callback):

@@ -188,11 +188,13 @@ def evaluate_stopped_trials(results, sweep_id: str, tracking_uri: str, experimen
         echo(f"waiting for the test evaluation of {len(evaluations.in_flight) + len(evaluations.queued)} trial(s) "
              "stopped by the scheduler ...")
     evaluations.collect(wait=True)
+    from sweeper.callbacks import trial_id_of     # (callbacks imports this module)
+
     by_id = {}
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
+        trial_id = trial_id_of(result)
         if trial_id and result.error is None and result.checkpoint is not None:
-            by_id[str(trial_id)] = result
+            by_id[trial_id] = result
     todo = []
     for run in tracking.child_runs(tracking_uri, experiment_id, parent_run_id):
         tags = run.data.tags

@@ -37,7 +37,7 @@ from sweeper import tracking
 from sweeper.errors import SweepFailed, SweepInterrupted, SweeperError
 from sweeper.evaluations import TrialEnds, evaluate_stopped_trials
 from sweeper.callbacks import (PoolLeaveCallback, SweepReporter, TimeLeftCallback, TrialRunsCallback,
-                               asha_expected_epochs, asha_stopped_share, duration, trial_name)
+                               asha_expected_epochs, asha_stopped_share, duration, trial_id_of, trial_name)
 from sweeper.spec import SweepSpec, load_spec
 from trainables.vae.catalog import (METRIC_BEST_EPOCH, METRIC_BEST_VAL_ELBO, METRIC_TEST_IMAGES, METRIC_TEST_LL,
                                     METRIC_TEST_LL_SE, METRIC_TEST_SAMPLES, METRIC_VAL_ELBO, STOP_SCHEDULER, short,
@@ -796,10 +796,7 @@ def unaccounted_trials(results, spec: SweepSpec, plan: SweepPlan, experiment_id:
     problems = []
     tune_ids: dict[str, Any] = {}
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if trial_id is None and result.path:
-            trial_id = Path(result.path).name.removeprefix("trial_")
-        tune_ids[str(trial_id)] = result
+        tune_ids[str(trial_id_of(result))] = result
     if len(tune_ids) < spec.total_trials:
         problems.append(f"the sweep ended with {len(tune_ids)} of the {spec.total_trials} trial(s) its spec asks "
                         "for: Tune's saved state had lost some (resume it again; the missing ones then run)")
@@ -908,11 +905,9 @@ def mark_lost_trials(results, plan: SweepPlan, spec: SweepSpec, experiment_id: s
     """
     known = set(seen)   # trials without any result (errored in their setup) are known too
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if trial_id is None and result.path:
-            trial_id = Path(result.path).name.removeprefix("trial_")
+        trial_id = trial_id_of(result)
         if trial_id:
-            known.add(str(trial_id))
+            known.add(trial_id)
     orphans = tracking.tag_orphans(plan.tracking_uri, experiment_id, parent_run_id, known)
     if orphans:
         echo(f"{len(orphans)} run(s) of trials the interrupted sweep lost are tagged {tracking.TAG_ORPHANED}")

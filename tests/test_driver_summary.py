@@ -172,6 +172,10 @@ def test_a_sweep_is_not_done_until_every_trial_of_its_spec_is_accounted_for(tmp_
         "trial_c has 0 MLflow run(s), not one"]
     results[-1] = result("c", error=RuntimeError("died in setup"))    # an error is listed as an error, not here
     assert unaccounted_trials(results, spec, plan, experiment_id, parent) == []
+    # An errored trial that never reported, retried in another trial's reused actor: Tune fills its
+    # metrics from that actor, with the other trial's id (seen in CI). Its folder names it.
+    results[-1] = SimpleNamespace(metrics={"trial_id": "a"}, error=RuntimeError("died in reset"), path="/x/trial_c")
+    assert unaccounted_trials(results, spec, plan, experiment_id, parent) == []
     stray = study.ask()
     stray.set_user_attr(USER_ATTR_TUNE_TRIAL, "zz")
     study.tell(stray, -90.0)
@@ -209,3 +213,16 @@ def test_a_ctrl_c_says_which_runs_it_closed_training_trials_and_stopped_ones_bei
     assert [client.get_run(runs[n].run_id).info.status for n in ("training", "testing", "done")] == [
         "KILLED", "KILLED", "FINISHED"]
     assert client.get_run(parent.run_id).info.status == "KILLED"
+
+
+def test_a_results_trial_id_comes_from_its_folder_not_from_metrics_another_actor_filled():
+    from types import SimpleNamespace
+
+    from sweeper.callbacks import trial_id_of, trial_name
+
+    trial = SimpleNamespace(trial_id="971f5_00000")
+    for path in (f"/tmp/sweeps/s/{trial_name(trial)}", f"s3://bucket/sweeps/s/{trial_name(trial)}"):
+        result = SimpleNamespace(path=path, metrics={"trial_id": "971f5_00001"})     # a reused actor's id
+        assert trial_id_of(result) == "971f5_00000", path
+    assert trial_id_of(SimpleNamespace(path=None, metrics={"trial_id": "x1"})) == "x1"   # no folder: the metrics
+    assert trial_id_of(SimpleNamespace(path=None, metrics={})) is None
