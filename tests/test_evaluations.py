@@ -68,8 +68,8 @@ def test_a_failed_evaluation_is_closed_and_listed_then_done_by_the_next_pass(tmp
     Evaluations.forget("s")
 
     # The next pass finds it (failed before) and evaluates it from a checkpoint that loads.
-    result = SimpleNamespace(metrics={"trial_id": "default"}, error=None, config=config,
-                             checkpoint=tune.Checkpoint.from_directory(str(good)))
+    result = SimpleNamespace(metrics={"trial_id": "default"}, error=None, config=config, path=str(tmp_path / "trial_default"),
+                             checkpoint=tune.Checkpoint.from_directory(str(good)))   # as tune.Result: its folder names it
     lines: list[str] = []
     assert evaluate_stopped_trials([result], "s", uri, experiment_id, parent, spec, lines.append) == []
     assert lines[0] == "evaluating 1 trial(s) stopped by the scheduler on the test set ..."
