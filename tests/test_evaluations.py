@@ -68,8 +68,9 @@ def test_a_failed_evaluation_is_closed_and_listed_then_done_by_the_next_pass(tmp
     Evaluations.forget("s")
 
     # The next pass finds it (failed before) and evaluates it from a checkpoint that loads.
-    result = SimpleNamespace(metrics={"trial_id": "default"}, error=None, config=config, path=str(tmp_path / "trial_default"),
-                             checkpoint=tune.Checkpoint.from_directory(str(good)))   # as tune.Result: its folder names it
+    result = SimpleNamespace(metrics={"trial_id": "default"}, error=None, config=config,
+                             path=str(tmp_path / "trial_default"),     # as a tune.Result's: its folder names it
+                             checkpoint=tune.Checkpoint.from_directory(str(good)))
     lines: list[str] = []
     assert evaluate_stopped_trials([result], "s", uri, experiment_id, parent, spec, lines.append) == []
     assert lines[0] == "evaluating 1 trial(s) stopped by the scheduler on the test set ..."
@@ -137,7 +138,7 @@ def _pid() -> int:
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["sweep-limit", "ray-default"])
-def test_an_ended_evaluations_process_is_kept_for_the_next_one(monkeypatch, kept):
+def test_an_ended_evaluations_process_is_kept_for_the_next_one(kept):
     """A local sweep's Ray keeps idle workers for its trials and their evaluations
     (`local_workers`): while every CPU holds a trial, the process an ended evaluation (a 0-CPU
     task) ran in is the one the next evaluation runs in, after longer idle than Ray's 1 s. With
